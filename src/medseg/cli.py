@@ -1,0 +1,183 @@
+"""The ``medseg`` command line: thin commands that call the stages.
+
+Exit codes: 0 success, 1 problems found or a data error, 2 a usage error. A user mistake is one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from medseg import __version__
+from medseg.datasets import LAYOUTS, DataOptions, load_dataset
+from medseg.errors import MedsegError, UsageError
+from medseg.inspector import Inspection, inspect_dataset
+
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name="medseg",
+    help="Train U-Nets on grayscale medical images with Kaggle-style RLE masks; inspect, predict, check.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+LayoutOption = Annotated[Optional[str], typer.Option("--layout", help=f"Data layout: {', '.join(LAYOUTS)}; detected when left out.")]
+MaskValueOption = Annotated[Optional[int], typer.Option("--mask-value", help="Foreground class of class-index masks (e.g. 1 for the nerve in usgra-seg).")]
+MaskThresholdOption = Annotated[Optional[int], typer.Option("--mask-threshold", help="Binarise anti-aliased masks as mask > T (e.g. 127).")]
+SubjectPatternOption = Annotated[
+    Optional[str], typer.Option("--subject-pattern", help="Regex whose group 'subject' (or first group) is the subject in an image name (folders, rle-csv).")
+]
+RleOrderOption = Annotated[str, typer.Option("--rle-order", help="RLE pixel numbering: F (Kaggle, column-major) or C (row-major).")]
+CsvOption = Annotated[Optional[str], typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
+IdColumnOption = Annotated[Optional[str], typer.Option("--id-column", help="Id column of the RLE table.")]
+RleColumnOption = Annotated[Optional[str], typer.Option("--rle-column", help="RLE column of the RLE table.")]
+
+
+def data_options(
+    layout: str | None,
+    mask_value: int | None,
+    mask_threshold: int | None,
+    subject_pattern: str | None,
+    rle_order: str,
+    csv: str | None,
+    id_column: str | None,
+    rle_column: str | None,
+) -> DataOptions:
+    """Check the data options of a command and bundle them.
+
+    Raises:
+        UsageError: If an option value cannot work.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise UsageError(f"--layout {layout!r} is not a layout; use one of {', '.join(LAYOUTS)}")
+    if rle_order not in ("F", "C"):
+        raise UsageError(f"--rle-order {rle_order!r}; use F (Kaggle, column-major) or C (row-major)")
+    if mask_value is not None and mask_threshold is not None:
+        raise UsageError("--mask-value and --mask-threshold exclude each other; use one")
+    return DataOptions(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"medseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Segment structures in grayscale medical images whose masks come as Kaggle-style RLE."""
+
+
+@app.command("inspect")
+def inspect_command(
+    data: Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)],
+    layout: LayoutOption = None,
+    mask_value: MaskValueOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    subject_pattern: SubjectPatternOption = None,
+    rle_order: RleOrderOption = "F",
+    csv: CsvOption = None,
+    id_column: IdColumnOption = None,
+    rle_column: RleColumnOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
+) -> int:
+    """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
+    options = data_options(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    inspection = inspect_dataset(load_dataset(data, options))
+    if as_json:
+        stdout.print_json(json.dumps(inspection_json(inspection)))
+    else:
+        print_inspection(inspection)
+    return 0 if inspection.ok else EXIT_PROBLEMS
+
+
+def inspection_json(inspection: Inspection) -> dict:
+    """The inspection as a JSON-serialisable dict."""
+    return {
+        "summary": inspection.summary,
+        "problems": [{"kind": p.kind, "path": str(p.path), "message": p.message} for p in inspection.problems],
+    }
+
+
+def print_inspection(inspection: Inspection) -> None:
+    """Print the summary table and the problems."""
+    summary = inspection.summary
+    table = Table(title=f"{summary['root']} ({summary['layout']} layout)", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for label, value in _summary_rows(summary):
+        table.add_row(label, value)
+    stdout.print(table)
+    if inspection.ok:
+        stdout.print("[green]No problems found.[/green]")
+        return
+    stdout.print(f"[red]{len(inspection.problems)} problem(s):[/red]")
+    for problem in inspection.problems:
+        stdout.print(f"  [red]{problem.kind}[/red] {escape(str(problem.path))}: {escape(problem.message)}")
+
+
+def _summary_rows(summary: dict) -> list[tuple[str, str]]:
+    share = summary["empty_share"]
+    area = summary["mask_area"]
+    rows = [
+        ("train images", str(summary["train_images"])),
+        ("with a mask (non-empty)", str(summary["non_empty"])),
+        ("empty masks", str(summary["empty"])),
+        ("empty share", "-" if share is None else f"{share:.1%}"),
+        ("subjects", "unknown" if summary["subjects"] is None else str(summary["subjects"])),
+        ("image sizes (WxH)", ", ".join(f"{size}: {count}" for size, count in summary["image_sizes"].items()) or "-"),
+        ("mask area min / median / max (px)", "-" if area is None else f"{area['min']} / {area['median']:g} / {area['max']}"),
+        ("test images", str(summary["test_images"])),
+    ]
+    if summary["sample_submission"]:
+        rows.append(("sample submission rows", str(summary["sample_submission_rows"])))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code instead of exiting.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+    """
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    try:
+        result = app(args=argv, prog_name="medseg", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        return stop.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        stderr.print("Aborted.")
+        return 130
+    except UsageError as error:
+        stderr.print(f"[red]error:[/red] {escape(str(error))}")
+        return EXIT_USAGE
+    except MedsegError as error:
+        stderr.print(f"[red]error:[/red] {escape(str(error))}")
+        return EXIT_PROBLEMS
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
