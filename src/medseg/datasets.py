@@ -135,8 +135,9 @@ def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
         The data set with its structural problems.
 
     Raises:
-        DataError: If the folder does not exist, is empty, has no recognisable layout, or a named
-            option does not fit it.
+        UsageError: If the folder does not exist, is empty, has no recognisable layout, or a named
+            option (layout, CSV, subject pattern) does not fit it.
+        DataError: If a CSV table of the data set cannot be read or lacks its columns.
     """
     root = Path(root)
     options = options or DataOptions()
@@ -154,7 +155,7 @@ def detect_layout(root: Path) -> str:
     """Tell the layout of a data folder from what it contains.
 
     Raises:
-        DataError: If the folder is missing, empty or matches no layout.
+        UsageError: If the folder is missing, empty or matches no layout.
     """
     root = Path(root)
     if not root.exists():
@@ -216,7 +217,7 @@ def subject_matcher(pattern: str | None):
     """Compile a subject pattern into a function from id to subject (``None`` when it does not match).
 
     Raises:
-        DataError: If the pattern is not a valid regular expression.
+        UsageError: If the pattern is not a valid regular expression.
     """
     if pattern is None:
         return lambda sample_id: None

@@ -133,7 +133,8 @@ def image_size(path: Path) -> tuple[int, int]:
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
                     raise ImageReadError(f"{path}: TIFF has no readable frame (truncated or corrupt); replace the file")
-                return tuple(int(n) for n in tif.pages.first.shape[:2])
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth)
         with Image.open(path) as image:
             return image.height, image.width
     except ImageReadError:
@@ -208,7 +209,10 @@ def _read_tiff(path: Path) -> np.ndarray:
         size = path.stat().st_size
         if any(offset + count > size for offset, count in zip(page.dataoffsets, page.databytecounts)):
             raise ImageReadError(f"{path}: TIFF is truncated (its pixel data runs past the end of the file); replace the file")
-        return page.asarray()
+        array = page.asarray()
+        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
+            array = np.moveaxis(array, 0, -1)
+        return array
 
 
 def _read_with_pillow(path: Path, keep_palette: bool) -> np.ndarray:
@@ -224,10 +228,16 @@ def _read_with_pillow(path: Path, keep_palette: bool) -> np.ndarray:
 
 
 def _to_gray_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    array = _to_uint8(array, path)
     if array.ndim == 3:
-        array = array[..., :3] @ _LUMA.astype(np.float32) if array.shape[2] >= 3 else array[..., 0]
+        array = array[..., 0] if array.shape[2] < 3 else np.rint(array[..., :3] @ _LUMA).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    """Scale pixel values to 8 bits by their type: 16-bit by 257, floats in [0, 1] by 255."""
     if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
+        return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if array.dtype == np.uint16:
@@ -265,7 +275,8 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}); save the CSV as UTF-8") from error
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: CSV is empty; it needs a header row with {', '.join(required)}") from None
+        needs = f" with {', '.join(required)}" if required else ""
+        raise DataError(f"{path}: CSV is empty; it needs a header row{needs}") from None
     except (pd.errors.ParserError, ValueError) as error:
         raise DataError(f"{path}: not a valid CSV ({_reason(error)}); fix the file") from error
     table.columns = [str(column).strip() for column in table.columns]
@@ -287,6 +298,12 @@ def require_columns(table: pd.DataFrame, path: Path, required: tuple[str, ...]) 
         )
 
 
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``path`` and move it into place only when the block succeeds.
@@ -304,6 +321,7 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8") as stream:
             yield stream
             stream.flush()
