@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from medseg.errors import MedsegError
+
 Order = Literal["F", "C"]
 _ORDERS = ("F", "C")
 _ONLY_DIGITS_AND_SPACE = re.compile(r"[0-9 \t\n\r\f\v]*").fullmatch
@@ -22,7 +24,7 @@ _FOREIGN_CHARACTER = re.compile(r"[^0-9 \t\n\r\f\v]").search
 _BYTE_OFFSETS = np.arange(8, dtype=np.int64)
 
 
-class RLEError(ValueError):
+class RLEError(MedsegError, ValueError):
     """A malformed run-length encoding, or a mask that cannot be encoded."""
 
 
@@ -140,15 +142,17 @@ def _edges_across(grid: np.ndarray) -> np.ndarray:
     height, width = grid.shape
     step = next(size for size in (8, 4, 2, 1) if width % size == 0)
     words = grid.view(f"<u{step}") if step > 1 else grid
-    changed = np.flatnonzero((words[1:] != words[:-1]).reshape(-1))
-    rows = np.repeat(changed // words.shape[1], step)
-    cols = ((changed % words.shape[1])[:, None] * step + np.arange(step)).reshape(-1)
-    edge = grid[rows + 1, cols] != grid[rows, cols]
-    rows, cols = rows[edge], cols[edge]
-    previous_bottom = np.concatenate(([False], grid[-1, :-1]))
-    top_cols = np.flatnonzero(grid[0] != previous_bottom)
-    tail = [height * width] if grid[-1, -1] else []
-    edges = np.concatenate((cols * height + rows + 1, top_cols * height, tail)).astype(np.int64)
+    changed = np.flatnonzero(words[1:] != words[:-1])
+    flat = grid.reshape(-1)
+    above = (changed[:, None] * step + _BYTE_OFFSETS[:step]).reshape(-1)
+    above = above[flat[above] != flat[above + width]]
+    rows, cols = np.divmod(above, width)
+    top_cols = np.flatnonzero(grid[0, 1:] != grid[-1, :-1]) + 1
+    edges = np.concatenate((cols * height + rows + 1, top_cols * height))
+    if grid[0, 0]:
+        edges = np.append(edges, 0)
+    if grid[-1, -1]:
+        edges = np.append(edges, height * width)
     edges.sort()
     return edges
 

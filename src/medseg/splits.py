@@ -10,8 +10,6 @@ human-readable JSON file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.io import atomic_write
 
 __all__ = [
     "Split",
@@ -34,7 +35,7 @@ _SHOW_IDS = 5
 _FORMAT_VERSION = 1
 
 
-class SplitError(ValueError):
+class SplitError(MedsegError, ValueError):
     """A split cannot be made, saved or loaded because of a user mistake."""
 
 
@@ -223,7 +224,8 @@ def save_split(split: Split, path: Path, extra: dict[str, Any] | None = None) ->
             f"cannot write split info to {path} as JSON ({err}); "
             "pass only numbers, strings, lists and dicts in extra"
         ) from None
-    _write_atomic(path, text)
+    with atomic_write(path) as stream:
+        stream.write(text)
 
 
 def load_split(path: Path, expected_ids: Sequence[str] | None = None) -> Split:
@@ -420,28 +422,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text via a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w",
-        encoding="utf-8",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-    )
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> Any:
