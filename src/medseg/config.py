@@ -1,0 +1,289 @@
+"""One typed, validated run configuration: the recipe's defaults, presets, YAML files and overrides.
+
+The configuration is a tree of pydantic models that forbid unknown keys. It is built from a preset
+(``default``: the recipe of DESIGN.md at 448x608; ``cpu``: small input and encoder for machines without a
+GPU and for tests), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
+keys and YAML-typed values (``trainer.max_epochs=2``, ``augment.hflip.p=0``, ``model.encoder_weights=none``,
+``split.fold=null``, lists as ``[1, 2]``). The resolved configuration is what a run saves as
+``RUN/config.yaml`` and what every later stage reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.errors import UsageError
+from medseg.io import atomic_write
+
+PRESETS = ("default", "cpu")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """How the data folder is read (see :class:`medseg.datasets.DataOptions`)."""
+
+    layout: Literal["kaggle", "folders", "rle-csv"] | None = None
+    mask_value: int | None = None
+    mask_threshold: int | None = None
+    subject_pattern: str | None = None
+    rle_order: Literal["F", "C"] = "F"
+    csv: str | None = None
+    id_column: str | None = None
+    rle_column: str | None = None
+
+
+class InputConfig(_Section):
+    """Network input size; frames are resized to it and predictions resized back."""
+
+    height: int = Field(448, ge=32)
+    width: int = Field(608, ge=32)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _divisible_by_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"{value} is not divisible by 32 (the U-Net downsamples 5 times); use e.g. {value // 32 * 32 or 32}")
+        return value
+
+
+class ModelConfig(_Section):
+    """The network: an smp architecture and encoder, one input channel, one output logit per pixel."""
+
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    encoder_weights: str = "auto"
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class ElasticConfig(_Section):
+    """``ElasticTransform``: smoothed random displacement field (alpha pixels scale, sigma smoothing)."""
+
+    p: float = Field(0.25, ge=0.0, le=1.0)
+    alpha: float = Field(120.0, ge=0.0)
+    sigma: float = Field(6.0, gt=0.0)
+
+
+class BlurConfig(_Section):
+    """``GaussianBlur`` with a random sigma."""
+
+    p: float = Field(0.2, ge=0.0, le=1.0)
+    sigma_min: float = Field(0.5, gt=0.0)
+    sigma_max: float = Field(1.5, gt=0.0)
+
+
+class FlipConfig(_Section):
+    """``HorizontalFlip``."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class BrightnessContrastConfig(_Section):
+    """``RandomBrightnessContrast`` with symmetric limits."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class DropoutConfig(_Section):
+    """``CoarseDropout``: 1..max_holes rectangles of the image (not the mask) set to 0."""
+
+    p: float = Field(0.3, ge=0.0, le=1.0)
+    max_holes: int = Field(4, ge=1)
+    max_size: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class AugmentConfig(_Section):
+    """The recipe's training augmentations; validation and inference only resize."""
+
+    elastic: ElasticConfig = ElasticConfig()
+    blur: BlurConfig = BlurConfig()
+    hflip: FlipConfig = FlipConfig()
+    brightness_contrast: BrightnessContrastConfig = BrightnessContrastConfig()
+    coarse_dropout: DropoutConfig = DropoutConfig()
+
+
+class LossConfig(_Section):
+    """Training loss on logits."""
+
+    name: Literal["dice_bce", "tversky", "lovasz", "focal"] = "dice_bce"
+    dice_weight: float = Field(0.5, ge=0.0)
+    bce_weight: float = Field(0.5, ge=0.0)
+    per_image_dice: bool = False
+    tversky_alpha: float = Field(0.5, ge=0.0)
+    tversky_beta: float = Field(0.5, ge=0.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+
+
+class OptimConfig(_Section):
+    """AdamW, and ReduceLROnPlateau on the validation loss."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(5, ge=0)
+
+
+class TrainerConfig(_Section):
+    """The training loop."""
+
+    max_epochs: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+    early_stopping_patience: int = Field(10, ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    gradient_clip: float | None = Field(None, gt=0.0)
+    num_workers: int | None = Field(None, ge=0)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    seed: int = 0
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+
+
+class SplitConfig(_Section):
+    """Subject-grouped K-fold split; ``fold`` is the validation fold of a single run."""
+
+    n_folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class Config(_Section):
+    """The whole run configuration."""
+
+    data: DataConfig = DataConfig()
+    input: InputConfig = InputConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    split: SplitConfig = SplitConfig()
+
+
+_PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cpu": {
+        "input": {"height": 128, "width": 160},
+        "model": {"encoder": "resnet18"},
+        "trainer": {"max_epochs": 8, "batch_size": 16, "early_stopping_patience": 4},
+    },
+}
+
+
+def load_config(preset: str = "default", config_file: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a configuration from a preset, a YAML file and ``key=value`` overrides, in that order.
+
+    Args:
+        preset: ``default`` or ``cpu``.
+        config_file: A YAML file with any subset of the keys.
+        overrides: ``dotted.key=value`` strings; values are read as YAML.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        UsageError: On an unknown preset, an unreadable file, an unknown key or a wrong type; the
+            message names the key and lists the valid ones.
+    """
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    tree = Config().model_dump()
+    _merge(tree, _PRESET_OVERRIDES[preset], "")
+    if config_file is not None:
+        _merge(tree, _read_yaml(Path(config_file)), "")
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _merge(tree, _nest(key, value), "")
+    return _validate(tree)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved configuration as YAML, atomically."""
+    with atomic_write(path) as stream:
+        yaml.safe_dump(config.model_dump(mode="json"), stream, sort_keys=False)
+
+
+def read_run_config(path: Path) -> Config:
+    """Read a configuration a run saved.
+
+    Raises:
+        UsageError: If the file is missing or invalid.
+    """
+    return _validate(_merge(Config().model_dump(), _read_yaml(Path(path)), ""))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: cannot read the config file ({error})") from error
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UsageError(f"{path}: not valid YAML{line}; fix the file") from error
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise UsageError(f"{path}: a config file is a mapping of sections (data:, model:, trainer:, ...)")
+    return content
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set {text!r}: write key=value, e.g. --set trainer.max_epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Merge ``update`` into ``tree`` in place, refusing keys the configuration does not have."""
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in tree:
+            valid = ", ".join(f"{prefix}{name}" for name in tree)
+            raise UsageError(f"unknown config key {path!r}; valid keys here: {valid}")
+        if isinstance(tree[key], dict):
+            if not isinstance(value, dict):
+                raise UsageError(f"config key {path!r} is a section; set one of its keys, e.g. {path}.{next(iter(tree[key]))}=...")
+            _merge(tree[key], value, f"{path}.")
+        else:
+            tree[key] = value
+    return tree
+
+
+def _validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"config key {key!r}: {first['msg']} (got {first.get('input')!r})") from None
