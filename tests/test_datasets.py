@@ -21,7 +21,8 @@ from medseg.datasets import (
     mask_of,
     subject_matcher,
 )
-from medseg.errors import DataError, UsageError
+from medseg.errors import DataError, FileError, UsageError
+from medseg.inspector import inspect_dataset
 
 KAGGLE_SIZE = (420, 580)
 
@@ -253,11 +254,12 @@ def test_rle_csv_structural_problems(tmp_path: Path, shared_data: Path) -> None:
     write_rows(root / "masks.csv", rows)
     dataset = load_dataset(root)
     csv_path = root / "masks.csv"
-    assert kinds(dataset) == Counter(missing_mask=1, duplicate_id=1, malformed_rle=1, missing_image=1)
+    assert kinds(dataset) == Counter(missing_mask=1, duplicate_id=1, missing_image=1)
     assert only_problem(dataset, "missing_mask").path == root / "images" / "1_2.tif"
     assert only_problem(dataset, "duplicate_id").path == csv_path
-    assert only_problem(dataset, "malformed_rle").path == csv_path
-    assert "1_3" in only_problem(dataset, "malformed_rle").message
+    malformed = [p for p in inspect_dataset(dataset).problems if p.kind == "malformed_rle"]  # found when decoded
+    assert [p.path for p in malformed] == [csv_path]
+    assert "1_3" in malformed[0].message
     assert only_problem(dataset, "missing_image").path == csv_path
     assert "77_7" in only_problem(dataset, "missing_image").message
 
@@ -339,14 +341,15 @@ def test_kaggle_rle_past_frame(small_kaggle_copy) -> None:
     n_pixels = KAGGLE_SIZE[0] * KAGGLE_SIZE[1]
     rows = [row[:2] + [f"{n_pixels - 5} 10"] if row[:2] == ["1", "2"] else row for row in rows]
     write_rows(root / "train_masks.csv", rows)
-    dataset = load_dataset(root)  # collected, not raised
-    problem = only_problem(dataset, "malformed_rle")
-    assert problem.path == root / "train_masks.csv"
-    assert "1_2" in problem.message
-    assert kinds(dataset) == Counter(malformed_rle=1)
+    dataset = load_dataset(root)
+    assert dataset.problems == []  # the row is checked when decoded at the frame's size
+    problems = inspect_dataset(dataset).problems
+    assert [(p.kind, p.path) for p in problems] == [("malformed_rle", root / "train_masks.csv")]
+    assert "1_2" in problems[0].message and "past the end" in problems[0].message
     record = next(record for record in dataset.train if record.id == "1_2")
-    with pytest.raises(DataError, match="malformed"):
+    with pytest.raises(FileError, match="past the end") as raised:
         mask_of(record, dataset.options)
+    assert raised.value.kind == "malformed_rle"
 
 
 def test_kaggle_stray_file(small_kaggle_copy) -> None:
@@ -394,7 +397,7 @@ def test_kaggle_all_problems_together(small_kaggle_copy) -> None:
     write_rows(root / "sample_submission.csv", [["img", "pixels"], ["1", ""], ["3", ""], ["98", ""]])
     dataset = load_dataset(root)
     assert kinds(dataset) == Counter(
-        missing_mask=1, missing_image=2, duplicate_id=1, malformed_rle=1, unexpected_file=1, unlisted_test_image=1
+        missing_mask=1, missing_image=2, duplicate_id=1, unexpected_file=1, unlisted_test_image=1
     )
     by_kind = {}
     for problem in dataset.problems:

@@ -9,8 +9,10 @@ Three layouts are read (see DESIGN.md):
 - ``rle-csv``: ``images/NAME.ext`` plus one CSV of ``id,rle`` (column names configurable); optional ``test/``.
 
 Loading reads file names, CSV tables and image headers only. Structural problems (a frame without a
-mask, a CSV row without a frame, duplicate ids, malformed RLE rows, unexpected files) are collected in
-:attr:`Dataset.problems`, never skipped silently; the pixel-level checks are the inspector's job.
+mask, a CSV row without a frame, duplicate ids, unexpected files) are collected in
+:attr:`Dataset.problems`, never skipped silently. :func:`read_sample` decodes one frame and its mask and
+raises a :class:`~medseg.errors.FileError` for every pixel-level problem (unreadable file, size mismatch,
+non-binary mask, malformed RLE row, mask file and RLE row that disagree); the inspector collects them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg import io, rle
-from medseg.errors import DataError, ImageReadError, UsageError
+from medseg.errors import DataError, FileError, ImageReadError, UsageError
 
 LAYOUTS = ("kaggle", "folders", "rle-csv")
 KAGGLE_MASKS_CSV = "train_masks.csv"
@@ -69,6 +71,7 @@ class Record:
         rle: Mask as an RLE string from a CSV row, if there is one (``""`` is the empty mask).
         subject: Subject (patient) id, or ``None`` when unknown.
         size: ``(height, width)`` of the frame from its header, or ``None`` when the header is unreadable.
+        rle_source: The CSV file the RLE row comes from.
     """
 
     id: str
@@ -77,6 +80,7 @@ class Record:
     rle: str | None = None
     subject: str | None = None
     size: tuple[int, int] | None = None
+    rle_source: Path | None = None
 
     @property
     def has_mask(self) -> bool:
@@ -176,41 +180,90 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def mask_of(record: Record, options: DataOptions) -> np.ndarray:
-    """The boolean mask of a record, from its mask file and/or RLE row.
+def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a labelled frame and its mask, checked against each other.
 
     Args:
         record: A labelled record.
         options: Mask value, threshold and RLE order.
 
     Returns:
-        The mask, the size of the record's frame.
+        The gray frame (``uint8``) and its boolean mask.
 
     Raises:
-        DataError: If the record has no mask, its RLE is malformed, or its mask file and RLE row disagree.
-        ImageReadError: If the mask file cannot be read.
+        FileError: Naming the file and the problem (its ``kind`` is the inspector's problem name).
+
+    Shape:
+        Returns: (H, W) and (H, W).
+    """
+    image = io.read_image(record.image_path)
+    return image, mask_of(record, options, image.shape)
+
+
+def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The boolean mask of a record, from its mask file and/or RLE row.
+
+    Args:
+        record: A labelled record.
+        options: Mask value, threshold and RLE order.
+        shape: ``(height, width)`` of the decoded frame, when known; the mask must have it.
+
+    Returns:
+        The mask.
+
+    Raises:
+        FileError: If the record has no mask (``missing_mask``), the mask file is unreadable
+            (``unreadable_mask``), of another size than the frame (``size_mismatch``) or not binary
+            (``non_binary_mask``), the RLE row is malformed (``malformed_rle``), or the mask file and the
+            RLE row disagree (``mask_csv_disagree``).
 
     Shape:
         Returns: (H, W).
     """
     if not record.has_mask:
-        raise DataError(f"{record.image_path}: no mask file or RLE row for id {record.id}; add one or remove the frame")
-    from_file = None
-    if record.mask_path is not None:
-        from_file = io.read_mask(record.mask_path, value=options.mask_value, threshold=options.mask_threshold)
+        raise FileError(record.image_path, f"no mask file or RLE row for id {record.id}; add one or remove the frame", "missing_mask")
+    from_file = _mask_file(record, options, shape) if record.mask_path is not None else None
     if record.rle is None:
         return from_file
-    shape = from_file.shape if from_file is not None else record.size or io.image_size(record.image_path)
+    shape = shape or (from_file.shape if from_file is not None else None) or record.size or io.image_size(record.image_path)
     try:
         from_rle = rle.decode(record.rle, shape, order=options.rle_order)
     except rle.RLEError as error:
-        raise DataError(f"{record.image_path}: RLE row of id {record.id} is malformed: {error}") from error
+        raise FileError(record.rle_source or record.image_path, f"row of id {record.id}: {error}; fix or regenerate this row", "malformed_rle") from error
     if from_file is not None and not np.array_equal(from_file, from_rle):
-        raise DataError(
-            f"{record.mask_path}: mask file and RLE row of id {record.id} disagree "
-            f"({int(np.count_nonzero(from_file ^ from_rle))} pixels differ); keep one source or fix the other"
+        differ = int(np.count_nonzero(from_file ^ from_rle))
+        raise FileError(
+            record.mask_path,
+            f"mask file and RLE row of id {record.id} disagree ({differ} pixels differ); keep one source or fix the other",
+            "mask_csv_disagree",
         )
     return from_rle
+
+
+def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | None) -> np.ndarray:
+    try:
+        values = io.read_mask_values(record.mask_path)
+    except ImageReadError as error:
+        raise FileError(error.path, error.reason, "unreadable_mask") from error
+    if shape is not None and values.shape != tuple(shape):
+        raise FileError(
+            record.mask_path, f"mask is {size_text(values.shape)} but its frame is {size_text(shape)}; save the mask at the frame's size", "size_mismatch"
+        )
+    if options.mask_value is None and options.mask_threshold is None and not io.is_binary_mask(values):
+        levels = np.unique(values)
+        shown = ", ".join(map(str, levels[:6])) + (", ..." if levels.size > 6 else "")
+        raise FileError(
+            record.mask_path,
+            f"mask has {levels.size} levels ({shown}), not 0 and one foreground value; "
+            "pick a class with --mask-value V, or binarise anti-aliased masks with --mask-threshold 127",
+            "non_binary_mask",
+        )
+    return io.binarize_mask(values, value=options.mask_value, threshold=options.mask_threshold)
+
+
+def size_text(shape: tuple[int, ...]) -> str:
+    """``WxH`` of an array shape ``(H, W, ...)``, as image sizes are usually written."""
+    return f"{shape[1]}x{shape[0]}"
 
 
 def subject_matcher(pattern: str | None):
@@ -292,16 +345,6 @@ def _rle_rows(csv_path: Path, ids: list[str], rles: list[str], problems: list[Pr
     return rows
 
 
-def _check_rle_rows(csv_path: Path, records: list[Record], order: rle.Order, problems: list[Problem]) -> None:
-    for record in records:
-        if record.rle is None or record.size is None:
-            continue
-        try:
-            rle.check(record.rle, record.size, order=order)
-        except rle.RLEError as error:
-            problems.append(Problem("malformed_rle", csv_path, f"id {record.id}: {error}; fix or regenerate this row"))
-
-
 def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
     if not folder.is_dir():
         return []
@@ -319,7 +362,7 @@ def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
     records = []
     for sample_id, path in images.items():
         subject = _KAGGLE_NAME.match(sample_id).group("subject")
-        record = Record(sample_id, path, masks.get(sample_id), rows.get(sample_id), subject, _header_size(path))
+        record = Record(sample_id, path, masks.get(sample_id), rows.get(sample_id), subject, _header_size(path), root / KAGGLE_MASKS_CSV)
         if not record.has_mask:
             problems.append(Problem("missing_mask", path, f"no {sample_id}_mask{path.suffix} and no row in {KAGGLE_MASKS_CSV}; add the mask"))
         records.append(record)
@@ -329,7 +372,6 @@ def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
     for sample_id in rows:
         if sample_id not in images:
             problems.append(Problem("missing_image", root / KAGGLE_MASKS_CSV, f"id {sample_id} has no frame train/{sample_id}.tif; add it or drop the row"))
-    _check_rle_rows(root / KAGGLE_MASKS_CSV, records, options.rle_order, problems)
     test = _test_records(root / "test", problems)
     sample_path = root / KAGGLE_SAMPLE_CSV
     sample_ids = _sample_ids(sample_path, test, problems) if sample_path.exists() else []
@@ -419,14 +461,13 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
     images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
     records = []
     for sample_id, path in images.items():
-        record = Record(sample_id, path, None, rows.get(sample_id), _subject(sample_id, path, subject_of, options, problems), _header_size(path))
+        record = Record(sample_id, path, None, rows.get(sample_id), _subject(sample_id, path, subject_of, options, problems), _header_size(path), csv_path)
         if not record.has_mask:
             problems.append(Problem("missing_mask", path, f"no row for id {sample_id} in {csv_path.name}; add one (an empty RLE is an empty mask)"))
         records.append(record)
     for sample_id in rows:
         if sample_id not in images:
             problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop the row"))
-    _check_rle_rows(csv_path, records, options.rle_order, problems)
     return Dataset(root, "rle-csv", options, records, _test_records(root / "test", problems), problems=problems)
 
 

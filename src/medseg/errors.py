@@ -4,18 +4,41 @@ The command line turns every :class:`MedsegError` into one line on stderr and a 
 else is a bug in medseg and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class MedsegError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
 
 
-class ImageReadError(MedsegError):
-    """An image or mask file that cannot be read: missing, empty, truncated, corrupt or unsupported."""
+class UsageError(MedsegError):
+    """A command called with arguments that cannot work: a missing path, an unknown option value."""
 
 
 class DataError(MedsegError):
     """A data set that cannot be used as it is: wrong layout, missing columns, contradicting sources."""
 
 
-class UsageError(MedsegError):
-    """A command called with arguments that cannot work: a missing path, an unknown option value."""
+class FileError(DataError):
+    """A problem tied to one file of a data set.
+
+    Attributes:
+        path: The file.
+        reason: What is wrong with it and how to fix it, without the file name.
+        kind: Short machine-readable name of the problem, as the inspector reports it.
+    """
+
+    kind = "bad_file"
+
+    def __init__(self, path: Path, reason: str, kind: str | None = None) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        if kind is not None:
+            self.kind = kind
+        super().__init__(f"{path}: {reason}")
+
+
+class ImageReadError(FileError):
+    """An image or mask file that cannot be read: missing, empty, truncated, corrupt or unsupported."""
+
+    kind = "unreadable_image"

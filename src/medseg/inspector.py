@@ -18,9 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medseg import io, rle
-from medseg.datasets import Dataset, DataOptions, Problem, Record
-from medseg.errors import ImageReadError
+from medseg import io
+from medseg.datasets import Dataset, DataOptions, Problem, Record, mask_of, size_text
+from medseg.errors import FileError, ImageReadError
 
 THUMB_SHAPE = (24, 32)
 MASK_THUMB_SHAPE = (96, 128)
@@ -111,69 +111,24 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
     facts = FrameFacts(record)
     try:
         image = io.read_image(record.image_path)
-    except ImageReadError as error:
-        facts.problems.append(Problem("unreadable_image", record.image_path, str(error)))
+        facts.size = image.shape
+        facts.thumb = image_thumbnail(image)
+        mask = mask_of(record, options, image.shape)
+    except FileError as error:
+        facts.problems.append(Problem(error.kind, error.path, error.reason))
         return facts
-    facts.size = image.shape
-    facts.thumb = image_thumbnail(image)
-    mask = _mask_from_sources(record, options, image.shape, facts.problems)
-    if mask is not None:
-        facts.area = int(np.count_nonzero(mask))
-        if facts.area:
-            facts.mask_thumb = cv2.resize(mask.view(np.uint8), MASK_THUMB_SHAPE[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
+    facts.area = int(np.count_nonzero(mask))
+    if facts.area:
+        small = cv2.resize(mask.view(np.uint8), MASK_THUMB_SHAPE[::-1], interpolation=cv2.INTER_AREA)
+        facts.mask_thumb = small.astype(np.float32)
     return facts
-
-
-def _mask_from_sources(record: Record, options: DataOptions, shape: tuple[int, int], problems: list[Problem]) -> np.ndarray | None:
-    """The mask of a record from its file and/or RLE row; ``None`` (with a problem) when unusable."""
-    from_file = from_rle = None
-    if record.mask_path is not None:
-        from_file = _read_mask_file(record, options, shape, problems)
-    if record.rle is not None:
-        try:
-            from_rle = rle.decode(record.rle, shape, order=options.rle_order)
-        except rle.RLEError:
-            return from_file
-    if from_file is not None and from_rle is not None and not np.array_equal(from_file, from_rle):
-        differ = int(np.count_nonzero(from_file ^ from_rle))
-        problems.append(
-            Problem("mask_csv_disagree", record.mask_path, f"mask file and CSV row of id {record.id} disagree ({differ} pixels differ); keep one source or fix the other")
-        )
-        return None
-    return from_rle if from_rle is not None else from_file
-
-
-def _read_mask_file(record: Record, options: DataOptions, shape: tuple[int, int], problems: list[Problem]) -> np.ndarray | None:
-    try:
-        values = io.read_mask_values(record.mask_path)
-    except ImageReadError as error:
-        problems.append(Problem("unreadable_mask", record.mask_path, str(error)))
-        return None
-    if values.shape != shape:
-        problems.append(
-            Problem("size_mismatch", record.mask_path, f"mask is {_size_text(values.shape)} but its frame is {_size_text(shape)}; save the mask at the frame's size")
-        )
-        return None
-    if options.mask_value is None and options.mask_threshold is None and not io.is_binary_mask(values):
-        levels = np.unique(values)
-        shown = ", ".join(map(str, levels[:6])) + (", ..." if levels.size > 6 else "")
-        problems.append(
-            Problem(
-                "non_binary_mask",
-                record.mask_path,
-                f"mask has {levels.size} levels ({shown}), not 0 and one foreground value; "
-                "pick a class with --mask-value V, or binarise anti-aliased masks with --mask-threshold 127",
-            )
-        )
-        return None
-    return io.binarize_mask(values, value=options.mask_value, threshold=options.mask_threshold)
 
 
 def _examine_unlabelled(record: Record) -> list[Problem]:
     try:
         io.read_image(record.image_path)
     except ImageReadError as error:
-        return [Problem("unreadable_image", record.image_path, str(error))]
+        return [Problem(error.kind, error.path, error.reason)]
     return []
 
 
@@ -256,7 +211,7 @@ def summarize(dataset: Dataset, facts: list[FrameFacts]) -> dict[str, Any]:
     read_masks = [item for item in facts if item.area is not None]
     empty = sum(1 for item in read_masks if item.area == 0)
     subjects = {item.record.subject for item in facts if item.record.subject is not None}
-    sizes = Counter(_size_text(item.size) for item in facts if item.size is not None)
+    sizes = Counter(size_text(item.size) for item in facts if item.size is not None)
     return {
         "root": str(dataset.root),
         "layout": dataset.layout,
@@ -277,7 +232,3 @@ def summarize(dataset: Dataset, facts: list[FrameFacts]) -> dict[str, Any]:
         "sample_submission": str(dataset.sample_submission) if dataset.sample_submission else None,
         "sample_submission_rows": len(dataset.sample_ids) if dataset.sample_submission else None,
     }
-
-
-def _size_text(shape: tuple[int, ...]) -> str:
-    return f"{shape[1]}x{shape[0]}"

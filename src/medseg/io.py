@@ -90,7 +90,7 @@ def read_mask_values(path: Path) -> np.ndarray:
     raw = read_raw(path, keep_palette=True)
     if raw.ndim == 3:
         if raw.shape[2] in (3, 4) and not (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2])):
-            raise ImageReadError(f"{path}: mask is a colour image; save masks as single-channel 0/255 or class-index images")
+            raise ImageReadError(path, "mask is a colour image; save masks as single-channel 0/255 or class-index images")
         raw = raw[..., 0]
     return raw
 
@@ -132,7 +132,7 @@ def image_size(path: Path) -> tuple[int, int]:
         if fmt == "TIFF":
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
-                    raise ImageReadError(f"{path}: TIFF has no readable frame (truncated or corrupt); replace the file")
+                    raise ImageReadError(path, "TIFF has no readable frame (truncated or corrupt); replace the file")
                 page = tif.pages.first
                 return int(page.imagelength), int(page.imagewidth)
         with Image.open(path) as image:
@@ -140,7 +140,7 @@ def image_size(path: Path) -> tuple[int, int]:
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file, reported with its name
-        raise ImageReadError(f"{path}: cannot read the {fmt} header ({_reason(error)}); replace the file") from error
+        raise ImageReadError(path, f"cannot read the {fmt} header ({_reason(error)}); replace the file") from error
 
 
 def sniff_format(path: Path) -> str:
@@ -158,19 +158,17 @@ def sniff_format(path: Path) -> str:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        raise ImageReadError(path, "file not found") from None
     except OSError as error:
-        raise ImageReadError(f"{path}: cannot open ({error.strerror}); check its permissions") from error
+        raise ImageReadError(path, f"cannot open ({error.strerror}); check its permissions") from error
     if not head:
-        raise ImageReadError(f"{path}: file is empty (0 bytes); replace it or remove it from the data set")
+        raise ImageReadError(path, "file is empty (0 bytes); replace it or remove it from the data set")
     fmt = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
     if fmt is None:
-        raise ImageReadError(f"{path}: not a TIFF, PNG, JPEG or BMP image (unknown content); replace the file")
+        raise ImageReadError(path, "not a TIFF, PNG, JPEG or BMP image (unknown content); replace the file")
     expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
     if expected is not None and expected != fmt:
-        raise ImageReadError(
-            f"{path}: file is a {fmt} image named {path.suffix}; rename it to {path.stem}{_SUFFIX_OF_FORMAT[fmt]}"
-        )
+        raise ImageReadError(path, f"file is a {fmt} image named {path.suffix}; rename it to {path.stem}{_SUFFIX_OF_FORMAT[fmt]}")
     return fmt
 
 
@@ -191,24 +189,24 @@ def read_raw(path: Path, keep_palette: bool = False) -> np.ndarray:
     except ImageReadError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file, reported with its name
-        raise ImageReadError(f"{path}: cannot decode the {fmt} data ({_reason(error)}); the file is corrupt or truncated") from error
+        raise ImageReadError(path, f"cannot decode the {fmt} data ({_reason(error)}); the file is corrupt or truncated") from error
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or array.size == 0 or (array.ndim == 3 and array.shape[2] > 4):
-        raise ImageReadError(f"{path}: expected one 2-D frame, found an array of shape {array.shape}; save one frame per file")
+        raise ImageReadError(path, f"expected one 2-D frame, found an array of shape {array.shape}; save one frame per file")
     return array
 
 
 def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         if not tif.pages:
-            raise ImageReadError(f"{path}: TIFF has no readable frame (truncated or corrupt); replace the file")
+            raise ImageReadError(path, "TIFF has no readable frame (truncated or corrupt); replace the file")
         if len(tif.pages) > 1:
-            raise ImageReadError(f"{path}: TIFF holds {len(tif.pages)} frames; save one frame per file")
+            raise ImageReadError(path, f"TIFF holds {len(tif.pages)} frames; save one frame per file")
         page = tif.pages.first
         size = path.stat().st_size
         if any(offset + count > size for offset, count in zip(page.dataoffsets, page.databytecounts)):
-            raise ImageReadError(f"{path}: TIFF is truncated (its pixel data runs past the end of the file); replace the file")
+            raise ImageReadError(path, "TIFF is truncated (its pixel data runs past the end of the file); replace the file")
         array = page.asarray()
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
             array = np.moveaxis(array, 0, -1)
@@ -246,7 +244,7 @@ def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
         finite = np.nan_to_num(array.astype(np.float32), nan=0.0)
         scale = 255.0 if finite.max(initial=0.0) <= 1.0 else 1.0
         return np.clip(np.rint(finite * scale), 0, 255).astype(np.uint8)
-    raise ImageReadError(f"{path}: unsupported pixel type {array.dtype}; save the image as 8- or 16-bit gray")
+    raise ImageReadError(path, f"unsupported pixel type {array.dtype}; save the image as 8- or 16-bit gray")
 
 
 def _reason(error: Exception) -> str:
