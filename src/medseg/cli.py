@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medseg import __version__
+from medseg.config import PRESETS
 from medseg.datasets import LAYOUTS, DataOptions, load_dataset
 from medseg.errors import MedsegError, UsageError
 from medseg.inspector import Inspection, inspect_dataset
@@ -150,6 +151,54 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     if summary["sample_submission"]:
         rows.append(("sample submission rows", str(summary["sample_submission_rows"])))
     return rows
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", show_default=False)],
+    preset: Annotated[str, typer.Option("--preset", help=f"Starting configuration: {', '.join(PRESETS)} (cpu: small input and encoder).")] = "default",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML file with configuration keys.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
+    fold: Annotated[Optional[int], typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last checkpoints.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="Devices per machine for Lightning (e.g. 2, or auto).")] = None,
+    num_nodes: Annotated[Optional[int], typer.Option("--num-nodes", help="Machines for Lightning's DDP.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Lightning strategy, e.g. ddp.")] = None,
+    layout: LayoutOption = None,
+    mask_value: MaskValueOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    subject_pattern: SubjectPatternOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
+) -> int:
+    """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
+    from medseg.config import load_config
+    from medseg.engine import show_progress_default
+    from medseg.train import train_run
+
+    shortcuts = {
+        "data.layout": layout,
+        "data.mask_value": mask_value,
+        "data.mask_threshold": mask_threshold,
+        "data.subject_pattern": subject_pattern,
+        "trainer.devices": devices,
+        "trainer.num_nodes": num_nodes,
+        "trainer.strategy": strategy,
+    }
+    values = {key: value for key, value in shortcuts.items() if value is not None}
+    if resume and (config_file or overrides or preset != "default" or values):
+        raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
+    if "trainer.devices" in values and values["trainer.devices"].isdigit():
+        values["trainer.devices"] = int(values["trainer.devices"])
+    config = load_config(preset, config_file, overrides, values)
+    say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line)))
+    results = train_run(data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=say)
+    stdout.print(f"run folder: {out}")
+    for result in results:
+        stdout.print(f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f} ({result.epochs} epochs)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

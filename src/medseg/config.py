@@ -182,13 +182,19 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(preset: str = "default", config_file: Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a configuration from a preset, a YAML file and ``key=value`` overrides, in that order.
+def load_config(
+    preset: str = "default",
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Build a configuration from a preset, a YAML file, typed values and ``key=value`` overrides, in that order.
 
     Args:
         preset: ``default`` or ``cpu``.
         config_file: A YAML file with any subset of the keys.
         overrides: ``dotted.key=value`` strings; values are read as YAML.
+        values: Already-typed values by dotted key (command-line shortcuts such as ``--mask-value``).
 
     Returns:
         The validated configuration.
@@ -203,6 +209,8 @@ def load_config(preset: str = "default", config_file: Path | None = None, overri
     _merge(tree, _PRESET_OVERRIDES[preset], "")
     if config_file is not None:
         _merge(tree, _read_yaml(Path(config_file)), "")
+    for key, value in (values or {}).items():
+        _merge(tree, _nest(key, value), "")
     for text in overrides or []:
         key, value = _parse_override(text)
         _merge(tree, _nest(key, value), "")

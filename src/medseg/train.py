@@ -1,0 +1,163 @@
+"""``medseg train``: one run folder from a data folder and a configuration.
+
+Loads and checks the data set, makes (or, on ``--resume``, reads) the subject-grouped split, writes the
+run's files (see :mod:`medseg.runs`) and trains each fold with :func:`medseg.engine.fit_fold`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+from medseg import runs, splits
+from medseg.config import Config, read_run_config, save_config
+from medseg.datasets import Dataset, DataOptions, load_dataset
+from medseg.engine import FoldResult, Sample, fit_fold, is_ddp_child, load_samples
+from medseg.errors import DataError, UsageError
+from medseg.models import EncoderWeights
+
+__all__ = ["data_options", "train_run"]
+
+
+def data_options(config: Config) -> DataOptions:
+    """The data options of a configuration."""
+    return DataOptions(**config.data.model_dump())
+
+
+def train_run(
+    data: Path,
+    run: Path,
+    config: Config,
+    folds: int | None = None,
+    fold: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    show_progress: bool = False,
+    on_message: Callable[[str], None] = print,
+    extra_callbacks: list[Callback] | None = None,
+) -> list[FoldResult]:
+    """Train a run folder.
+
+    Args:
+        data: The data folder.
+        run: The run folder.
+        config: Configuration (ignored on ``resume``: the run's own ``config.yaml`` is used).
+        folds: Train every fold of an N-fold split, each in ``RUN/fold_K``.
+        fold: Train one run whose validation fold is K (default: ``config.split.fold``).
+        resume: Continue the run in ``run`` from its last checkpoints.
+        force: Replace an existing run folder.
+        show_progress: Show progress bars.
+        on_message: Receives one line per event worth telling the user.
+        extra_callbacks: More Lightning callbacks for every fold.
+
+    Returns:
+        One result per fold trained or already finished.
+
+    Raises:
+        UsageError: If the arguments do not fit the run folder.
+        DataError: If the data set has problems.
+    """
+    run = Path(run)
+    child = is_ddp_child()
+    if not child:
+        runs.prepare_run_folder(run, force=force, resume=resume)
+    if resume or child:
+        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.read_json(run / runs.RUN_FILE)
+        _check_same_data(data, plan, run)
+    else:
+        plan = _plan(data, config, folds, fold)
+        config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan["n_folds"]})})
+    dataset = _checked_dataset(data, config)
+    samples = load_samples(dataset.train, data_options(config))
+    split = _split(run, dataset, samples, config, fresh=not (resume or child))
+    if not (resume or child):
+        _write_run_files(run, config, plan)
+    return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+
+
+def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> dict:
+    if folds is not None and fold is not None:
+        raise UsageError("--folds and --fold exclude each other: --folds N trains every fold, --fold K one")
+    if folds is not None:
+        if folds < 2:
+            raise UsageError(f"--folds {folds}: use 2 or more folds, or --fold K for one run")
+        return {"data": str(Path(data).resolve()), "n_folds": folds, "folds": list(range(folds)), "several": True}
+    chosen = config.split.fold if fold is None else fold
+    if not 0 <= chosen < config.split.n_folds:
+        raise UsageError(f"--fold {chosen}: choose a fold from 0 to {config.split.n_folds - 1}")
+    return {"data": str(Path(data).resolve()), "n_folds": config.split.n_folds, "folds": [chosen], "several": False}
+
+
+def _check_same_data(data: Path, plan: dict, run: Path) -> None:
+    if str(Path(data).resolve()) != plan["data"]:
+        raise UsageError(f"{run} was trained on {plan['data']}, not {Path(data).resolve()}; resume it with the same DATA")
+
+
+def _checked_dataset(data: Path, config: Config) -> Dataset:
+    dataset = load_dataset(data, data_options(config))
+    if dataset.problems:
+        first = dataset.problems[0]
+        raise DataError(
+            f"{data}: {len(dataset.problems)} problem(s) in the data set, first: {first.path}: {first.message}; "
+            f"`medseg inspect {data}` lists them all"
+        )
+    return dataset
+
+
+def _split(run: Path, dataset: Dataset, samples: dict[str, Sample], config: Config, fresh: bool) -> splits.Split:
+    ids = [record.id for record in dataset.train]
+    if not fresh:
+        return splits.load_split(run / runs.SPLIT_FILE, expected_ids=ids)
+    subjects = [record.subject for record in dataset.train]
+    empty = [not samples[i][1].any() for i in ids]
+    split = splits.grouped_kfold(ids, subjects, empty, n_folds=config.split.n_folds, seed=config.split.seed)
+    subject_of = dict(zip(ids, subjects))
+    info = {"subjects": {i: subject_of[i] for i in ids}, "empty_per_fold": [sum(empty[ids.index(i)] for i in fold) for fold in split.folds]}
+    splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
+    return split
+
+
+def _write_run_files(run: Path, config: Config, plan: dict) -> None:
+    save_config(config, run / runs.CONFIG_FILE)
+    runs.write_json(run / runs.RUN_FILE, plan)
+    runs.write_json(run / runs.VERSIONS_FILE, runs.versions())
+
+
+def _record_weights(run: Path, weights: EncoderWeights) -> None:
+    path = run / runs.VERSIONS_FILE
+    content = runs.read_json(path) if path.is_file() else runs.versions()
+    content["encoder_weights"] = asdict(weights)
+    runs.write_json(path, content)
+
+
+def _train_folds(
+    run: Path,
+    config: Config,
+    plan: dict,
+    samples: dict[str, Sample],
+    split: splits.Split,
+    show_progress: bool,
+    on_message: Callable[[str], None],
+    extra_callbacks: list[Callback] | None,
+    child: bool,
+) -> list[FoldResult]:
+    results = []
+    for fold_dir in runs.fold_dirs(run, plan["folds"], plan["several"]):
+        if fold_dir.done:
+            results.append(FoldResult(**runs.read_json(fold_dir.path / runs.DONE_FILE)))
+            on_message(f"fold {fold_dir.fold}: already finished, skipped")
+            continue
+        train_ids, val_ids = split.train_val(fold_dir.fold)
+        on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
+        result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, extra_callbacks)
+        if weights is not None and not child:
+            _record_weights(run, weights)
+        results.append(result)
+        on_message(
+            f"fold {result.fold}: {result.epochs} epochs{' (stopped early)' if result.stopped_early else ''}, "
+            f"best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f}"
+        )
+    return results
