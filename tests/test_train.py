@@ -214,3 +214,11 @@ def test_two_process_ddp_on_cpu(tmp_path):
     rows = metric_rows(run / "metrics.csv")
     assert len(rows) == 1 and math.isfinite(float(rows[0]["val_loss"]))
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_gpu_fast_path_settings_run_on_cpu_tensors(tmp_path):
+    config = tiny_config("trainer.max_epochs=1", "trainer.precision=bf16-mixed", "trainer.channels_last=true", "trainer.gradient_clip=1.0")
+    results = train_run(sample_data_path(), tmp_path / "run", config, on_message=lambda line: None)
+    assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values() if value.is_floating_point())

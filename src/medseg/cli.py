@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -156,10 +157,10 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", show_default=False)],
-    preset: Annotated[str, typer.Option("--preset", help=f"Starting configuration: {', '.join(PRESETS)} (cpu: small input and encoder).")] = "default",
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML file with configuration keys.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", metavar="RUN", show_default=False)],
+    preset: Annotated[str, typer.Option("--preset", help=f"Starting configuration: {', '.join(PRESETS)} (cpu: small input and encoder).", metavar="NAME")] = "default",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML file with configuration keys.", metavar="FILE")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).", metavar="KEY=VALUE")] = None,
     folds: Annotated[Optional[int], typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
     fold: Annotated[Optional[int], typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last checkpoints.")] = False,
@@ -201,13 +202,20 @@ def train_command(
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code instead of exiting.
+
+    Warnings are shown as one ``warning:`` line each, without the source line.
 
     Args:
         argv: Arguments without the program name; ``None`` reads ``sys.argv``.
     """
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    warnings.showwarning = _show_warning
     try:
         result = app(args=argv, prog_name="medseg", standalone_mode=False)
     except click.exceptions.Exit as stop:

@@ -138,7 +138,7 @@ class TrainerConfig(_Section):
     batch_size: int = Field(32, ge=1)
     early_stopping_patience: int = Field(10, ge=1)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
     gradient_clip: float | None = Field(None, gt=0.0)
     num_workers: int | None = Field(None, ge=0)

@@ -175,7 +175,7 @@ class SegmentationModule(L.LightningModule):
         self.config = config
         self.save_hyperparameters({"config": config.model_dump(mode="json")})
         self.loss_fn = create_loss(config.loss)
-        self.channels_last = config.trainer.channels_last == "on" or (config.trainer.channels_last == "auto" and uses_cuda(config))
+        self.channels_last = config.trainer.channels_last is True or (config.trainer.channels_last == "auto" and uses_cuda(config))
         self.nonfinite_at: int | None = None
         self._compiled = None
         self._reset_epoch_sums()
