@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medseg inspect src/medseg/sample_data/uns-sample
+	$(BIN)/medseg demo --out demo-output --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -73,3 +73,22 @@ def small_kaggle_copy(tmp_path: Path, shared_data: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+TINY_OVERRIDES = ("input.height=64", "input.width=96", "trainer.batch_size=8", "model.encoder_weights=none", "trainer.accelerator=cpu")
+
+
+def set_args(*overrides: str) -> list[str]:
+    """``--set`` arguments for the command line."""
+    return [item for override in overrides for item in ("--set", override)]
+
+
+@pytest.fixture(scope="session")
+def tiny_uns_run(tmp_path_factory, shared_data: Path) -> Path:
+    """A run folder trained for 2 tiny epochs (64x96, resnet18) on uns-mini through the command line."""
+    from medseg.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "uns"
+    args = ["train", str(shared_data / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet"]
+    assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")) == 0
+    return run

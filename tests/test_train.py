@@ -33,13 +33,9 @@ def metric_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope="module")
-def uns_mini_run(tmp_path_factory, shared_data_path=Path(__file__).resolve().parents[1].parent / "shared" / "data"):
-    run = tmp_path_factory.mktemp("runs") / "uns"
-    args = ["train", str(shared_data_path / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet"]
-    args += [item for override in [*TINY, "trainer.max_epochs=2"] for item in ("--set", override)]
-    assert main(args) == 0
-    return run
+@pytest.fixture
+def uns_mini_run(tiny_uns_run):
+    return tiny_uns_run
 
 
 def test_train_writes_every_run_file(uns_mini_run):
@@ -68,6 +64,8 @@ def test_run_files_hold_the_resolved_config_split_and_versions(uns_mini_run):
     assert versions["encoder_weights"]["used"] == "random"
     checkpoint = torch.load(uns_mini_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["config"]["input"]["height"] == 64
+    best_epoch = min(range(2), key=lambda e: float(metric_rows(uns_mini_run / "metrics.csv")[e]["val_loss"]))
+    assert torch.load(uns_mini_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == best_epoch
 
 
 def test_non_empty_run_folder_needs_force(uns_mini_run, capsys):

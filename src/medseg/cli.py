@@ -194,8 +194,7 @@ def train_command(
     if "trainer.devices" in values and values["trainer.devices"].isdigit():
         values["trainer.devices"] = int(values["trainer.devices"])
     config = load_config(preset, config_file, overrides, values)
-    say = (lambda line: None) if quiet else (lambda line: stderr.print(escape(line)))
-    results = train_run(data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=say)
+    results = train_run(data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=_say(quiet))
     stdout.print(f"run folder: {out}")
     for result in results:
         stdout.print(f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f} ({result.epochs} epochs)")
@@ -204,6 +203,152 @@ def train_command(
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+
+TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
+VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
+RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
+
+
+def _tta(tta: bool, vflip: bool) -> str:
+    if vflip and not tta:
+        raise UsageError("--vflip adds to the horizontal flip; drop --no-tta")
+    return "hvflip" if vflip else "hflip" if tta else "none"
+
+
+def _say(quiet: bool):
+    return (lambda line: None) if quiet else (lambda line: stderr.print(escape(line)))
+
+
+@app.command("tune")
+def tune_command(
+    run: RunArgument,
+    tta: TtaOption = True,
+    vflip: VflipOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+) -> int:
+    """Choose the threshold and minimum mask area that maximise the score on validation (out-of-fold) frames."""
+    from medseg.tune import tune_run
+
+    result = tune_run(run, _tta(tta, vflip), on_message=_say(quiet))
+    stdout.print(
+        f"threshold {result['threshold']:.2f}, minimum area {result['min_area']} px: score {result['score_after']:.4f} "
+        f"on {result['frames']} {'out-of-fold' if result['out_of_fold'] else 'validation'} frames "
+        f"(threshold 0.5, no minimum area: {result['score_before']:.4f})"
+    )
+    stdout.print(f"written: {Path(run) / 'postprocess.json'}")
+    return 0
+
+
+@app.command("predict")
+def predict_command(
+    run: RunArgument,
+    images: Annotated[Path, typer.Argument(help="Folder of frames (e.g. test/), or a Kaggle data folder.", metavar="IMAGES", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Submission CSV to write (img,pixels).", metavar="FILE.csv")] = None,
+    masks_dir: Annotated[Optional[Path], typer.Option("--masks-dir", help="Folder for PNG masks (0/255), one per frame.", metavar="DIR")] = None,
+    sample: Annotated[Optional[Path], typer.Option("--sample", help="Sample submission (ids and order); found beside the frames if left out.", metavar="FILE")] = None,
+    tta: TtaOption = True,
+    vflip: VflipOption = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also keep float16 probability maps (.npz).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per forward pass.", min=1)] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+    allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+) -> int:
+    """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
+    from medseg.outputs import PredictRequest, predict_folder
+
+    request = PredictRequest(run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size)
+    result = predict_folder(request, on_message=_say(quiet))
+    stdout.print(f"{result['frames']} frames, {result['empty']} empty masks; written: {', '.join(result['written'])}")
+    return 0
+
+
+@app.command("check-submission")
+def check_submission_command(
+    file: Annotated[Path, typer.Argument(help="Submission CSV (img,pixels).", metavar="FILE", show_default=False)],
+    sample: Annotated[Optional[Path], typer.Option("--sample", help="Sample submission whose ids must each appear once.", metavar="SAMPLE")] = None,
+    shape: Annotated[Optional[tuple[int, int]], typer.Option("--shape", help="Frame height and width, to check RLE bounds.", metavar="H W")] = None,
+    allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Report degenerate output as a warning only.")] = False,
+) -> int:
+    """Validate a submission: every id once, valid RLE within the frame, no degenerate output."""
+    from medseg import submission
+
+    report = submission.validate_file(file, sample=sample, sizes=shape)
+    submission.check_or_raise(report, allow_degenerate, warn=lambda line: stderr.print(f"[yellow]warning:[/yellow] {escape(line)}"))
+    for note in report.notes:
+        stderr.print(f"note: {escape(note)}")
+    bounds = "" if report.bounds_checked else " (RLE bounds not checked: give --shape H W)"
+    stdout.print(f"[green]{file}: valid[/green], {report.rows} rows, {report.empty} empty masks{bounds}")
+    return 0
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: RunArgument,
+    data: Annotated[Path, typer.Argument(help="Labelled data folder (any layout).", metavar="DATA", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluation/<DATA name>).", metavar="DIR")] = None,
+    tta: TtaOption = True,
+    vflip: VflipOption = False,
+    layout: LayoutOption = None,
+    mask_value: MaskValueOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    subject_pattern: SubjectPatternOption = None,
+    rle_order: RleOrderOption = "F",
+    csv: CsvOption = None,
+    id_column: IdColumnOption = None,
+    rle_column: RleColumnOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing evaluation.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+) -> int:
+    """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
+    from medseg.evaluate import evaluate_run
+
+    given = any(v is not None for v in (layout, mask_value, mask_threshold, subject_pattern, csv, id_column, rle_column)) or rle_order != "F"
+    options = data_options(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column) if given else None
+    summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet))
+    print_evaluation(summary)
+    return 0
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.", metavar="DIR")] = Path("medseg-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Only the final list of outputs.")] = False,
+) -> int:
+    """Run the whole workflow (inspect, train, tune, predict, evaluate) on the bundled sample data."""
+    from medseg.demo import run_demo
+
+    outputs = run_demo(out, force, on_message=_say(quiet))
+    stdout.print("[green]demo finished[/green]; outputs:")
+    for label, path in outputs.items():
+        stdout.print(f"  {label}: {path}")
+    return 0
+
+
+def print_evaluation(summary: dict) -> None:
+    """Print the evaluation summary as a table."""
+    post = summary["postprocess"]
+    table = Table(title=f"{summary['data']}: {summary['mode']}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("frames (empty truth)", f"{summary['n_images']} ({summary['n_empty_truth']})"),
+        ("competition score", _number(summary["score"])),
+        ("Dice on non-empty truths", _number(summary["dice_nonempty"])),
+        ("IoU", _number(summary["iou"])),
+        ("presence precision / recall", f"{_number(summary['presence_precision'])} / {_number(summary['presence_recall'])}"),
+        ("false positives on empty frames", f"{summary['presence_empty_false_positives']} of {summary['n_empty_truth']}"),
+        ("post-processing", f"threshold {post['threshold']:.2f}, min area {post['min_area']} px{'' if post['tuned'] else ' (not tuned)'}"),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    stdout.print(table)
+    stdout.print(f"written: {summary['out']}/per_image.csv, summary.json")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -345,10 +345,20 @@ def _rle_rows(csv_path: Path, ids: list[str], rles: list[str], problems: list[Pr
     return rows
 
 
+def image_records(folder: Path) -> tuple[list[Record], list[Problem]]:
+    """Unlabelled records of every image in a folder (id = file stem), and what else the folder holds.
+
+    Returns:
+        The records in natural order of their names, and problems: non-image files, ids found twice.
+    """
+    problems: list[Problem] = []
+    return _test_records(Path(folder), problems), problems
+
+
 def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
     if not folder.is_dir():
         return []
-    paths = _index_by_id(_list_files(folder, problems), lambda path: path.stem, problems, "test image")
+    paths = _index_by_id(_list_files(folder, problems), lambda path: path.stem, problems, "image")
     return [Record(id=sample_id, image_path=path, size=_header_size(path)) for sample_id, path in paths.items()]
 
 

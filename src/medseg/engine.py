@@ -343,12 +343,16 @@ def precision(config: Config) -> str:
 
 
 def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
-    """A Lightning trainer with the recipe's callbacks writing into ``fold_dir``."""
+    """A Lightning trainer with the recipe's callbacks writing into ``fold_dir``.
+
+    ``last.ckpt`` has its own checkpoint callback because Lightning 2.6 writes ``save_last`` only in the
+    epochs that also improve the monitored value, and resuming needs the latest epoch.
+    """
     trainer_cfg = config.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=fold_dir.checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False
-    )
-    callbacks = [EpochMetricsWriter(fold_dir.metrics), EarlyStopping("val_loss", patience=trainer_cfg.early_stopping_patience, mode="min"), checkpoint]
+    best = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="last", save_top_k=1, enable_version_counter=False)
+    stopper = EarlyStopping("val_loss", patience=trainer_cfg.early_stopping_patience, mode="min")
+    callbacks = [EpochMetricsWriter(fold_dir.metrics), stopper, best, last]
     if show_progress:
         callbacks.append(RichProgressBar())
     return L.Trainer(
@@ -407,6 +411,7 @@ def fit_fold(
         checkpoint, whose weights replace the encoder's).
     """
     resume_from = fold_dir.last if fold_dir.last.is_file() else None
+    L.seed_everything(config.trainer.seed + fold_dir.fold, workers=True, verbose=False)
     model_cfg = config.model.model_copy(update={"encoder_weights": "none"}) if resume_from else config.model
     model, weights = create_model(model_cfg)
     module = SegmentationModule(model, config)

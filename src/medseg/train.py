@@ -74,6 +74,7 @@ def train_run(
     samples = load_samples(dataset.train, data_options(config))
     split = _split(run, dataset, samples, config, fresh=not (resume or child))
     if not (resume or child):
+        plan["train_non_empty"] = sum(1 for _, mask in samples.values() if mask.any())
         _write_run_files(run, config, plan)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 

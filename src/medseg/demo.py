@@ -1,0 +1,81 @@
+"""``medseg demo``: the whole workflow on the bundled sample, in a few minutes on a laptop CPU.
+
+inspect -> train (``cpu`` preset on a CPU, ``default`` on a GPU) -> tune -> predict a submission and
+check it -> evaluate on the sample's held-out test frames (their true masks ship in ``test_truth.csv``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from medseg.config import load_config
+from medseg.datasets import load_dataset, sample_data_path
+from medseg.errors import UsageError
+from medseg.evaluate import evaluate_run
+from medseg.inspector import inspect_dataset
+from medseg.outputs import PredictRequest, predict_folder
+from medseg.train import train_run
+from medseg.tune import tune_run
+
+CPU_DEMO = [
+    "trainer.max_epochs=30",
+    "trainer.early_stopping_patience=10",
+    "trainer.batch_size=8",
+    "optim.lr=0.001",
+    "model.encoder_weights=none",
+]
+
+
+def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] = print) -> dict[str, Path]:
+    """Run every stage on the bundled sample and return where each output is.
+
+    Args:
+        out: Folder for the demo's outputs.
+        force: Replace an earlier demo in ``out``.
+        on_message: Receives one line per step.
+
+    Raises:
+        UsageError: If ``out`` holds files and ``force`` is not given.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"{out}: exists and is not empty; use --force to replace the demo or --out for another folder")
+        if not (out / "run").is_dir():
+            raise UsageError(f"{out}: not a medseg demo folder, so --force will not delete it; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample = sample_data_path()
+    inspection = inspect_dataset(load_dataset(sample))
+    on_message(f"1/5 inspect: {inspection.summary['train_images']} frames, {inspection.summary['subjects']} subjects, {len(inspection.problems)} problems")
+    gpu = torch.cuda.is_available()
+    config = load_config("default" if gpu else "cpu", overrides=[] if gpu else CPU_DEMO)
+    on_message(f"2/5 train ({'default' if gpu else 'cpu'} preset, {config.input.height}x{config.input.width}, {config.model.encoder})")
+    train_run(sample, out / "run", config, on_message=on_message)
+    tuned = tune_run(out / "run", on_message=on_message)
+    on_message(f"3/5 tune: threshold {tuned['threshold']:.2f}, min area {tuned['min_area']} px, validation score {tuned['score_after']:.3f}")
+    predict_folder(PredictRequest(out / "run", sample / "test", out / "submission.csv", allow_degenerate=True), on_message=on_message)
+    on_message(f"4/5 predict: {out / 'submission.csv'} (checked)")
+    holdout = _holdout_folder(sample, out / "holdout")
+    summary = evaluate_run(out / "run", holdout, on_message=on_message)
+    on_message(f"5/5 evaluate on {summary['n_images']} held-out frames: score {summary['score']:.3f}")
+    return {
+        "run folder": out / "run",
+        "metrics per epoch": out / "run" / "metrics.csv",
+        "tuned post-processing": out / "run" / "postprocess.json",
+        "submission": out / "submission.csv",
+        "evaluation": Path(summary["out"]),
+    }
+
+
+def _holdout_folder(sample: Path, target: Path) -> Path:
+    """The sample's test frames with their true masks, laid out as an rle-csv data folder."""
+    (target / "images").mkdir(parents=True)
+    for frame in (sample / "test").iterdir():
+        shutil.copyfile(frame, target / "images" / frame.name)
+    shutil.copyfile(sample / "test_truth.csv", target / "truth.csv")
+    return target

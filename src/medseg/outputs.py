@@ -1,0 +1,163 @@
+"""``medseg predict``: masks of a folder of frames as a checked submission, PNG masks or probabilities.
+
+The frames are listed (every non-image file is reported, none is skipped silently), predicted by the
+run's ensemble (:mod:`medseg.predict`), post-processed with the run's tuned settings, checked by the
+submission validator before anything is written, and written atomically: a killed prediction leaves no
+partial file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from medseg import io, rle, submission
+from medseg.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
+from medseg.errors import UsageError
+from medseg.predict import device_for, load_fold_model, open_run, predict_probs, read_postprocess
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What to predict and where to write it.
+
+    Attributes:
+        run: The run folder.
+        images: Folder of frames (e.g. Kaggle ``test/``), or a Kaggle data folder (its ``test/`` is used).
+        out: Submission CSV to write (``img,pixels``), or ``None``.
+        masks_dir: Folder for one PNG mask (0/255) per frame, or ``None``.
+        sample: Sample submission whose ids and order the CSV follows; found beside the frames when ``None``.
+        tta: ``none``, ``hflip`` or ``hvflip``.
+        save_probs: Also keep the probability maps as float16 (``<out>.probs.npz`` or ``masks_dir/probs.npz``).
+        force: Replace existing outputs.
+        allow_degenerate: Write a submission the validator finds degenerate, with a warning.
+        batch_size: Frames per forward pass.
+    """
+
+    run: Path
+    images: Path
+    out: Path | None = None
+    masks_dir: Path | None = None
+    sample: Path | None = None
+    tta: str = "hflip"
+    save_probs: bool = False
+    force: bool = False
+    allow_degenerate: bool = False
+    batch_size: int = 16
+
+
+def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = print) -> dict:
+    """Predict a folder of frames and write the requested outputs.
+
+    Returns:
+        A summary: frames, empty masks, outputs written, the post-processing used.
+
+    Raises:
+        UsageError: On missing outputs, outputs that exist without ``force``, or a sample that does not
+            match the frames.
+        SubmissionError: If the submission fails validation (nothing is written).
+    """
+    if request.out is None and request.masks_dir is None:
+        raise UsageError("say where the masks go: --out FILE.csv (a submission) and/or --masks-dir DIR (PNG masks)")
+    _refuse_overwrite(request)
+    run = open_run(request.run)
+    folder, sample_path = _locate(request)
+    records = _frames(folder, on_message)
+    sample_ids = submission.read_sample_ids(sample_path) if sample_path else None
+    if sample_ids is not None:
+        on_message(f"rows follow {sample_path} ({len(sample_ids)} ids)")
+        records = _in_sample_order(records, sample_ids, sample_path)
+    post = read_postprocess(run)
+    if not post.tuned:
+        on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
+    frames = [io.read_image(record.image_path) for record in records]
+    device = device_for(run.config)
+    models = [load_fold_model(run, fold, device) for fold in run.folds]
+    on_message(f"predicting {len(frames)} frames with {len(models)} model(s), TTA {request.tta}")
+    masks, probs = [], []
+    for prob in predict_probs(models, frames, run.config, request.tta, request.batch_size):
+        masks.append(post.apply(prob))
+        if request.save_probs:
+            probs.append(prob.astype(np.float16))
+    ids = [record.id for record in records]
+    written = _write_outputs(request, run, ids, masks, probs, sample_ids, on_message)
+    return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": vars(post)}
+
+
+def _refuse_overwrite(request: PredictRequest) -> None:
+    for path in (request.out, request.masks_dir):
+        if path is not None and Path(path).exists() and not request.force and (Path(path).is_file() or any(Path(path).iterdir())):
+            raise UsageError(f"{path}: exists; use --force to replace it")
+
+
+def _locate(request: PredictRequest) -> tuple[Path, Path | None]:
+    images = Path(request.images)
+    if not images.is_dir():
+        raise UsageError(f"{images}: not a folder of images")
+    folder = images / "test" if (images / "test").is_dir() and (images / KAGGLE_SAMPLE_CSV).is_file() else images
+    sample = request.sample
+    if sample is None:
+        beside = [candidate / KAGGLE_SAMPLE_CSV for candidate in (folder, folder.parent)]
+        sample = next((candidate for candidate in beside if candidate.is_file()), None)
+    elif not Path(sample).is_file():
+        raise UsageError(f"{sample}: sample submission not found")
+    return folder, sample
+
+
+def _frames(folder: Path, on_message: Callable[[str], None]) -> list[Record]:
+    records, problems = image_records(folder)
+    duplicates = [p for p in problems if p.kind == "duplicate_id"]
+    if duplicates:
+        raise UsageError(f"{duplicates[0].path}: {duplicates[0].message}")
+    for problem in problems:
+        on_message(f"not predicted: {problem.path} ({problem.message})")
+    if not records:
+        raise UsageError(f"{folder}: no images to predict")
+    return records
+
+
+def _in_sample_order(records: list[Record], sample_ids: list[str], sample_path: Path) -> list[Record]:
+    by_id = {record.id: record for record in records}
+    missing = [i for i in sample_ids if i not in by_id]
+    if missing:
+        raise UsageError(f"{sample_path}: {len(missing)} id(s) have no frame ({', '.join(missing[:5])}); predict the folder that holds them")
+    unlisted = [record.id for record in records if record.id not in set(sample_ids)]
+    if unlisted:
+        raise UsageError(f"{sample_path}: {len(unlisted)} frame(s) are not in the sample ({', '.join(unlisted[:5])}); pass the right --sample")
+    return [by_id[i] for i in dict.fromkeys(sample_ids)]
+
+
+def _write_outputs(request: PredictRequest, run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample_ids, on_message) -> list[str]:
+    written = []
+    if request.out is not None:
+        rles = [rle.encode(mask) for mask in masks]
+        sizes = {i: mask.shape for i, mask in zip(ids, masks)}
+        had_masks = run.plan.get("train_non_empty")
+        report = submission.validate(
+            ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=None if had_masks is None else had_masks > 0, path=request.out
+        )
+        submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
+        submission.write_submission(request.out, ids, rles)
+        written.append(str(request.out))
+    if request.masks_dir is not None:
+        _write_masks(Path(request.masks_dir), ids, masks)
+        written.append(str(request.masks_dir))
+    if request.save_probs:
+        target = Path(f"{request.out}.probs.npz") if request.out is not None else Path(request.masks_dir) / "probs.npz"
+        with io.atomic_write(target, "wb") as stream:
+            np.savez_compressed(stream, ids=np.array(ids), **{f"p{index}": prob for index, prob in enumerate(probs)})
+        written.append(str(target))
+    return written
+
+
+def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for sample_id, mask in zip(ids, masks):
+        _, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        with io.atomic_write(folder / f"{sample_id}.png", "wb") as stream:
+            stream.write(encoded.tobytes())
+

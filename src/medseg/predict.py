@@ -1,0 +1,175 @@
+"""Prediction: a run's fold models as an ensemble, flip test-time augmentation, probabilities at the
+original frame size, and the tuned post-processing that turns them into masks.
+
+The probability of a frame is the mean, over the run's fold models and the flips, of the sigmoid of the
+logits, resized back from the network size to the frame's own size. A mask is the pixels at or above the
+threshold, emptied when its area is below the minimum area (both from ``RUN/postprocess.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg import runs, transforms
+from medseg.config import Config, read_run_config
+from medseg.engine import normalise, uses_cuda
+from medseg.errors import UsageError
+from medseg.models import create_model
+
+POSTPROCESS_FILE = "postprocess.json"
+TTA_MODES = ("none", "hflip", "hvflip")
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """How probabilities become masks.
+
+    Attributes:
+        threshold: A pixel is foreground when its probability is at least this.
+        min_area: A mask with fewer foreground pixels (at the original size) becomes empty.
+        tuned: Whether the values come from ``medseg tune`` (else the defaults).
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    min_area: int = 0
+    tuned: bool = False
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """The mask of one probability map."""
+        mask = probs >= self.threshold
+        if self.min_area and np.count_nonzero(mask) < self.min_area:
+            mask[:] = False
+        return mask
+
+
+@dataclass
+class Run:
+    """A trained run folder, read back.
+
+    Attributes:
+        path: The run folder.
+        config: Its resolved configuration.
+        plan: Its ``run.json`` (data folder, folds).
+        folds: Its (sub-)run folders.
+    """
+
+    path: Path
+    config: Config
+    plan: dict
+    folds: list[runs.FoldDir]
+
+    @property
+    def data(self) -> Path:
+        """The data folder the run was trained on."""
+        return Path(self.plan["data"])
+
+
+def open_run(path: Path) -> Run:
+    """Read a run folder and check that every fold has its best checkpoint.
+
+    Raises:
+        UsageError: If it is not a run folder, or a fold has no checkpoint yet.
+    """
+    path = Path(path)
+    if not (path / runs.RUN_FILE).is_file():
+        raise UsageError(f"{path}: not a medseg run folder ({runs.RUN_FILE} missing); train one with `medseg train DATA --out {path}`")
+    plan = runs.read_json(path / runs.RUN_FILE)
+    folds = runs.fold_dirs(path, plan["folds"], plan["several"])
+    for fold in folds:
+        if not fold.best.is_file():
+            raise UsageError(f"{fold.best}: missing; the run did not finish a first epoch, continue it with `medseg train --resume`")
+    return Run(path, read_run_config(path / runs.CONFIG_FILE), plan, folds)
+
+
+def read_postprocess(run: Run) -> PostProcess:
+    """The tuned post-processing of a run, or the defaults (threshold 0.5, no minimum area)."""
+    path = run.path / POSTPROCESS_FILE
+    if not path.is_file():
+        return PostProcess()
+    chosen = runs.read_json(path)
+    return PostProcess(float(chosen["threshold"]), int(chosen["min_area"]), tuned=True)
+
+
+def device_for(config: Config) -> torch.device:
+    """CUDA when the run may use it and it is there, else the CPU."""
+    return torch.device("cuda") if uses_cuda(config) else torch.device("cpu")
+
+
+def load_fold_model(run: Run, fold: runs.FoldDir, device: torch.device) -> torch.nn.Module:
+    """The model of one fold with its best weights, in eval mode on ``device``.
+
+    Raises:
+        UsageError: If the checkpoint does not fit the run's model.
+    """
+    model, _ = create_model(run.config.model.model_copy(update={"encoder_weights": "none"}))
+    checkpoint = torch.load(fold.best, map_location="cpu", weights_only=False)
+    prefix = "model."
+    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"{fold.best}: does not fit the model of {run.path / runs.CONFIG_FILE} ({str(error).splitlines()[0]})") from error
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def predict_probs(
+    models: Sequence[torch.nn.Module],
+    frames: Sequence[np.ndarray],
+    config: Config,
+    tta: str = "hflip",
+    batch_size: int = 16,
+) -> Iterator[np.ndarray]:
+    """Probability maps of frames at their original size, from an ensemble with flip TTA.
+
+    Args:
+        models: Models in eval mode, all on one device.
+        frames: Gray ``uint8`` frames of any sizes.
+        config: The run's configuration (input size).
+        tta: ``none``, ``hflip`` (mean with the horizontally flipped frame) or ``hvflip`` (and vertically).
+        batch_size: Frames per forward pass.
+
+    Yields:
+        One ``float32`` map in [0, 1] per frame, in order.
+
+    Shape:
+        Yields: (H, W) of each frame.
+    """
+    if tta not in TTA_MODES:
+        raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
+    resize = transforms.eval_transform(config)
+    device = next(models[0].parameters()).device
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        batch = np.stack([transforms.apply(resize, frame)[0] for frame in chunk])[:, None]
+        probs = ensemble_probs(models, torch.from_numpy(batch).to(device), tta).float().cpu().numpy()
+        for frame, prob in zip(chunk, probs):
+            yield transforms.resize_back(prob[0], frame.shape)
+
+
+@torch.inference_mode()
+def ensemble_probs(models: Sequence[torch.nn.Module], images: torch.Tensor, tta: str) -> torch.Tensor:
+    """Mean sigmoid over models and flips of a ``uint8`` batch.
+
+    Shape:
+        images: (N, 1, H, W). Returns: (N, 1, H, W).
+    """
+    inputs = normalise(images)
+    if images.device.type == "cuda":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    flips = {"none": [()], "hflip": [(), (3,)], "hvflip": [(), (3,), (2,)]}[tta]
+    total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        for model in models:
+            for dims in flips:
+                logits = model(torch.flip(inputs, dims) if dims else inputs)
+                total += torch.sigmoid(torch.flip(logits, dims) if dims else logits).float()
+    return total / (len(models) * len(flips))
