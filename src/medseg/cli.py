@@ -206,6 +206,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
 RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
 
 
@@ -224,7 +225,7 @@ def tune_command(
     run: RunArgument,
     tta: TtaOption = True,
     vflip: VflipOption = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+    quiet: QuietOption = False,
 ) -> int:
     """Choose the threshold and minimum mask area that maximise the score on validation (out-of-fold) frames."""
     from medseg.tune import tune_run
@@ -252,7 +253,7 @@ def predict_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per forward pass.", min=1)] = 16,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+    quiet: QuietOption = False,
 ) -> int:
     """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
     from medseg.outputs import PredictRequest, predict_folder
@@ -298,7 +299,7 @@ def evaluate_command(
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing evaluation.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress messages.")] = False,
+    quiet: QuietOption = False,
 ) -> int:
     """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
     from medseg.evaluate import evaluate_run

@@ -155,6 +155,21 @@ def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
     return dataset
 
 
+def require_clean(dataset: Dataset) -> Dataset:
+    """Return the data set if loading found no structural problem.
+
+    Raises:
+        DataError: Counting the problems, showing the first and pointing at ``medseg inspect``.
+    """
+    if dataset.problems:
+        first = dataset.problems[0]
+        raise DataError(
+            f"{dataset.root}: {len(dataset.problems)} problem(s) in the data set, first: {first.path}: {first.message}; "
+            f"`medseg inspect {dataset.root}` lists them all"
+        )
+    return dataset
+
+
 def detect_layout(root: Path) -> str:
     """Tell the layout of a data folder from what it contains.
 

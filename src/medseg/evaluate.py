@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from medseg import metrics, runs, splits
-from medseg.datasets import DataOptions, load_dataset
+from medseg.datasets import DataOptions, load_dataset, require_clean
 from medseg.engine import load_samples
-from medseg.errors import DataError, UsageError
+from medseg.errors import UsageError
 from medseg.io import atomic_write
 from medseg.predict import Run, device_for, load_fold_model, open_run, predict_probs, read_postprocess
 from medseg.train import data_options
@@ -56,10 +56,7 @@ def evaluate_run(
     out = Path(out) if out else run.path / "evaluation" / Path(data).resolve().name
     if (out / "summary.json").exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
-    dataset = load_dataset(data, options or data_options(run.config))
-    if dataset.problems:
-        first = dataset.problems[0]
-        raise DataError(f"{data}: {len(dataset.problems)} problem(s), first: {first.path}: {first.message}; `medseg inspect {data}` lists them")
+    dataset = require_clean(load_dataset(data, options or data_options(run.config)))
     out_of_fold = Path(data).resolve() == run.data
     groups = _oof_groups(run, [r.id for r in dataset.train]) if out_of_fold else {None: [r.id for r in dataset.train]}
     samples = load_samples(dataset.train, dataset.options)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from medseg.errors import DataError, ImageReadError
 

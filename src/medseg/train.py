@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback
 
 from medseg import runs, splits
 from medseg.config import Config, read_run_config, save_config
-from medseg.datasets import Dataset, DataOptions, load_dataset
+from medseg.datasets import Dataset, DataOptions, load_dataset, require_clean
 from medseg.engine import FoldResult, Sample, fit_fold, is_ddp_child, load_samples
-from medseg.errors import DataError, UsageError
+from medseg.errors import UsageError
 from medseg.models import EncoderWeights
 
 __all__ = ["data_options", "train_run"]
@@ -70,7 +70,7 @@ def train_run(
     else:
         plan = _plan(data, config, folds, fold)
         config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan["n_folds"]})})
-    dataset = _checked_dataset(data, config)
+    dataset = require_clean(load_dataset(data, data_options(config)))
     samples = load_samples(dataset.train, data_options(config))
     split = _split(run, dataset, samples, config, fresh=not (resume or child))
     if not (resume or child):
@@ -95,17 +95,6 @@ def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> di
 def _check_same_data(data: Path, plan: dict, run: Path) -> None:
     if str(Path(data).resolve()) != plan["data"]:
         raise UsageError(f"{run} was trained on {plan['data']}, not {Path(data).resolve()}; resume it with the same DATA")
-
-
-def _checked_dataset(data: Path, config: Config) -> Dataset:
-    dataset = load_dataset(data, data_options(config))
-    if dataset.problems:
-        first = dataset.problems[0]
-        raise DataError(
-            f"{data}: {len(dataset.problems)} problem(s) in the data set, first: {first.path}: {first.message}; "
-            f"`medseg inspect {data}` lists them all"
-        )
-    return dataset
 
 
 def _split(run: Path, dataset: Dataset, samples: dict[str, Sample], config: Config, fresh: bool) -> splits.Split:
