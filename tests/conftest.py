@@ -89,6 +89,6 @@ def tiny_uns_run(tmp_path_factory, shared_data: Path) -> Path:
     from medseg.cli import main
 
     run = tmp_path_factory.mktemp("runs") / "uns"
-    args = ["train", str(shared_data / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet"]
+    args = ["train", str(shared_data / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")) == 0
     return run

@@ -55,7 +55,7 @@ def test_predict_refuses_to_overwrite_and_writes_masks_and_probs(run_copy, tmp_p
 
 
 def test_tune_writes_postprocess_and_predict_uses_it(run_copy, capsys):
-    assert main(["tune", str(run_copy), "--quiet"]) == 0
+    assert main(["tune", str(run_copy), "--quiet", "--no-report"]) == 0
     tuned = json.loads((run_copy / "postprocess.json").read_text())
     assert 0.05 <= tuned["threshold"] <= 0.95 and tuned["min_area"] >= 0
     assert tuned["score_after"] >= tuned["score_before"]
@@ -176,4 +176,8 @@ def test_demo_runs_the_whole_workflow(tmp_path, capsys):
     report = submission.validate_file(tmp_path / "demo" / "submission.csv", sample=None, sizes=(420, 580))
     assert report.rows == 4 and not report.problems
     assert (tmp_path / "demo" / "run" / "postprocess.json").is_file()
+    page = (tmp_path / "demo" / "run" / "report.html").read_text()
+    for section in ("warnings", "headline", "data", "config", "training", "folds", "tuning", "evaluation", "gallery"):
+        assert f'id="{section}"' in page
+    assert len(list((tmp_path / "demo" / "run" / "report").glob("gallery_*.png"))) == 8  # every held-out frame of the sample
     assert "submission" in capsys.readouterr().out

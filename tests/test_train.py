@@ -78,7 +78,7 @@ def test_non_empty_run_folder_needs_force(uns_mini_run, capsys):
 
 def test_force_replaces_the_run(tmp_path, capsys):
     run = tmp_path / "run"
-    base = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet"]
+    base = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     base += [item for override in [*TINY, "trainer.max_epochs=1"] for item in ("--set", override)]
     assert main(base) == 0
     (run / "stale.txt").write_text("old")
@@ -203,7 +203,7 @@ def test_auto_weights_offline_train_from_random_init_and_record_why(tmp_path, mo
 
 def test_two_process_ddp_on_cpu(tmp_path):
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "medseg.cli", "train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet"]
+    command = [sys.executable, "-m", "medseg.cli", "train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     command += ["--devices", "2", "--strategy", "ddp"]
     command += [item for override in [*TINY, "trainer.max_epochs=1"] for item in ("--set", override)]
     env = {**os.environ, "PL_DISABLE_FORK": "1"}

@@ -6,6 +6,7 @@ stderr, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medseg import __version__
+from medseg import __version__, progress
 from medseg.config import PRESETS
 from medseg.datasets import LAYOUTS, DataOptions, load_dataset
 from medseg.errors import MedsegError, UsageError
@@ -49,6 +50,11 @@ RleOrderOption = Annotated[str, typer.Option("--rle-order", help="RLE pixel numb
 CsvOption = Annotated[Optional[str], typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
 IdColumnOption = Annotated[Optional[str], typer.Option("--id-column", help="Id column of the RLE table.")]
 RleColumnOption = Annotated[Optional[str], typer.Option("--rle-column", help="RLE column of the RLE table.")]
+TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
+VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
+NoReportOption = Annotated[bool, typer.Option("--no-report", help="Do not write RUN/report.html at the end.")]
+RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
 
 
 def data_options(
@@ -173,10 +179,11 @@ def train_command(
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
+    no_report: NoReportOption = False,
 ) -> int:
     """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
     from medseg.config import load_config
-    from medseg.engine import show_progress_default
+    from medseg.engine import is_ddp_child, show_progress_default
     from medseg.train import train_run
 
     shortcuts = {
@@ -195,20 +202,25 @@ def train_command(
         values["trainer.devices"] = int(values["trainer.devices"])
     config = load_config(preset, config_file, overrides, values)
     results = train_run(data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=_say(quiet))
+    if is_ddp_child():
+        return 0
     stdout.print(f"run folder: {out}")
     for result in results:
         stdout.print(f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f} ({result.epochs} epochs)")
+    _report(out, no_report, quiet)
     return 0
+
+
+def _report(run: Path, skip: bool, quiet: bool) -> None:
+    if skip:
+        return
+    from medseg.report import build_report
+
+    stdout.print(f"report: {build_report(run, on_message=_say(quiet))}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
-
-TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
-VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
-RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
-
 
 def _tta(tta: bool, vflip: bool) -> str:
     if vflip and not tta:
@@ -226,6 +238,7 @@ def tune_command(
     tta: TtaOption = True,
     vflip: VflipOption = False,
     quiet: QuietOption = False,
+    no_report: NoReportOption = False,
 ) -> int:
     """Choose the threshold and minimum mask area that maximise the score on validation (out-of-fold) frames."""
     from medseg.tune import tune_run
@@ -237,6 +250,21 @@ def tune_command(
         f"(threshold 0.5, no minimum area: {result['score_before']:.4f})"
     )
     stdout.print(f"written: {Path(run) / 'postprocess.json'}")
+    _report(run, no_report, quiet)
+    return 0
+
+
+@app.command("report")
+def report_command(
+    run: RunArgument,
+    tta: TtaOption = True,
+    vflip: VflipOption = False,
+    quiet: QuietOption = False,
+) -> int:
+    """Write RUN/report.html: warnings, headline scores, curves, tuning, held-out evaluation, overlays (worst first)."""
+    from medseg.report import build_report
+
+    stdout.print(f"report: {build_report(run, _tta(tta, vflip), on_message=_say(quiet))}")
     return 0
 
 
@@ -316,11 +344,12 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.", metavar="DIR")] = Path("medseg-demo"),
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only the final list of outputs.")] = False,
+    no_report: NoReportOption = False,
 ) -> int:
-    """Run the whole workflow (inspect, train, tune, predict, evaluate) on the bundled sample data."""
+    """Run the whole workflow (inspect, train, tune, predict, evaluate, report) on the bundled sample data."""
     from medseg.demo import run_demo
 
-    outputs = run_demo(out, force, on_message=_say(quiet))
+    outputs = run_demo(out, force, on_message=_say(quiet), with_report=not no_report)
     stdout.print("[green]demo finished[/green]; outputs:")
     for label, path in outputs.items():
         stdout.print(f"  {label}: {path}")
@@ -362,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     warnings.showwarning = _show_warning
+    arguments = sys.argv[1:] if argv is None else argv
+    bars = progress.shown(stderr) if stderr.is_terminal and "--quiet" not in arguments else contextlib.nullcontext()
     try:
-        result = app(args=argv, prog_name="medseg", standalone_mode=False)
+        with bars:
+            result = app(args=argv, prog_name="medseg", standalone_mode=False)
     except click.exceptions.Exit as stop:
         return stop.exit_code
     except click.ClickException as error:

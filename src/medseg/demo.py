@@ -1,7 +1,8 @@
 """``medseg demo``: the whole workflow on the bundled sample, in a few minutes on a laptop CPU.
 
 inspect -> train (``cpu`` preset on a CPU, ``default`` on a GPU) -> tune -> predict a submission and
-check it -> evaluate on the sample's held-out test frames (their true masks ship in ``test_truth.csv``).
+check it -> evaluate on the sample's held-out test frames (their true masks ship in ``test_truth.csv``)
+-> the report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from medseg.errors import UsageError
 from medseg.evaluate import evaluate_run
 from medseg.inspector import inspect_dataset
 from medseg.outputs import PredictRequest, predict_folder
+from medseg.report import build_report
 from medseg.train import train_run
 from medseg.tune import tune_run
 
@@ -30,12 +32,13 @@ CPU_DEMO = [
 ]
 
 
-def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] = print) -> dict[str, Path]:
+def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] = print, with_report: bool = True) -> dict[str, Path]:
     """Run every stage on the bundled sample and return where each output is.
 
     Args:
         out: Folder for the demo's outputs.
         force: Replace an earlier demo in ``out``.
+        with_report: End with ``RUN/report.html``.
         on_message: Receives one line per step.
 
     Raises:
@@ -63,13 +66,17 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     holdout = _holdout_folder(sample, out / "holdout")
     summary = evaluate_run(out / "run", holdout, on_message=on_message)
     on_message(f"5/5 evaluate on {summary['n_images']} held-out frames: score {summary['score']:.3f}")
-    return {
+    report = build_report(out / "run", on_message=on_message) if with_report else None
+    outputs = {
         "run folder": out / "run",
         "metrics per epoch": out / "run" / "metrics.csv",
         "tuned post-processing": out / "run" / "postprocess.json",
         "submission": out / "submission.csv",
         "evaluation": Path(summary["out"]),
     }
+    if report is not None:
+        outputs["report"] = report
+    return outputs
 
 
 def _holdout_folder(sample: Path, target: Path) -> Path:

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
-from medseg import metrics, runs, transforms
+from medseg import metrics, progress, runs, transforms
 from medseg.config import Config
 from medseg.datasets import DataOptions, Record, read_sample
 from medseg.errors import DataError, FileError, MedsegError
@@ -71,7 +71,7 @@ def load_samples(records: list[Record], options: DataOptions, workers: int | Non
         return image, mask.view(np.uint8)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(read, records))
+        results = list(progress.track(pool.map(read, records), len(records), "reading frames"))
     failures = [result for result in results if isinstance(result, FileError)]
     if failures:
         raise DataError(f"{len(failures)} sample(s) cannot be used, first: {failures[0]}; `medseg inspect DATA` lists them all")

@@ -58,9 +58,9 @@ def evaluate_run(
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
     dataset = require_clean(load_dataset(data, options or data_options(run.config)))
     out_of_fold = Path(data).resolve() == run.data
-    groups = _oof_groups(run, [r.id for r in dataset.train]) if out_of_fold else {None: [r.id for r in dataset.train]}
+    groups = oof_groups(run, [r.id for r in dataset.train]) if out_of_fold else {None: [r.id for r in dataset.train]}
     samples = load_samples(dataset.train, dataset.options)
-    rows, counts = _score(run, groups, samples, tta, on_message)
+    rows, counts = score_frames(run, groups, samples, tta, on_message)
     summary = {
         "data": str(Path(data).resolve()),
         "mode": "out-of-fold (held-out frames of the run's own data)" if out_of_fold else "ensemble of all folds",
@@ -73,12 +73,22 @@ def evaluate_run(
     return summary
 
 
-def _oof_groups(run: Run, ids: list[str]) -> dict[int | None, list[str]]:
+def oof_groups(run: Run, ids: list[str]) -> dict[int | None, list[str]]:
+    """The validation ids of each fold of a run (each frame scored by the model that did not train on it)."""
     split = splits.load_split(run.path / runs.SPLIT_FILE, expected_ids=ids)
     return {fold.fold: split.train_val(fold.fold)[1] for fold in run.folds}
 
 
-def _score(run: Run, groups: dict, samples: dict, tta: str, on_message: Callable[[str], None]) -> tuple[list[dict], np.ndarray]:
+def score_frames(run: Run, groups: dict, samples: dict, tta: str, on_message: Callable[[str], None]) -> tuple[list[dict], np.ndarray]:
+    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the run's post-processing.
+
+    Args:
+        run: The trained run.
+        groups: Ids to score by fold (``None``: every fold model as an ensemble).
+        samples: Frames and masks by id.
+        tta: Test-time augmentation.
+        on_message: Receives progress lines.
+    """
     post = read_postprocess(run)
     device = device_for(run.config)
     rows, counts = [], []

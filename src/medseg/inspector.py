@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medseg import io
+from medseg import io, progress
 from medseg.datasets import Dataset, DataOptions, Problem, Record, mask_of, size_text
 from medseg.errors import FileError, ImageReadError
 
@@ -84,7 +84,7 @@ def inspect_dataset(
         The summary and the problems: those found while loading, then per frame, then near-duplicates.
     """
     workers = workers or os.cpu_count() or 1
-    tick = on_frame or (lambda: None)
+    tick = on_frame or progress.counter("reading frames", len(dataset.train) + len(dataset.test))
 
     def train_job(record: Record) -> FrameFacts:
         facts = examine_labelled(record, dataset.options)

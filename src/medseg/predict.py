@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg import runs, transforms
+from medseg import progress, runs, transforms
 from medseg.config import Config, read_run_config
 from medseg.engine import normalise, uses_cuda
 from medseg.errors import UsageError
@@ -145,6 +145,10 @@ def predict_probs(
     """
     if tta not in TTA_MODES:
         raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
+    yield from progress.track(_probs(models, frames, config, tta, batch_size), len(frames), "predicting")
+
+
+def _probs(models: Sequence[torch.nn.Module], frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[np.ndarray]:
     resize = transforms.eval_transform(config)
     device = next(models[0].parameters()).device
     for start in range(0, len(frames), batch_size):

@@ -6,6 +6,7 @@ RUN/
   config.yaml     the resolved configuration
   split.json      the subject-grouped folds
   versions.json   python, torch, smp, lightning, CUDA, GPU; encoder weights used and why
+  data_summary.json  frames, empty share, subjects, sizes, mask areas of the training data
   checkpoints/    best.ckpt (lowest validation loss), last.ckpt         (single run)
   metrics.csv     one row per epoch                                      (single run)
   fold_K/         checkpoints/, metrics.csv, done.json per fold            (--folds N)
@@ -34,6 +35,7 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
 VERSIONS_FILE = "versions.json"
+DATA_SUMMARY_FILE = "data_summary.json"
 METRICS_FILE = "metrics.csv"
 DONE_FILE = "done.json"
 CHECKPOINTS = "checkpoints"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch.callbacks import Callback
 
 from medseg import runs, splits
@@ -17,6 +18,7 @@ from medseg.config import Config, read_run_config, save_config
 from medseg.datasets import Dataset, DataOptions, load_dataset, require_clean
 from medseg.engine import FoldResult, Sample, fit_fold, is_ddp_child, load_samples
 from medseg.errors import UsageError
+from medseg.inspector import FrameFacts, summarize
 from medseg.models import EncoderWeights
 
 __all__ = ["data_options", "train_run"]
@@ -75,7 +77,7 @@ def train_run(
     split = _split(run, dataset, samples, config, fresh=not (resume or child))
     if not (resume or child):
         plan["train_non_empty"] = sum(1 for _, mask in samples.values() if mask.any())
-        _write_run_files(run, config, plan)
+        _write_run_files(run, config, plan, dataset, samples)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 
 
@@ -110,7 +112,9 @@ def _split(run: Path, dataset: Dataset, samples: dict[str, Sample], config: Conf
     return split
 
 
-def _write_run_files(run: Path, config: Config, plan: dict) -> None:
+def _write_run_files(run: Path, config: Config, plan: dict, dataset: Dataset, samples: dict[str, Sample]) -> None:
+    facts = [FrameFacts(record, size=samples[record.id][0].shape, area=int(np.count_nonzero(samples[record.id][1]))) for record in dataset.train]
+    runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(dataset, facts))
     save_config(config, run / runs.CONFIG_FILE)
     runs.write_json(run / runs.RUN_FILE, plan)
     runs.write_json(run / runs.VERSIONS_FILE, runs.versions())
