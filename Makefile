@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The browser the report test opens report.html in (Debian's package; Playwright drives it, nothing is downloaded).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test bench clean
+.PHONY: demo test browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +19,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/medseg demo --out demo-output --force
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Nothing to do when Chromium is there; as root it is installed with apt-get, otherwise make stops and says how.
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Chromium for the report test (apt-get install chromium)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium && test -x $(CHROMIUM); \
+	else \
+		echo "make test needs Chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium' (or make test as root), then make test again" >&2; exit 1; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/rle_speed.py
 	$(BIN)/python bench/inspect_speed.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache test-artefacts
