@@ -281,14 +281,31 @@ def predict_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per forward pass.", min=1)] = 16,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")] = "torch",
+    onnx_file: Annotated[Optional[Path], typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE")] = None,
     quiet: QuietOption = False,
 ) -> int:
     """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
     from medseg.outputs import PredictRequest, predict_folder
 
-    request = PredictRequest(run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size)
+    request = PredictRequest(run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file)
     result = predict_folder(request, on_message=_say(quiet))
     stdout.print(f"{result['frames']} frames, {result['empty']} empty masks; written: {', '.join(result['written'])}")
+    return 0
+
+
+@app.command("export")
+def export_command(
+    run: RunArgument,
+    onnx_file: Annotated[Path, typer.Option("--onnx", help="ONNX file to write; its settings go beside it as .json.", metavar="FILE", show_default=False)],
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.", min=11)] = 17,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> int:
+    """Export the run's fold ensemble as one ONNX model (dynamic batch) with its pre/post-processing settings."""
+    from medseg.export import export_onnx
+
+    model, settings = export_onnx(run, onnx_file, opset, force)
+    stdout.print(f"written: {model} and {settings}")
     return 0
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from medseg import io, rle, submission
 from medseg.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
 from medseg.errors import UsageError
+from medseg.export import DEFAULT_NAME, OnnxEnsemble, export_onnx
 from medseg.predict import device_for, load_fold_model, open_run, predict_probs, read_postprocess
 
 
@@ -36,6 +37,8 @@ class PredictRequest:
         force: Replace existing outputs.
         allow_degenerate: Write a submission the validator finds degenerate, with a warning.
         batch_size: Frames per forward pass.
+        engine: ``torch`` (the checkpoints; CUDA when there is one) or ``onnx`` (ONNX Runtime on the CPU).
+        onnx: The exported model for the onnx engine; ``RUN/model.onnx`` (exported on first use) when ``None``.
     """
 
     run: Path
@@ -48,6 +51,8 @@ class PredictRequest:
     force: bool = False
     allow_degenerate: bool = False
     batch_size: int = 16
+    engine: str = "torch"
+    onnx: Path | None = None
 
 
 def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = print) -> dict:
@@ -75,9 +80,8 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     if not post.tuned:
         on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
     frames = [io.read_image(record.image_path) for record in records]
-    device = device_for(run.config)
-    models = [load_fold_model(run, fold, device) for fold in run.folds]
-    on_message(f"predicting {len(frames)} frames with {len(models)} model(s), TTA {request.tta}")
+    models = _engine(request, run, on_message)
+    on_message(f"predicting {len(frames)} frames with {len(run.folds)} fold model(s) on {request.engine}, TTA {request.tta}")
     masks, probs = [], []
     for prob in predict_probs(models, frames, run.config, request.tta, request.batch_size):
         masks.append(post.apply(prob))
@@ -86,6 +90,22 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     ids = [record.id for record in records]
     written = _write_outputs(request, run, ids, masks, probs, sample_ids, on_message)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": vars(post)}
+
+
+def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
+    """The fold models as torch modules, or the exported ensemble in ONNX Runtime."""
+    if request.engine == "torch":
+        device = device_for(run.config)
+        return [load_fold_model(run, fold, device) for fold in run.folds]
+    if request.engine != "onnx":
+        raise UsageError(f"--engine {request.engine!r}; use torch or onnx")
+    path = Path(request.onnx) if request.onnx else run.path / DEFAULT_NAME
+    if not path.is_file():
+        if request.onnx:
+            raise UsageError(f"{path}: not found; export it with `medseg export {run.path} --onnx {path}`")
+        on_message(f"exporting {path} for ONNX Runtime (first use of --engine onnx)")
+        export_onnx(run.path, path)
+    return OnnxEnsemble(path)
 
 
 def _refuse_overwrite(request: PredictRequest) -> None:

@@ -8,7 +8,7 @@ threshold, emptied when its area is below the minimum area (both from ``RUN/post
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +121,11 @@ def load_fold_model(run: Run, fold: runs.FoldDir, device: torch.device) -> torch
     return model
 
 
+ProbFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 def predict_probs(
-    models: Sequence[torch.nn.Module],
+    models: Sequence[torch.nn.Module] | ProbFn,
     frames: Sequence[np.ndarray],
     config: Config,
     tta: str = "hflip",
@@ -131,7 +134,8 @@ def predict_probs(
     """Probability maps of frames at their original size, from an ensemble with flip TTA.
 
     Args:
-        models: Models in eval mode, all on one device.
+        models: Models in eval mode, all on one device (their sigmoids are averaged), or a function from a
+            normalised float batch to probabilities (an ONNX Runtime session, see :mod:`medseg.export`).
         frames: Gray ``uint8`` frames of any sizes.
         config: The run's configuration (input size).
         tta: ``none``, ``hflip`` (mean with the horizontally flipped frame) or ``hvflip`` (and vertically).
@@ -145,35 +149,51 @@ def predict_probs(
     """
     if tta not in TTA_MODES:
         raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
-    yield from progress.track(_probs(models, frames, config, tta, batch_size), len(frames), "predicting")
+    prob_fn = models if callable(models) else TorchEnsemble(models)
+    yield from progress.track(_probs(prob_fn, frames, config, tta, batch_size), len(frames), "predicting")
 
 
-def _probs(models: Sequence[torch.nn.Module], frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[np.ndarray]:
+def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[np.ndarray]:
     resize = transforms.eval_transform(config)
-    device = next(models[0].parameters()).device
+    device = getattr(prob_fn, "device", torch.device("cpu"))
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
         batch = np.stack([transforms.apply(resize, frame)[0] for frame in chunk])[:, None]
-        probs = ensemble_probs(models, torch.from_numpy(batch).to(device), tta).float().cpu().numpy()
+        probs = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta).float().cpu().numpy()
         for frame, prob in zip(chunk, probs):
             yield transforms.resize_back(prob[0], frame.shape)
 
 
+class TorchEnsemble:
+    """Mean sigmoid of several torch models on a normalised batch (bf16 and channels-last on CUDA).
+
+    Args:
+        models: Models in eval mode on one device.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module]) -> None:
+        self.models = list(models)
+        self.device = next(self.models[0].parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
+            return torch.stack([torch.sigmoid(model(inputs)).float() for model in self.models]).mean(dim=0)
+
+
 @torch.inference_mode()
-def ensemble_probs(models: Sequence[torch.nn.Module], images: torch.Tensor, tta: str) -> torch.Tensor:
-    """Mean sigmoid over models and flips of a ``uint8`` batch.
+def flip_averaged(prob_fn: ProbFn, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """Mean probability over the flips of a ``uint8`` batch, each flipped back.
 
     Shape:
         images: (N, 1, H, W). Returns: (N, 1, H, W).
     """
     inputs = normalise(images)
-    if images.device.type == "cuda":
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
     flips = {"none": [()], "hflip": [(), (3,)], "hvflip": [(), (3,), (2,)]}[tta]
     total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-        for model in models:
-            for dims in flips:
-                logits = model(torch.flip(inputs, dims) if dims else inputs)
-                total += torch.sigmoid(torch.flip(logits, dims) if dims else logits).float()
-    return total / (len(models) * len(flips))
+    for dims in flips:
+        probs = prob_fn(torch.flip(inputs, dims) if dims else inputs)
+        total += torch.flip(probs, dims) if dims else probs
+    return total / len(flips)

@@ -1,0 +1,139 @@
+"""``medseg export``: a run's fold ensemble as one ONNX model, and ONNX Runtime inference with it.
+
+The model takes normalised frames (``uint8 / 255``, minus the gray mean, over the gray std; the values are
+in the JSON written beside it) at the run's input size and returns the mean sigmoid of the fold models:
+probabilities. Resizing, flip TTA, resizing back and the threshold and minimum area stay outside the
+graph, as in :mod:`medseg.predict`, whose code runs them for both engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from medseg import __version__, runs
+from medseg.engine import GRAY_MEAN, GRAY_STD
+from medseg.errors import UsageError
+from medseg.predict import load_fold_model, open_run, read_postprocess
+
+OPSET = 17
+DEFAULT_NAME = "model.onnx"
+
+
+class EnsembleProbabilities(nn.Module):
+    """Mean sigmoid of fold models: the graph that is exported.
+
+    Args:
+        models: The fold models.
+    """
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sigmoid(model(images)) for model in self.models]).mean(dim=0)
+
+
+def metadata_path(onnx_path: Path) -> Path:
+    """Where the settings of an exported model are written: beside it, ``.json`` for ``.onnx``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = False) -> tuple[Path, Path]:
+    """Export a run's ensemble to ONNX (dynamic batch) with its settings in JSON beside it.
+
+    Args:
+        run_path: The run folder.
+        out: The ``.onnx`` file.
+        opset: ONNX opset.
+        force: Replace existing files.
+
+    Returns:
+        The model file and its settings file.
+
+    Raises:
+        UsageError: If the files exist and ``force`` is not given.
+    """
+    out = Path(out)
+    meta_out = metadata_path(out)
+    if not force and (out.exists() or meta_out.exists()):
+        raise UsageError(f"{out}: exists; use --force to replace it")
+    run = open_run(run_path)
+    graph = EnsembleProbabilities([load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]).eval()
+    example = torch.zeros(1, 1, run.config.input.height, run.config.input.width)
+    export_graph(graph, example, out, opset)
+    post = read_postprocess(run)
+    meta = {
+        "medseg": __version__,
+        "run": str(run.path.resolve()),
+        "folds": [fold.fold for fold in run.folds],
+        "opset": opset,
+        "input": {"name": "image", "shape": ["batch", 1, run.config.input.height, run.config.input.width], "scale": 1 / 255, "mean": GRAY_MEAN, "std": GRAY_STD},
+        "output": {"name": "probability", "meaning": "mean sigmoid of the fold models, at the input size"},
+        "postprocess": {"threshold": post.threshold, "min_area": post.min_area, "tuned": post.tuned, "area_at": "original frame size"},
+        "tta": "not in the graph: average the probabilities of flipped inputs, flipped back",
+        "rle": "Kaggle: 1-indexed starts, pixels numbered top to bottom, then left to right",
+    }
+    runs.write_json(meta_out, meta)
+    return out, meta_out
+
+
+def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int = OPSET) -> None:
+    """Export a module to ONNX with a dynamic batch axis, checked, written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                graph,
+                (example,),
+                temporary,
+                input_names=["image"],
+                output_names=["probability"],
+                dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        onnx.checker.check_model(temporary)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class OnnxEnsemble:
+    """An exported ensemble in ONNX Runtime, callable like :class:`medseg.predict.TorchEnsemble`.
+
+    Args:
+        path: The ``.onnx`` file.
+        threads: Intra-op threads; ``None`` lets ONNX Runtime choose.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - any load failure is a bad file, reported with its name
+            raise UsageError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:160]}); export it again") from error
+        self.meta = json.loads(metadata_path(path).read_text()) if metadata_path(path).is_file() else {}
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        probs = self.session.run(["probability"], {"image": np.ascontiguousarray(inputs.cpu().numpy(), dtype=np.float32)})[0]
+        return torch.from_numpy(probs)
