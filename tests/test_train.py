@@ -220,3 +220,11 @@ def test_gpu_fast_path_settings_run_on_cpu_tensors(tmp_path):
     assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values() if value.is_floating_point())
+
+
+def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
+    config = tiny_config("trainer.max_epochs=1", "augment.backend=gpu", "augment.elastic.p=1", "augment.coarse_dropout.p=1")
+    results = train_run(sample_data_path(), tmp_path / "run", config, on_message=lambda line: None)
+    assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(key.startswith("batch_augment") for key in checkpoint["state_dict"])

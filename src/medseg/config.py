@@ -97,12 +97,17 @@ class DropoutConfig(_Section):
 
     p: float = Field(0.3, ge=0.0, le=1.0)
     max_holes: int = Field(4, ge=1)
-    max_size: float = Field(0.1, gt=0.0, le=1.0)
+    max_size: float = Field(0.1, gt=0.0, lt=1.0)
 
 
 class AugmentConfig(_Section):
-    """The recipe's training augmentations; validation and inference only resize."""
+    """The recipe's training augmentations; validation and inference only resize.
 
+    ``backend``: ``cpu`` augments each frame in DataLoader workers (Albumentations), ``gpu`` whole batches
+    on the training device after the transfer (:mod:`medseg.gpu_augment`); ``auto`` is ``gpu`` on CUDA.
+    """
+
+    backend: Literal["auto", "cpu", "gpu"] = "auto"
     elastic: ElasticConfig = ElasticConfig()
     blur: BlurConfig = BlurConfig()
     hflip: FlipConfig = FlipConfig()

@@ -32,6 +32,7 @@ from medseg import metrics, progress, runs, transforms
 from medseg.config import Config
 from medseg.datasets import DataOptions, Record, read_sample
 from medseg.errors import DataError, FileError, MedsegError
+from medseg.gpu_augment import BatchAugment
 from medseg.io import atomic_write
 from medseg.losses import create_loss
 from medseg.models import EncoderWeights, create_model
@@ -95,9 +96,10 @@ class SegmentationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._reseed_for_worker()
         image, mask = self.samples[index]
-        image, mask = transforms.apply(self.transform, image, mask)
+        if self.transform is not None:
+            self._reseed_for_worker()
+            image, mask = transforms.apply(self.transform, image, mask)
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None]
 
     def _reseed_for_worker(self) -> None:
@@ -124,12 +126,21 @@ class SegmentationDataModule(L.LightningDataModule):
         self.val_samples = val_samples
 
     def train_dataloader(self) -> DataLoader:
-        dataset = SegmentationDataset(self.train_samples, transforms.train_transform(self.config, self.config.trainer.seed), self.config.trainer.seed)
         batch = self.config.trainer.batch_size
+        if augments_on_device(self.config):
+            return self._loader(SegmentationDataset(self._same_size(self.train_samples), None), shuffle=True, drop_last=len(self.train_samples) > batch)
+        dataset = SegmentationDataset(self.train_samples, transforms.train_transform(self.config, self.config.trainer.seed), self.config.trainer.seed)
         return self._loader(dataset, shuffle=True, drop_last=len(dataset) > batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(SegmentationDataset(self.val_samples, transforms.eval_transform(self.config)), shuffle=False, drop_last=False)
+
+    def _same_size(self, samples: list[Sample]) -> list[Sample]:
+        """Frames as they are when they share one size (resized on the device), else resized here first."""
+        if len({image.shape for image, _ in samples}) <= 1:
+            return samples
+        resize = transforms.eval_transform(self.config)
+        return [transforms.apply(resize, image, mask) for image, mask in samples]
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         workers = num_workers(self.config)
@@ -151,14 +162,21 @@ def num_workers(config: Config) -> int:
     return max(0, min(15, (os.cpu_count() or 1) - 1)) if uses_cuda(config) else 0
 
 
+def augments_on_device(config: Config) -> bool:
+    """Whether training batches are augmented on the training device (``augment.backend``)."""
+    backend = config.augment.backend
+    return backend == "gpu" or (backend == "auto" and uses_cuda(config))
+
+
 def uses_cuda(config: Config) -> bool:
     """Whether this run trains on a CUDA device."""
     return config.trainer.accelerator != "cpu" and torch.cuda.is_available()
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
-    """``uint8`` gray frames to the network's float input (ImageNet gray mean and std)."""
-    return (images.float() / 255.0 - GRAY_MEAN) / GRAY_STD
+    """Gray frames (``uint8``, or float in [0, 1] from the batch augmentation) to the network's input."""
+    scaled = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return (scaled - GRAY_MEAN) / GRAY_STD
 
 
 class SegmentationModule(L.LightningModule):
@@ -177,6 +195,7 @@ class SegmentationModule(L.LightningModule):
         self.loss_fn = create_loss(config.loss)
         self.channels_last = config.trainer.channels_last is True or (config.trainer.channels_last == "auto" and uses_cuda(config))
         self.nonfinite_at: int | None = None
+        object.__setattr__(self, "batch_augment", BatchAugment(config) if augments_on_device(config) else None)
         self._compiled = None
         self._reset_epoch_sums()
 
@@ -185,7 +204,14 @@ class SegmentationModule(L.LightningModule):
         self.train_images = 0
         self.val_counts: list[torch.Tensor] = []
 
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_augment is None or not self.trainer.training:
+            return batch
+        return self.batch_augment(*batch)
+
     def setup(self, stage: str) -> None:
+        if self.batch_augment is not None and self.trainer is not None:
+            self.batch_augment.manual_seed(self.config.trainer.seed * 1000 + self.trainer.global_rank)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.config.trainer.compile and self._compiled is None:
@@ -199,7 +225,7 @@ class SegmentationModule(L.LightningModule):
         images = normalise(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, masks.float()
+        return images, (masks > 0).float()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = self._inputs(batch)
@@ -452,6 +478,7 @@ class _quiet_lightning:
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
     def __exit__(self, *exc: object) -> None:
         self._warnings.__exit__(*exc)
