@@ -7,6 +7,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import sys
@@ -427,7 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as error:
         stderr.print(f"[red]error:[/red] {escape(str(error))}")
         return EXIT_PROBLEMS
+    except OSError as error:
+        stderr.print(f"[red]error:[/red] {escape(os_error_line(error))}")
+        return EXIT_PROBLEMS
     return result if isinstance(result, int) else 0
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for a failed read or write (a full disk, a missing permission), with the fix."""
+    where = f"{error.filename}: " if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}disk full ({error.strerror}); free space or write elsewhere, then run again (with --resume for train); files written before are intact"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{error.strerror}; check the folder's permissions or write elsewhere"
+    return f"{where}{error.strerror or error}"
 
 
 def entry() -> None:

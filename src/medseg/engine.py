@@ -335,11 +335,17 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes checkpoints to a temporary file and renames it, so no checkpoint on disk is ever partial."""
+    """Writes checkpoints to a temporary file and renames it, so no checkpoint on disk is ever partial.
+
+    The checkpoint is serialised in memory first, so that a full disk surfaces as the ``OSError`` of the
+    write (torch's zip writer would turn it into an unrelated ``RuntimeError``).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        buffer = text_io.BytesIO()
+        torch.save(checkpoint, buffer)
         with atomic_write(Path(path), "wb") as stream:
-            torch.save(checkpoint, stream)
+            stream.write(buffer.getbuffer())
 
 
 @dataclass(frozen=True)
@@ -436,6 +442,9 @@ def fit_fold(
         How it ended, and which encoder weights the model started from (``None`` when it resumed from a
         checkpoint, whose weights replace the encoder's).
     """
+    if fold_dir.checkpoints.is_dir() and not is_ddp_child():
+        for stale in fold_dir.checkpoints.glob(".*.tmp"):
+            stale.unlink()
     resume_from = fold_dir.last if fold_dir.last.is_file() else None
     L.seed_everything(config.trainer.seed + fold_dir.fold, workers=True, verbose=False)
     model_cfg = config.model.model_copy(update={"encoder_weights": "none"}) if resume_from else config.model
