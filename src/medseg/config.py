@@ -213,7 +213,11 @@ def load_config(
     tree = Config().model_dump()
     _merge(tree, _PRESET_OVERRIDES[preset], "")
     if config_file is not None:
-        _merge(tree, _read_yaml(Path(config_file)), "")
+        content = _read_yaml(Path(config_file))
+        try:
+            _validate(_merge(tree, content, ""))
+        except UsageError as error:
+            raise UsageError(f"{config_file}: {error}") from None
     for key, value in (values or {}).items():
         _merge(tree, _nest(key, value), "")
     for text in overrides or []:
@@ -244,6 +248,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{path}: cannot read the config file ({error})") from error
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to be a configuration") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -264,6 +270,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise UsageError(f"--set {key}: the value is nested too deeply") from None
     return key, value
 
 
@@ -277,17 +285,24 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return tree
 
 
-def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Merge ``update`` into ``tree`` in place, refusing keys the configuration does not have."""
+_SCHEMA = Config().model_dump()
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge ``update`` into ``tree`` in place, refusing keys the configuration does not have.
+
+    What is a section and what is a value comes from the schema (the defaults), not from earlier merges.
+    """
+    schema = _SCHEMA if schema is None else schema
     for key, value in update.items():
         path = f"{prefix}{key}"
-        if key not in tree:
-            valid = ", ".join(f"{prefix}{name}" for name in tree)
+        if key not in schema:
+            valid = ", ".join(f"{prefix}{name}" for name in schema)
             raise UsageError(f"unknown config key {path!r}; valid keys here: {valid}")
-        if isinstance(tree[key], dict):
+        if isinstance(schema[key], dict):
             if not isinstance(value, dict):
-                raise UsageError(f"config key {path!r} is a section; set one of its keys, e.g. {path}.{next(iter(tree[key]))}=...")
-            _merge(tree[key], value, f"{path}.")
+                raise UsageError(f"config key {path!r} is a section; set one of its keys, e.g. {path}.{next(iter(schema[key]))}=...")
+            _merge(tree[key], value, f"{path}.", schema[key])
         else:
             tree[key] = value
     return tree

@@ -113,6 +113,8 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
         image = io.read_image(record.image_path)
         facts.size = image.shape
         facts.thumb = image_thumbnail(image)
+        if not record.has_mask:
+            return facts  # the loader reported the missing mask
         mask = mask_of(record, options, image.shape)
     except FileError as error:
         facts.problems.append(Problem(error.kind, error.path, error.reason))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -267,7 +268,11 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: rows have more fields than the header (a trailing comma?); fix the file") from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as error:
@@ -278,6 +283,9 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError) as error:
         raise DataError(f"{path}: not a valid CSV ({_reason(error)}); fix the file") from error
     table.columns = [str(column).strip() for column in table.columns]
+    repeated = sorted({column for column in table.columns if list(table.columns).count(column) > 1})
+    if repeated:
+        raise DataError(f"{path}: column {repeated[0]!r} appears more than once in the header; keep one")
     require_columns(table, path, required)
     return table
 
