@@ -57,6 +57,9 @@ def test_predict_refuses_to_overwrite_and_writes_masks_and_probs(run_copy, tmp_p
 def test_tune_writes_postprocess_and_predict_uses_it(run_copy, capsys):
     assert main(["tune", str(run_copy), "--quiet", "--no-report"]) == 0
     tuned = json.loads((run_copy / "postprocess.json").read_text())
+    assert main(["tune", str(run_copy), "--quiet", "--no-report"]) == 2  # tuned already: needs --force
+    assert main(["tune", str(run_copy), "--quiet", "--no-report", "--force"]) == 0
+    assert json.loads((run_copy / "postprocess.json").read_text())["threshold"] == tuned["threshold"]
     assert 0.05 <= tuned["threshold"] <= 0.95 and tuned["min_area"] >= 0
     assert tuned["score_after"] >= tuned["score_before"]
     assert len(tuned["scores"]) == len(tuned["thresholds"]) and len(tuned["scores"][0]) == len(tuned["min_areas"])

@@ -238,13 +238,14 @@ def tune_command(
     run: RunArgument,
     tta: TtaOption = True,
     vflip: VflipOption = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier tuning of the run.")] = False,
     quiet: QuietOption = False,
     no_report: NoReportOption = False,
 ) -> int:
     """Choose the threshold and minimum mask area that maximise the score on validation (out-of-fold) frames."""
     from medseg.tune import tune_run
 
-    result = tune_run(run, _tta(tta, vflip), on_message=_say(quiet))
+    result = tune_run(run, _tta(tta, vflip), on_message=_say(quiet), force=force)
     stdout.print(
         f"threshold {result['threshold']:.2f}, minimum area {result['min_area']} px: score {result['score_after']:.4f} "
         f"on {result['frames']} {'out-of-fold' if result['out_of_fold'] else 'validation'} frames "

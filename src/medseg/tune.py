@@ -17,6 +17,7 @@ import numpy as np
 from medseg import metrics, runs, splits
 from medseg.datasets import load_dataset
 from medseg.engine import load_samples
+from medseg.errors import UsageError
 from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, open_run, predict_probs
 from medseg.train import data_options
 
@@ -99,6 +100,7 @@ def tune_run(
     thresholds: np.ndarray = THRESHOLDS,
     min_areas: np.ndarray = MIN_AREAS,
     on_message: Callable[[str], None] = print,
+    force: bool = False,
 ) -> dict:
     """Tune a run's post-processing and write ``RUN/postprocess.json``.
 
@@ -108,11 +110,14 @@ def tune_run(
         thresholds: Probability thresholds to try.
         min_areas: Minimum mask areas (original pixels) to try.
         on_message: Receives progress lines.
+        force: Replace an earlier tuning.
 
     Returns:
         What was written: the chosen values, the score before (0.5, no minimum area) and after, the grid.
     """
     run = open_run(path)
+    if (run.path / POSTPROCESS_FILE).is_file() and not force:
+        raise UsageError(f"{run.path / POSTPROCESS_FILE}: the run is tuned already; use --force to tune it again")
     ids, counts = oof_counts(run, thresholds, tta, on_message)
     scores = score_grid(counts, min_areas)
     threshold, min_area = best_point(scores, thresholds, min_areas)
