@@ -340,7 +340,8 @@ def _headline_html(data: ReportData) -> str:
     failing = ", ".join(f"{row['id']} ({float(row['dice']):.2f})" for row in worst)
     text = (
         f"<p>{summary.get('n_images', 0)} held-out frames, each predicted by the fold model that did not train on it; post-processing: "
-        f"threshold {post.threshold:.2f}, minimum area {post.min_area} px{'' if post.tuned else ' (not tuned)'}. Worst frames: {html.escape(failing)} "
+        f"threshold {post.threshold:.2f}, minimum area {post.min_area} px"
+        f"{' (tuned on these same frames, so the score is somewhat optimistic)' if post.tuned else ' (not tuned)'}. Worst frames: {html.escape(failing)} "
         '(see <a href="#gallery">the gallery</a>).</p>'
     )
     return f'<div class="tiles">{cards}</div>{text}'
