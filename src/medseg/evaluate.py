@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import metrics, runs, splits
+from medseg import metrics, runs
 from medseg.datasets import DataOptions, load_dataset, require_clean
 from medseg.engine import load_samples
 from medseg.errors import UsageError
 from medseg.io import atomic_write
-from medseg.predict import Run, device_for, load_fold_model, open_run, predict_probs, read_postprocess
+from medseg.predict import Run, device_for, load_fold_model, oof_groups, open_run, predict_probs, read_postprocess
 from medseg.train import data_options
 
 PER_IMAGE_COLUMNS = ("id", "fold", "truth_area", "pred_area", "dice", "iou", "truth_empty", "pred_empty")
@@ -71,12 +71,6 @@ def evaluate_run(
     _write(out, rows, summary)
     summary["out"] = str(out)
     return summary
-
-
-def oof_groups(run: Run, ids: list[str]) -> dict[int | None, list[str]]:
-    """The validation ids of each fold of a run (each frame scored by the model that did not train on it)."""
-    split = splits.load_split(run.path / runs.SPLIT_FILE, expected_ids=ids)
-    return {fold.fold: split.train_val(fold.fold)[1] for fold in run.folds}
 
 
 def score_frames(run: Run, groups: dict, samples: dict, tta: str, on_message: Callable[[str], None]) -> tuple[list[dict], np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg import progress, runs, transforms
+from medseg import progress, runs, splits, transforms
 from medseg.config import Config, read_run_config
 from medseg.engine import normalise, uses_cuda
 from medseg.errors import UsageError
@@ -85,6 +85,16 @@ def open_run(path: Path) -> Run:
         if not fold.best.is_file():
             raise UsageError(f"{fold.best}: missing; the run did not finish a first epoch, continue it with `medseg train --resume`")
     return Run(path, read_run_config(path / runs.CONFIG_FILE), plan, folds)
+
+
+def oof_groups(run: Run, ids: list[str]) -> dict[int, list[str]]:
+    """The validation ids of each fold of a run: each frame is scored by the model that did not train on it.
+
+    Raises:
+        SplitError: If the run's split does not hold exactly ``ids``.
+    """
+    split = splits.load_split(run.path / runs.SPLIT_FILE, expected_ids=ids)
+    return {fold.fold: split.train_val(fold.fold)[1] for fold in run.folds}
 
 
 def read_postprocess(run: Run) -> PostProcess:

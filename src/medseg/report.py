@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 from medseg import metrics, runs  # noqa: E402
 from medseg.datasets import load_dataset  # noqa: E402
 from medseg.engine import load_samples, read_metrics  # noqa: E402
-from medseg.evaluate import oof_groups, score_frames  # noqa: E402
+from medseg.evaluate import score_frames  # noqa: E402
 from medseg.io import atomic_write  # noqa: E402
-from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, open_run, predict_probs, read_postprocess  # noqa: E402
+from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, oof_groups, open_run, predict_probs, read_postprocess  # noqa: E402
 from medseg.train import data_options  # noqa: E402
 
 REPORT_FILE = "report.html"

@@ -107,7 +107,8 @@ def _split(run: Path, dataset: Dataset, samples: dict[str, Sample], config: Conf
     empty = [not samples[i][1].any() for i in ids]
     split = splits.grouped_kfold(ids, subjects, empty, n_folds=config.split.n_folds, seed=config.split.seed)
     subject_of = dict(zip(ids, subjects))
-    info = {"subjects": {i: subject_of[i] for i in ids}, "empty_per_fold": [sum(empty[ids.index(i)] for i in fold) for fold in split.folds]}
+    empty_of = dict(zip(ids, empty))
+    info = {"subjects": {i: subject_of[i] for i in ids}, "empty_per_fold": [sum(empty_of[i] for i in fold) for fold in split.folds]}
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
     return split
 

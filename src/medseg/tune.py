@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import metrics, runs, splits
+from medseg import metrics, runs
 from medseg.datasets import load_dataset
 from medseg.engine import load_samples
 from medseg.errors import UsageError
-from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, open_run, predict_probs
+from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, oof_groups, open_run, predict_probs
 from medseg.train import data_options
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -41,12 +41,12 @@ def oof_counts(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[
         Returns: (N,) ids and (T, N, 3) counts.
     """
     dataset = load_dataset(run.data, data_options(run.config))
-    split = splits.load_split(run.path / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
+    groups = oof_groups(run, [record.id for record in dataset.train])
     by_id = {record.id: record for record in dataset.train}
     device = device_for(run.config)
     ids, counts = [], []
     for fold in run.folds:
-        val_ids = split.train_val(fold.fold)[1]
+        val_ids = groups[fold.fold]
         on_message(f"fold {fold.fold}: predicting {len(val_ids)} validation frames")
         samples = load_samples([by_id[i] for i in val_ids], data_options(run.config))
         frames = [samples[i][0] for i in val_ids]
