@@ -17,7 +17,7 @@ from medseg import io, metrics, rle, submission
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.predict import PostProcess, load_fold_model, open_run, predict_probs, read_postprocess
-from medseg.tune import best_point, score_before, score_grid
+from medseg.tune import best_point, score_grid
 
 
 @pytest.fixture
@@ -91,9 +91,9 @@ def test_tuning_finds_a_known_optimum():
     probs, truths = fabricated_problem()
     counts = metrics.sweep_counts(probs, truths, thresholds)
     scores = score_grid(counts, min_areas)
-    assert best_point(scores, thresholds, min_areas) == (0.70, 200)
+    assert best_point(scores, thresholds, min_areas) == PostProcess(0.70, 200, 0.0, tuned=True)
     assert scores.max() == pytest.approx(1.0)
-    assert score_before(counts, thresholds) < 1.0
+    assert scores[np.flatnonzero(thresholds == 0.5)[0], 0] < 1.0
     direct = np.mean([metrics.dice_per_image(metrics.confusion_counts(PostProcess(0.7, 200).apply(p.copy())[None], t[None]))[0] for p, t in zip(probs, truths)])
     assert direct == pytest.approx(1.0)
 

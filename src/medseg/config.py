@@ -1,8 +1,10 @@
 """One typed, validated run configuration: the recipe's defaults, presets, YAML files and overrides.
 
 The configuration is a tree of pydantic models that forbid unknown keys. It is built from a preset
-(``default``: the recipe of DESIGN.md at 448x608; ``cpu``: small input and encoder for machines without a
-GPU and for tests), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
+(``default``: one model at 448x608, validated on one subject-grouped fifth; ``cpu``: small input and
+encoder for machines without a GPU and for tests; ``kaggle``: the default model trained on every fold of a
+subject-grouped 5-fold split, tuned out-of-fold at the end of training, predicting as a five-model
+ensemble), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
 keys and YAML-typed values (``trainer.max_epochs=2``, ``augment.hflip.p=0``, ``model.encoder_weights=none``,
 ``split.fold=null``, lists as ``[1, 2]``). The resolved configuration is what a run saves as
 ``RUN/config.yaml`` and what every later stage reads back.
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medseg.errors import UsageError
 from medseg.io import atomic_write
 
-PRESETS = ("default", "cpu")
+PRESETS = ("default", "cpu", "kaggle")
 
 
 class _Section(BaseModel):
@@ -54,12 +56,18 @@ class InputConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network: an smp architecture and encoder, one input channel, one output logit per pixel."""
+    """The network: an smp architecture and encoder, one input channel, one output logit per pixel.
+
+    ``presence_head`` adds smp's classification head on the deepest encoder features (average pooling,
+    ``presence_dropout``, one logit): "is the structure in this frame at all".
+    """
 
     arch: str = "Unet"
     encoder: str = "resnet34"
     encoder_weights: str = "auto"
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    presence_head: bool = False
+    presence_dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
 
 class ElasticConfig(_Section):
@@ -116,7 +124,7 @@ class AugmentConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Training loss on logits."""
+    """Training loss on logits; ``presence_weight`` weighs the BCE of the presence head (if the model has one)."""
 
     name: Literal["dice_bce", "tversky", "lovasz", "focal"] = "dice_bce"
     dice_weight: float = Field(0.5, ge=0.0)
@@ -125,6 +133,7 @@ class LossConfig(_Section):
     tversky_alpha: float = Field(0.5, ge=0.0)
     tversky_beta: float = Field(0.5, ge=0.0)
     focal_gamma: float = Field(2.0, ge=0.0)
+    presence_weight: float = Field(0.5, ge=0.0)
 
 
 class OptimConfig(_Section):
@@ -137,7 +146,7 @@ class OptimConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    """The training loop."""
+    """The training loop; ``tune_after`` runs ``medseg tune`` on the run when training ends."""
 
     max_epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -152,15 +161,17 @@ class TrainerConfig(_Section):
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     seed: int = 0
+    tune_after: bool = False
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
 
 
 class SplitConfig(_Section):
-    """Subject-grouped K-fold split; ``fold`` is the validation fold of a single run."""
+    """Subject-grouped K-fold split; ``fold`` is the validation fold of a single run, ``null`` for a run
+    that trains every fold (cross-validation and a fold ensemble, like ``--folds``)."""
 
     n_folds: int = Field(5, ge=2)
-    fold: int = Field(0, ge=0)
+    fold: int | None = Field(0, ge=0)
     seed: int = 0
 
 
@@ -184,6 +195,10 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model": {"encoder": "resnet18"},
         "trainer": {"max_epochs": 8, "batch_size": 16, "early_stopping_patience": 4},
     },
+    "kaggle": {
+        "split": {"n_folds": 5, "fold": None},
+        "trainer": {"tune_after": True},
+    },
 }
 
 
@@ -196,7 +211,7 @@ def load_config(
     """Build a configuration from a preset, a YAML file, typed values and ``key=value`` overrides, in that order.
 
     Args:
-        preset: ``default`` or ``cpu``.
+        preset: ``default``, ``cpu`` or ``kaggle``.
         config_file: A YAML file with any subset of the keys.
         overrides: ``dotted.key=value`` strings; values are read as YAML.
         values: Already-typed values by dotted key (command-line shortcuts such as ``--mask-value``).

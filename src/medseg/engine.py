@@ -35,7 +35,7 @@ from medseg.errors import DataError, FileError, MedsegError
 from medseg.gpu_augment import BatchAugment
 from medseg.io import atomic_write
 from medseg.losses import create_loss
-from medseg.models import EncoderWeights, create_model
+from medseg.models import EncoderWeights, create_model, split_outputs
 
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
@@ -179,6 +179,18 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (scaled - GRAY_MEAN) / GRAY_STD
 
 
+def default_masks(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The untuned decision (:func:`medseg.predict.default_postprocess`): pixels with probability >= 0.5,
+    and, with a presence head, only in frames whose presence probability is above 0.5.
+
+    Shape:
+        Returns: (N, 1, H, W) bool.
+    """
+    logits, presence = split_outputs(outputs)
+    masks = logits >= 0
+    return masks if presence is None else masks & (presence > 0).reshape(-1, 1, 1, 1)
+
+
 class SegmentationModule(L.LightningModule):
     """Trains an injected segmentation model on logits with the configured loss.
 
@@ -237,11 +249,11 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, masks = self._inputs(batch)
-        logits = self(images)
-        loss = self.loss_fn(logits, masks)
+        outputs = self(images)
+        loss = self.loss_fn(outputs, masks)
         self._check_finite(loss, "validation")
         self.log("val_loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True, prog_bar=True)
-        self.val_counts.append(metrics.confusion_counts_torch(logits >= 0, masks > 0.5))
+        self.val_counts.append(metrics.confusion_counts_torch(default_masks(outputs), masks > 0.5))
 
     def on_validation_epoch_end(self) -> None:
         if not self.val_counts:

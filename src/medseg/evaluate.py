@@ -19,7 +19,7 @@ from medseg.datasets import DataOptions, load_dataset, require_clean
 from medseg.engine import load_samples
 from medseg.errors import UsageError
 from medseg.io import atomic_write
-from medseg.predict import Run, device_for, load_fold_model, oof_groups, open_run, predict_probs, read_postprocess
+from medseg.predict import Run, device_for, load_fold_model, oof_groups, open_run, predict_frames, read_postprocess
 from medseg.train import data_options
 
 PER_IMAGE_COLUMNS = ("id", "fold", "truth_area", "pred_area", "dice", "iou", "truth_empty", "pred_empty")
@@ -91,9 +91,9 @@ def score_frames(run: Run, groups: dict, samples: dict, tta: str, on_message: Ca
         on_message(f"predicting {len(ids)} frames with {'fold ' + str(fold) if fold is not None else f'{len(chosen)} fold model(s)'}")
         models = [load_fold_model(run, f, device) for f in chosen]
         frames = [samples[i][0] for i in ids]
-        for sample_id, probs in zip(ids, predict_probs(models, frames, run.config, tta)):
+        for sample_id, prediction in zip(ids, predict_frames(models, frames, run.config, tta)):
             truth = samples[sample_id][1].astype(bool)
-            count = metrics.confusion_counts(post.apply(probs)[None], truth[None])
+            count = metrics.confusion_counts(prediction.mask(post)[None], truth[None])
             counts.append(count[0])
             rows.append(_row(sample_id, fold, count))
     return rows, np.array(counts, dtype=np.int64).reshape(-1, 3)

@@ -2,7 +2,8 @@
 
 The model takes normalised frames (``uint8 / 255``, minus the gray mean, over the gray std; the values are
 in the JSON written beside it) at the run's input size and returns the mean sigmoid of the fold models:
-probabilities. Resizing, flip TTA, resizing back and the threshold and minimum area stay outside the
+probabilities (output ``probability``), and, for models with a presence head, the mean presence
+probability per frame (output ``presence``). Resizing, flip TTA, resizing back and the threshold and minimum area stay outside the
 graph, as in :mod:`medseg.predict`, whose code runs them for both engines.
 """
 
@@ -22,14 +23,15 @@ from torch import nn
 from medseg import __version__, runs
 from medseg.engine import GRAY_MEAN, GRAY_STD
 from medseg.errors import UsageError
-from medseg.predict import load_fold_model, open_run, read_postprocess
+from medseg.predict import Probabilities, load_fold_model, mean_sigmoid, open_run, read_postprocess
 
 OPSET = 17
 DEFAULT_NAME = "model.onnx"
+OUTPUTS = ("probability", "presence")
 
 
 class EnsembleProbabilities(nn.Module):
-    """Mean sigmoid of fold models: the graph that is exported.
+    """Mean sigmoid of fold models (and of their presence logits): the graph that is exported.
 
     Args:
         models: The fold models.
@@ -39,8 +41,9 @@ class EnsembleProbabilities(nn.Module):
         super().__init__()
         self.models = nn.ModuleList(models)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.sigmoid(model(images)) for model in self.models]).mean(dim=0)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        probs, presence = mean_sigmoid([model(images) for model in self.models])
+        return probs if presence is None else (probs, presence)
 
 
 def metadata_path(onnx_path: Path) -> Path:
@@ -70,7 +73,8 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     run = open_run(run_path)
     graph = EnsembleProbabilities([load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]).eval()
     example = torch.zeros(1, 1, run.config.input.height, run.config.input.width)
-    export_graph(graph, example, out, opset)
+    outputs = OUTPUTS if run.config.model.presence_head else OUTPUTS[:1]
+    export_graph(graph, example, out, opset, outputs)
     post = read_postprocess(run)
     meta = {
         "medseg": __version__,
@@ -79,7 +83,15 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
         "opset": opset,
         "input": {"name": "image", "shape": ["batch", 1, run.config.input.height, run.config.input.width], "scale": 1 / 255, "mean": GRAY_MEAN, "std": GRAY_STD},
         "output": {"name": "probability", "meaning": "mean sigmoid of the fold models, at the input size"},
-        "postprocess": {"threshold": post.threshold, "min_area": post.min_area, "tuned": post.tuned, "area_at": "original frame size"},
+        "presence": {"name": "presence", "meaning": "mean presence probability of the fold models, shape [batch]"} if len(outputs) > 1 else None,
+        "postprocess": {
+            "threshold": post.threshold,
+            "min_area": post.min_area,
+            "presence_threshold": post.presence_threshold,
+            "tuned": post.tuned,
+            "area_at": "original frame size",
+            "rule": "mask = probability >= threshold; empty when its area < min_area or presence <= presence_threshold (if > 0)",
+        },
         "tta": "not in the graph: average the probabilities of flipped inputs, flipped back",
         "rle": "Kaggle: 1-indexed starts, pixels numbered top to bottom, then left to right",
     }
@@ -87,8 +99,16 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     return out, meta_out
 
 
-def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int = OPSET) -> None:
-    """Export a module to ONNX with a dynamic batch axis, checked, written atomically."""
+def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int = OPSET, outputs: tuple[str, ...] = OUTPUTS[:1]) -> None:
+    """Export a module to ONNX with a dynamic batch axis, checked, written atomically.
+
+    Args:
+        graph: The module; it returns one tensor per name in ``outputs``.
+        example: An input batch.
+        out: The ``.onnx`` file.
+        opset: ONNX opset.
+        outputs: The output names.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
@@ -100,8 +120,8 @@ def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int 
                 (example,),
                 temporary,
                 input_names=["image"],
-                output_names=["probability"],
-                dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                output_names=list(outputs),
+                dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 opset_version=opset,
                 dynamo=False,
             )
@@ -134,6 +154,9 @@ class OnnxEnsemble:
             raise UsageError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:160]}); export it again") from error
         self.meta = json.loads(metadata_path(path).read_text()) if metadata_path(path).is_file() else {}
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        probs = self.session.run(["probability"], {"image": np.ascontiguousarray(inputs.cpu().numpy(), dtype=np.float32)})[0]
-        return torch.from_numpy(probs)
+    def __call__(self, inputs: torch.Tensor) -> Probabilities:
+        names = [output.name for output in self.session.get_outputs()]
+        results = self.session.run(names, {"image": np.ascontiguousarray(inputs.cpu().numpy(), dtype=np.float32)})
+        by_name = dict(zip(names, results))
+        presence = by_name.get(OUTPUTS[1])
+        return torch.from_numpy(by_name[OUTPUTS[0]]), None if presence is None else torch.from_numpy(presence)

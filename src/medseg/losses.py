@@ -16,7 +16,8 @@ region term that ``loss.name`` picks:
 
 So ``dice_weight`` weighs whichever region term is chosen, and the same BCE term is added to all of
 them; set ``bce_weight=0`` for the named loss alone (e.g. pure focal), or ``dice_weight=0`` for pure BCE.
-A term whose weight is 0 is not computed.
+A term whose weight is 0 is not computed. A model with a presence head adds
+``presence_weight * BCE(presence logit, mask is not empty)``.
 
 The loss is computed in float32 with autocast disabled, so bf16/fp16 logits from a mixed-precision
 forward pass give a float32 loss.
@@ -31,6 +32,7 @@ from torch import nn
 
 from medseg.config import LossConfig
 from medseg.errors import UsageError
+from medseg.models import split_outputs
 
 __all__ = ["CombinedLoss", "PerImageDiceLoss", "create_loss"]
 
@@ -69,26 +71,38 @@ class PerImageDiceLoss(nn.Module):
 
 
 class CombinedLoss(nn.Module):
-    """``term_weight * term(logits, target) + bce_weight * BCE(logits, target)``, in float32.
+    """``term_weight * term(logits, target) + bce_weight * BCE(logits, target)``, in float32, plus
+    ``presence_weight * BCE(presence, target is not empty)`` when the model has a presence head.
 
     Args:
         term: The region term, a module called as ``term(logits, target)``.
         term_weight: Weight of ``term``; at 0 the term is not computed.
         bce_weight: Weight of binary cross-entropy on the logits; at 0 it is not computed.
+        presence_weight: Weight of the presence head's binary cross-entropy.
 
     Shape:
-        - logits: (N, 1, H, W), any floating dtype.
+        - outputs: logits (N, 1, H, W), any floating dtype, or (logits, presence logits (N, 1)).
         - target: (N, 1, H, W), values in {0, 1}.
         - output: float32 scalar.
     """
 
-    def __init__(self, term: nn.Module, term_weight: float, bce_weight: float) -> None:
+    def __init__(self, term: nn.Module, term_weight: float, bce_weight: float, presence_weight: float = 0.0) -> None:
         super().__init__()
         self.term = term
         self.term_weight = float(term_weight)
         self.bce_weight = float(bce_weight)
+        self.presence_weight = float(presence_weight)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        logits, presence = split_outputs(outputs)
+        loss = self._pixel_loss(logits, target)
+        if presence is not None and self.presence_weight > 0:
+            present = target.flatten(1).amax(dim=1).to(device=presence.device, dtype=torch.float32)
+            with torch.autocast(device_type=presence.device.type, enabled=False):
+                loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(presence.float(), present)
+        return loss
+
+    def _pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -118,7 +132,7 @@ def create_loss(cfg: LossConfig) -> CombinedLoss:
         raise UsageError("loss.dice_weight and loss.bce_weight are both 0, so nothing would be learned; set one above 0")
     if cfg.per_image_dice and cfg.name != "dice_bce":
         raise UsageError(f"loss.per_image_dice applies to loss.name=dice_bce only (got {cfg.name}); unset it or change the name")
-    return CombinedLoss(_region_term(cfg), cfg.dice_weight, cfg.bce_weight)
+    return CombinedLoss(_region_term(cfg), cfg.dice_weight, cfg.bce_weight, cfg.presence_weight)
 
 
 def _region_term(cfg: LossConfig) -> nn.Module:

@@ -44,7 +44,7 @@ from torch import nn
 from medseg.config import ModelConfig
 from medseg.errors import UsageError
 
-__all__ = ["ARCHITECTURES", "PROBE_TIMEOUT_S", "WEIGHT_OPTIONS", "EncoderWeights", "create_model"]
+__all__ = ["ARCHITECTURES", "PROBE_TIMEOUT_S", "WEIGHT_OPTIONS", "EncoderWeights", "create_model", "split_outputs"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
@@ -97,11 +97,12 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
     """Build the segmentation network a model configuration describes.
 
     Args:
-        cfg: Architecture, encoder, encoder weights and dropout rate.
+        cfg: Architecture, encoder, encoder weights, dropout rate and presence head.
 
     Returns:
-        The model, which maps a ``(N, 1, H, W)`` float batch to ``(N, 1, H, W)`` logits, and how its
-        encoder was initialised.
+        The model, which maps a ``(N, 1, H, W)`` float batch to ``(N, 1, H, W)`` logits (and, with a
+        presence head, ``(N, 1)`` presence logits: see :func:`split_outputs`), and how its encoder was
+        initialised.
 
     Raises:
         UsageError: On an unknown architecture, encoder or weights option, an architecture that does not
@@ -120,6 +121,18 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
     model = _build(arch, cfg)
     _load_encoder(model, cfg.encoder, _read_state(path), str(path))
     return model, EncoderWeights(requested, f"file:{path}")
+
+
+def split_outputs(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pixel logits and, for a model with a presence head, the presence logits of a forward pass.
+
+    Shape:
+        outputs: (N, 1, H, W), or that and (N, 1). Returns: (N, 1, H, W) and (N,) or None.
+    """
+    if isinstance(outputs, (tuple, list)):
+        logits, presence = outputs
+        return logits, presence.reshape(-1)
+    return outputs, None
 
 
 def _architecture(name: str) -> type[nn.Module]:
@@ -154,9 +167,11 @@ def _build(arch: type[nn.Module], cfg: ModelConfig, **weights: object) -> nn.Mod
         UsageError: If smp refuses the combination (e.g. DPT with a non-timm encoder).
     """
     options = {"encoder_weights": None, **weights}
+    if cfg.presence_head:
+        options["aux_params"] = {"classes": 1, "pooling": "avg", "dropout": cfg.presence_dropout or None, "activation": None}
     try:
         model = arch(encoder_name=cfg.encoder, in_channels=1, classes=1, activation=None, **options)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot build {arch.__name__} with encoder {cfg.encoder}: {_one_line(error)}") from error
     dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
     model.segmentation_head = nn.Sequential(dropout, model.segmentation_head)

@@ -19,7 +19,7 @@ from medseg import io, rle, submission
 from medseg.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
 from medseg.errors import UsageError
 from medseg.export import DEFAULT_NAME, OnnxEnsemble, export_onnx
-from medseg.predict import device_for, load_fold_model, open_run, predict_probs, read_postprocess
+from medseg.predict import device_for, load_fold_model, open_run, predict_frames, read_postprocess
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     models = _engine(request, run, on_message)
     on_message(f"predicting {len(frames)} frames with {len(run.folds)} fold model(s) on {request.engine}, TTA {request.tta}")
     masks, probs = [], []
-    for prob in predict_probs(models, frames, run.config, request.tta, request.batch_size):
-        masks.append(post.apply(prob))
+    for prediction in predict_frames(models, frames, run.config, request.tta, request.batch_size):
+        masks.append(prediction.mask(post))
         if request.save_probs:
-            probs.append(prob.astype(np.float16))
+            probs.append(prediction.probs.astype(np.float16))
     ids = [record.id for record in records]
     written = _write_outputs(request, run, ids, masks, probs, sample_ids, on_message)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": vars(post)}

@@ -2,12 +2,15 @@
 original frame size, and the tuned post-processing that turns them into masks.
 
 The probability of a frame is the mean, over the run's fold models and the flips, of the sigmoid of the
-logits, resized back from the network size to the frame's own size. A mask is the pixels at or above the
-threshold, emptied when its area is below the minimum area (both from ``RUN/postprocess.json``).
+logits, resized back from the network size to the frame's own size; a model with a presence head also
+gives the mean sigmoid of its presence logit. A mask is the pixels at or above the threshold, emptied when
+its area is below the minimum area or its presence probability is not above the presence threshold (all
+from ``RUN/postprocess.json``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from medseg import progress, runs, splits, transforms
 from medseg.config import Config, read_run_config
 from medseg.engine import normalise, uses_cuda
 from medseg.errors import UsageError
-from medseg.models import create_model
+from medseg.models import create_model, split_outputs
 
 POSTPROCESS_FILE = "postprocess.json"
 TTA_MODES = ("none", "hflip", "hvflip")
@@ -33,19 +36,43 @@ class PostProcess:
     Attributes:
         threshold: A pixel is foreground when its probability is at least this.
         min_area: A mask with fewer foreground pixels (at the original size) becomes empty.
+        presence_threshold: With a presence head, a mask becomes empty unless the frame's presence
+            probability is above this; 0 switches the presence decision off (1 empties every mask).
         tuned: Whether the values come from ``medseg tune`` (else the defaults).
     """
 
     threshold: float = DEFAULT_THRESHOLD
     min_area: int = 0
+    presence_threshold: float = 0.0
     tuned: bool = False
 
-    def apply(self, probs: np.ndarray) -> np.ndarray:
-        """The mask of one probability map."""
+    def apply(self, probs: np.ndarray, presence: float = math.nan) -> np.ndarray:
+        """The mask of one probability map, given the frame's presence probability (``nan``: no head)."""
         mask = probs >= self.threshold
-        if self.min_area and np.count_nonzero(mask) < self.min_area:
+        if (self.min_area and np.count_nonzero(mask) < self.min_area) or self.absent(presence):
             mask[:] = False
         return mask
+
+    def absent(self, presence: float) -> bool:
+        """Whether the presence decision empties a frame with this presence probability."""
+        return self.presence_threshold > 0 and not math.isnan(presence) and presence <= self.presence_threshold
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ensemble's output for one frame.
+
+    Attributes:
+        probs: Probability map at the frame's size, ``float32`` in [0, 1].
+        presence: Presence probability, ``nan`` for models without a presence head.
+    """
+
+    probs: np.ndarray
+    presence: float = math.nan
+
+    def mask(self, post: PostProcess) -> np.ndarray:
+        """The post-processed mask."""
+        return post.apply(self.probs, self.presence)
 
 
 @dataclass
@@ -97,13 +124,18 @@ def oof_groups(run: Run, ids: list[str]) -> dict[int, list[str]]:
     return {fold.fold: split.train_val(fold.fold)[1] for fold in run.folds}
 
 
+def default_postprocess(presence_head: bool) -> PostProcess:
+    """The untuned setting: threshold 0.5, no minimum area and, with a presence head, presence above 0.5."""
+    return PostProcess(presence_threshold=DEFAULT_THRESHOLD if presence_head else 0.0)
+
+
 def read_postprocess(run: Run) -> PostProcess:
-    """The tuned post-processing of a run, or the defaults (threshold 0.5, no minimum area)."""
+    """The tuned post-processing of a run, or the untuned setting (:func:`default_postprocess`)."""
     path = run.path / POSTPROCESS_FILE
     if not path.is_file():
-        return PostProcess()
+        return default_postprocess(run.config.model.presence_head)
     chosen = runs.read_json(path)
-    return PostProcess(float(chosen["threshold"]), int(chosen["min_area"]), tuned=True)
+    return PostProcess(float(chosen["threshold"]), int(chosen["min_area"]), float(chosen.get("presence_threshold", 0.0)), tuned=True)
 
 
 def device_for(config: Config) -> torch.device:
@@ -131,7 +163,8 @@ def load_fold_model(run: Run, fold: runs.FoldDir, device: torch.device) -> torch
     return model
 
 
-ProbFn = Callable[[torch.Tensor], torch.Tensor]
+Probabilities = tuple[torch.Tensor, torch.Tensor | None]
+ProbFn = Callable[[torch.Tensor], Probabilities]
 
 
 def predict_probs(
@@ -141,21 +174,32 @@ def predict_probs(
     tta: str = "hflip",
     batch_size: int = 16,
 ) -> Iterator[np.ndarray]:
-    """Probability maps of frames at their original size, from an ensemble with flip TTA.
+    """The probability maps of :func:`predict_frames` alone."""
+    for prediction in predict_frames(models, frames, config, tta, batch_size):
+        yield prediction.probs
+
+
+def predict_frames(
+    models: Sequence[torch.nn.Module] | ProbFn,
+    frames: Sequence[np.ndarray],
+    config: Config,
+    tta: str = "hflip",
+    batch_size: int = 16,
+) -> Iterator[np.ndarray]:
+    """Probability maps (and presence probabilities) of frames at their original size, from an ensemble
+    with flip TTA.
 
     Args:
         models: Models in eval mode, all on one device (their sigmoids are averaged), or a function from a
-            normalised float batch to probabilities (an ONNX Runtime session, see :mod:`medseg.export`).
+            normalised float batch to probabilities and presence probabilities or None (an ONNX Runtime
+            session, see :mod:`medseg.export`).
         frames: Gray ``uint8`` frames of any sizes.
         config: The run's configuration (input size).
         tta: ``none``, ``hflip`` (mean with the horizontally flipped frame) or ``hvflip`` (and vertically).
         batch_size: Frames per forward pass.
 
     Yields:
-        One ``float32`` map in [0, 1] per frame, in order.
-
-    Shape:
-        Yields: (H, W) of each frame.
+        One :class:`Prediction` per frame, in order; its map has the frame's (H, W).
     """
     if tta not in TTA_MODES:
         raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
@@ -163,19 +207,22 @@ def predict_probs(
     yield from progress.track(_probs(prob_fn, frames, config, tta, batch_size), len(frames), "predicting")
 
 
-def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[np.ndarray]:
+def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[Prediction]:
     resize = transforms.eval_transform(config)
     device = getattr(prob_fn, "device", torch.device("cpu"))
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
         batch = np.stack([transforms.apply(resize, frame)[0] for frame in chunk])[:, None]
-        probs = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta).float().cpu().numpy()
-        for frame, prob in zip(chunk, probs):
-            yield transforms.resize_back(prob[0], frame.shape)
+        probs, presence = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta)
+        probs = probs.float().cpu().numpy()
+        presence = presence.float().cpu().numpy() if presence is not None else np.full(len(chunk), np.nan)
+        for frame, prob, present in zip(chunk, probs, presence):
+            yield Prediction(transforms.resize_back(prob[0], frame.shape), float(present))
 
 
 class TorchEnsemble:
-    """Mean sigmoid of several torch models on a normalised batch (bf16 and channels-last on CUDA).
+    """Mean sigmoid of several torch models on a normalised batch (bf16 and channels-last on CUDA), and of
+    their presence logits when they have a presence head.
 
     Args:
         models: Models in eval mode on one device.
@@ -186,24 +233,40 @@ class TorchEnsemble:
         self.device = next(self.models[0].parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor) -> Probabilities:
         if inputs.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
-            return torch.stack([torch.sigmoid(model(inputs)).float() for model in self.models]).mean(dim=0)
+            return mean_sigmoid([model(inputs) for model in self.models])
+
+
+def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Probabilities:
+    """The mean sigmoid of several models' outputs: probabilities, and presence probabilities or None.
+
+    Shape:
+        Returns: (N, 1, H, W) and (N,) or None.
+    """
+    pairs = [split_outputs(output) for output in outputs]
+    probs = torch.stack([torch.sigmoid(logits).float() for logits, _ in pairs]).mean(dim=0)
+    if any(presence is None for _, presence in pairs):
+        return probs, None
+    return probs, torch.stack([torch.sigmoid(presence).float() for _, presence in pairs]).mean(dim=0)
 
 
 @torch.inference_mode()
-def flip_averaged(prob_fn: ProbFn, images: torch.Tensor, tta: str) -> torch.Tensor:
-    """Mean probability over the flips of a ``uint8`` batch, each flipped back.
+def flip_averaged(prob_fn: ProbFn, images: torch.Tensor, tta: str) -> Probabilities:
+    """Mean probability over the flips of a ``uint8`` batch, each flipped back, and mean presence probability.
 
     Shape:
-        images: (N, 1, H, W). Returns: (N, 1, H, W).
+        images: (N, 1, H, W). Returns: (N, 1, H, W) and (N,) or None.
     """
     inputs = normalise(images)
     flips = {"none": [()], "hflip": [(), (3,)], "hvflip": [(), (3,), (2,)]}[tta]
     total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    presence_total: torch.Tensor | None = None
     for dims in flips:
-        probs = prob_fn(torch.flip(inputs, dims) if dims else inputs)
+        probs, presence = prob_fn(torch.flip(inputs, dims) if dims else inputs)
         total += torch.flip(probs, dims) if dims else probs
-    return total / len(flips)
+        if presence is not None:
+            presence_total = presence.float() if presence_total is None else presence_total + presence.float()
+    return total / len(flips), None if presence_total is None else presence_total / len(flips)

@@ -28,7 +28,7 @@ from medseg.datasets import load_dataset  # noqa: E402
 from medseg.engine import load_samples, read_metrics  # noqa: E402
 from medseg.evaluate import score_frames  # noqa: E402
 from medseg.io import atomic_write  # noqa: E402
-from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, oof_groups, open_run, predict_probs, read_postprocess  # noqa: E402
+from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, oof_groups, open_run, predict_frames, read_postprocess  # noqa: E402
 from medseg.train import data_options  # noqa: E402
 
 REPORT_FILE = "report.html"
@@ -268,9 +268,9 @@ def gallery_figures(data: ReportData, tta: str) -> list[Figure]:
     for rank, index in enumerate(chosen):
         row = data.rows[index]
         frame, truth = data.samples[row["id"]]
-        probs = next(predict_probs([models[int(row["fold"])]], [frame], data.run.config, tta))
+        prediction = next(predict_frames([models[int(row["fold"])]], [frame], data.run.config, tta))
         label = "worst" if rank < len(worst) else "random"
-        figure = overlay(frame, truth.astype(bool), probs, post.apply(probs))
+        figure = overlay(frame, truth.astype(bool), prediction.probs, prediction.mask(post))
         caption = f"{row['id']} (fold {row['fold']}): score {float(row['dice']):.3f}, true area {row['truth_area']} px, predicted {row['pred_area']} px"
         figures.append(Figure(f"gallery_{label}_{rank:02d}_{row['id']}.png", _png(figure), caption))
     return figures

@@ -88,6 +88,9 @@ def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> di
         if folds < 2:
             raise UsageError(f"--folds {folds}: use 2 or more folds, or --fold K for one run")
         return {"data": str(Path(data).resolve()), "n_folds": folds, "folds": list(range(folds)), "several": True}
+    if fold is None and config.split.fold is None:
+        n_folds = config.split.n_folds
+        return {"data": str(Path(data).resolve()), "n_folds": n_folds, "folds": list(range(n_folds)), "several": True}
     chosen = config.split.fold if fold is None else fold
     if not 0 <= chosen < config.split.n_folds:
         raise UsageError(f"--fold {chosen}: choose a fold from 0 to {config.split.n_folds - 1}")

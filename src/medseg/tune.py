@@ -1,15 +1,19 @@
-"""``medseg tune``: the probability threshold and minimum mask area that maximise the competition score
-on the run's validation frames (out-of-fold when the run has several folds).
+"""``medseg tune``: the probability threshold, minimum mask area and (for a model with a presence head)
+presence threshold that maximise the competition score on the run's validation frames (out-of-fold when
+the run has several folds).
 
 Each validation frame is predicted by the model that did not train on it, at its original size. One pass
-per frame counts tp/fp/fn at every threshold (:func:`medseg.metrics.sweep_counts`); the minimum area is
-then applied to those counts without predicting again (a mask below it becomes empty: its tp and fp
-become fn), so the whole grid costs one prediction per frame.
+per frame counts tp/fp/fn at every threshold (:func:`medseg.metrics.sweep_counts`) and keeps its presence
+probability; the minimum area and the presence threshold are then applied to those counts without
+predicting again (a mask they empty has its tp and fp turned into fn), so the whole grid costs one
+prediction per frame. The untuned setting is always in the grid, so the tuned score on these frames is
+never below the untuned one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,80 +22,140 @@ from medseg import metrics, runs
 from medseg.datasets import load_dataset
 from medseg.engine import load_samples
 from medseg.errors import UsageError
-from medseg.predict import POSTPROCESS_FILE, Run, device_for, load_fold_model, oof_groups, open_run, predict_probs
+from medseg.predict import POSTPROCESS_FILE, PostProcess, Run, default_postprocess, device_for, load_fold_model, oof_groups, open_run, predict_frames
 from medseg.train import data_options
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
-MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000])
+MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12500, 15000])
+PRESENCE_THRESHOLDS = np.round(np.arange(0.0, 1.001, 0.05), 2)
 
 
-def oof_counts(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> tuple[list[str], np.ndarray]:
-    """Counts of every validation frame at every threshold, each frame predicted by its own fold's model.
+@dataclass
+class OofPredictions:
+    """What tuning needs of each validation frame, each predicted by its own fold's model.
+
+    Attributes:
+        ids: Frame ids.
+        counts: tp/fp/fn of each frame at each threshold.
+        presence: Presence probability of each frame (``nan`` without a presence head).
+
+    Shape:
+        counts: (T, N, 3). presence: (N,).
+    """
+
+    ids: list[str]
+    counts: np.ndarray
+    presence: np.ndarray
+
+
+def oof_predictions(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> OofPredictions:
+    """Counts at every threshold and presence of every validation frame, each predicted by its own fold's model.
 
     Args:
         run: The trained run.
         thresholds: Probability thresholds.
-        tta: Test-time augmentation (see :func:`medseg.predict.predict_probs`).
+        tta: Test-time augmentation (see :func:`medseg.predict.predict_frames`).
         on_message: Receives one line per fold.
-
-    Returns:
-        The frame ids and their counts.
-
-    Shape:
-        Returns: (N,) ids and (T, N, 3) counts.
     """
     dataset = load_dataset(run.data, data_options(run.config))
     groups = oof_groups(run, [record.id for record in dataset.train])
     by_id = {record.id: record for record in dataset.train}
     device = device_for(run.config)
-    ids, counts = [], []
+    ids, counts, presence = [], [], []
     for fold in run.folds:
         val_ids = groups[fold.fold]
         on_message(f"fold {fold.fold}: predicting {len(val_ids)} validation frames")
         samples = load_samples([by_id[i] for i in val_ids], data_options(run.config))
         frames = [samples[i][0] for i in val_ids]
         truths = [samples[i][1].astype(bool) for i in val_ids]
-        probs = predict_probs([load_fold_model(run, fold, device)], frames, run.config, tta)
-        counts.append(np.concatenate([metrics.sweep_counts([p], [t], thresholds) for p, t in zip(probs, truths)], axis=1))
+        for prediction, truth in zip(predict_frames([load_fold_model(run, fold, device)], frames, run.config, tta), truths):
+            counts.append(metrics.sweep_counts([prediction.probs], [truth], thresholds))
+            presence.append(prediction.presence)
         ids += val_ids
-    return ids, np.concatenate(counts, axis=1)
+    return OofPredictions(ids, np.concatenate(counts, axis=1), np.array(presence, dtype=np.float64))
 
 
-def score_grid(counts: np.ndarray, min_areas: np.ndarray) -> np.ndarray:
+def score_grid(counts: np.ndarray, min_areas: np.ndarray, presence: np.ndarray | None = None, presence_threshold: float = 0.0) -> np.ndarray:
     """Competition score for every threshold and minimum area, from counts at every threshold.
 
     Args:
         counts: tp/fp/fn per threshold and frame.
         min_areas: Minimum predicted areas in pixels; a smaller mask becomes empty.
+        presence: Presence probability per frame, or None.
+        presence_threshold: Frames whose presence is not above it become empty (0: off).
 
     Returns:
         The mean per-frame Dice.
 
     Shape:
-        counts: (T, N, 3). Returns: (T, A).
+        counts: (T, N, 3). presence: (N,). Returns: (T, A).
     """
-    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    area = tp + fp
+    absent = _absent(presence, presence_threshold, counts.shape[1])
     scores = np.empty((counts.shape[0], len(min_areas)))
     for column, min_area in enumerate(min_areas):
-        emptied = area < min_area
-        filtered = np.stack([np.where(emptied, 0, tp), np.where(emptied, 0, fp), np.where(emptied, fn + tp, fn)], axis=-1)
-        scores[:, column] = metrics.dice_per_image(filtered).mean(axis=-1)
+        scores[:, column] = metrics.dice_per_image(_emptied(counts, min_area, absent)).mean(axis=-1)
     return scores
 
 
-def best_point(scores: np.ndarray, thresholds: np.ndarray, min_areas: np.ndarray) -> tuple[float, int]:
-    """The threshold and minimum area of the highest score; ties go to the threshold nearest 0.5, then the smallest area."""
-    best = scores.max()
-    candidates = np.argwhere(scores >= best - 1e-12)
-    row, column = min(candidates, key=lambda rc: (abs(thresholds[rc[0]] - 0.5), min_areas[rc[1]]))
-    return float(thresholds[row]), int(min_areas[column])
+def frame_counts(oof: OofPredictions, post: PostProcess, thresholds: np.ndarray) -> np.ndarray:
+    """tp/fp/fn of each frame under one post-processing setting whose threshold is one of ``thresholds``.
+
+    Shape:
+        Returns: (N, 3).
+    """
+    row = int(np.flatnonzero(np.isclose(thresholds, post.threshold))[0])
+    return _emptied(oof.counts[row], post.min_area, _absent(oof.presence, post.presence_threshold, len(oof.ids)))
 
 
-def score_before(counts: np.ndarray, thresholds: np.ndarray) -> float:
-    """The score of the untuned defaults: threshold 0.5 and no minimum area (``nan`` if 0.5 was not swept)."""
-    at_half = np.flatnonzero(np.isclose(thresholds, 0.5))
-    return float(score_grid(counts[at_half[:1]], np.array([0]))[0, 0]) if at_half.size else float("nan")
+def _absent(presence: np.ndarray | None, presence_threshold: float, n_frames: int) -> np.ndarray:
+    """Which frames the presence decision empties."""
+    if presence is None:
+        return np.zeros(n_frames, dtype=bool)
+    rule = PostProcess(presence_threshold=presence_threshold)
+    return np.array([rule.absent(value) for value in presence], dtype=bool)
+
+
+def _emptied(counts: np.ndarray, min_area: int, absent: np.ndarray) -> np.ndarray:
+    """Counts after emptying masks below ``min_area`` pixels and the frames in ``absent`` (tp and fp become fn).
+
+    Shape:
+        counts: (..., N, 3). absent: (N,). Returns: like ``counts``.
+    """
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    emptied = (tp + fp < min_area) | absent
+    return np.stack([np.where(emptied, 0, tp), np.where(emptied, 0, fp), np.where(emptied, fn + tp, fn)], axis=-1)
+
+
+def score_cube(oof: OofPredictions, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> np.ndarray:
+    """:func:`score_grid` for every presence threshold.
+
+    Shape:
+        Returns: (P, T, A).
+    """
+    return np.stack([score_grid(oof.counts, min_areas, oof.presence, value) for value in presence_thresholds])
+
+
+def best_point(scores: np.ndarray, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray = np.zeros(1)) -> PostProcess:
+    """The setting of the highest score; ties go to the threshold nearest 0.5, then the smallest area, then
+    the presence threshold nearest 0.5.
+
+    Shape:
+        scores: (T, A), or (P, T, A) with one slice per presence threshold.
+    """
+    cube = scores if scores.ndim == 3 else scores[None]
+    candidates = np.argwhere(cube >= cube.max() - 1e-12)
+    depth, row, column = min(candidates, key=lambda prc: (abs(thresholds[prc[1]] - 0.5), min_areas[prc[2]], abs(presence_thresholds[prc[0]] - 0.5)))
+    return PostProcess(float(thresholds[row]), int(min_areas[column]), float(presence_thresholds[depth]), tuned=True)
+
+
+def grids(has_presence: bool, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The grids to search, each holding the untuned value; one presence threshold (0: off) without a head."""
+    untuned = default_postprocess(has_presence)
+    return (
+        np.union1d(np.asarray(thresholds, dtype=float), [untuned.threshold]),
+        np.union1d(np.asarray(min_areas, dtype=int), [untuned.min_area]),
+        np.union1d(np.asarray(presence_thresholds, dtype=float), [untuned.presence_threshold]) if has_presence else np.zeros(1),
+    )
 
 
 def tune_run(
@@ -101,6 +165,7 @@ def tune_run(
     min_areas: np.ndarray = MIN_AREAS,
     on_message: Callable[[str], None] = print,
     force: bool = False,
+    presence_thresholds: np.ndarray = PRESENCE_THRESHOLDS,
 ) -> dict:
     """Tune a run's post-processing and write ``RUN/postprocess.json``.
 
@@ -111,28 +176,76 @@ def tune_run(
         min_areas: Minimum mask areas (original pixels) to try.
         on_message: Receives progress lines.
         force: Replace an earlier tuning.
+        presence_thresholds: Presence thresholds to try (models with a presence head).
 
     Returns:
-        What was written: the chosen values, the score before (0.5, no minimum area) and after, the grid.
+        What was written: the chosen values, the score before (the untuned setting) and after, the
+        (threshold x minimum area) grid at the chosen presence threshold, and the best score per presence
+        threshold.
     """
     run = open_run(path)
     if (run.path / POSTPROCESS_FILE).is_file() and not force:
         raise UsageError(f"{run.path / POSTPROCESS_FILE}: the run is tuned already; use --force to tune it again")
-    ids, counts = oof_counts(run, thresholds, tta, on_message)
-    scores = score_grid(counts, min_areas)
-    threshold, min_area = best_point(scores, thresholds, min_areas)
-    before = score_before(counts, thresholds)
+    has_presence = run.config.model.presence_head
+    thresholds, min_areas, presence_thresholds = grids(has_presence, thresholds, min_areas, presence_thresholds)
+    oof = oof_predictions(run, thresholds, tta, on_message)
+    cube = score_cube(oof, min_areas, presence_thresholds)
+    chosen = best_point(cube, thresholds, min_areas, presence_thresholds)
+    depth = int(np.flatnonzero(presence_thresholds == chosen.presence_threshold)[0])
     result = {
-        "threshold": threshold,
-        "min_area": min_area,
-        "score_before": float(before),
-        "score_after": float(scores.max()),
-        "frames": len(ids),
+        "threshold": chosen.threshold,
+        "min_area": chosen.min_area,
+        "presence_threshold": chosen.presence_threshold,
+        "presence_head": has_presence,
+        "score_before": score_at(cube, default_postprocess(has_presence), thresholds, min_areas, presence_thresholds),
+        "score_after": float(cube.max()),
+        "frames": len(oof.ids),
         "out_of_fold": len(run.folds) > 1,
         "tta": tta,
         "thresholds": thresholds.tolist(),
         "min_areas": min_areas.tolist(),
-        "scores": np.round(scores, 6).tolist(),
+        "scores": np.round(cube[depth], 6).tolist(),
+        "presence_thresholds": presence_thresholds.tolist(),
+        "presence_scores": np.round(cube.max(axis=(1, 2)), 6).tolist(),
     }
     runs.write_json(run.path / POSTPROCESS_FILE, result)
     return result
+
+
+def score_at(cube: np.ndarray, post: PostProcess, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> float:
+    """The score of one setting of the grid."""
+    depth = int(np.flatnonzero(np.isclose(presence_thresholds, post.presence_threshold))[0])
+    row = int(np.flatnonzero(np.isclose(thresholds, post.threshold))[0])
+    column = int(np.flatnonzero(min_areas == post.min_area)[0])
+    return float(cube[depth, row, column])
+
+
+def cross_fitted_counts(
+    oof: OofPredictions, fold_of: dict[str, int], thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray
+) -> np.ndarray:
+    """Counts of each frame under the setting tuned on the other folds' frames only.
+
+    Tuning on the frames one then scores flatters the score; this scores every fold with a setting it had
+    no part in choosing, an honest estimate of the tuned score on new subjects.
+
+    Args:
+        oof: Out-of-fold predictions.
+        fold_of: The fold of each frame id.
+        thresholds: Thresholds of ``oof.counts``.
+        min_areas: Minimum areas to try.
+        presence_thresholds: Presence thresholds to try.
+
+    Shape:
+        Returns: (N, 3), in the order of ``oof.ids``.
+    """
+    folds = np.array([fold_of[i] for i in oof.ids])
+    result = np.zeros((len(oof.ids), 3), dtype=np.int64)
+    for fold in np.unique(folds):
+        others = _subset(oof, folds != fold)
+        chosen = best_point(score_cube(others, min_areas, presence_thresholds), thresholds, min_areas, presence_thresholds)
+        result[folds == fold] = frame_counts(_subset(oof, folds == fold), chosen, thresholds)
+    return result
+
+
+def _subset(oof: OofPredictions, keep: np.ndarray) -> OofPredictions:
+    return OofPredictions([i for i, k in zip(oof.ids, keep) if k], oof.counts[:, keep], oof.presence[keep])

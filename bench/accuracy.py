@@ -1,0 +1,203 @@
+"""Accuracy: the recipe as written against medseg's defaults, by subject-grouped K-fold cross-validation.
+
+Every data set is split into K subject-grouped folds (the split ``medseg train`` makes). Each frame is then
+predicted by a model that did not train on it, and the out-of-fold predictions are scored with the
+competition score (mean per-frame Dice, an empty frame scores 1 only if predicted empty), the Dice of the
+frames that have a structure, and the presence accuracy (is the mask empty when the truth is).
+
+- ``medseg``: the product's own path, ``medseg train DATA --preset kaggle`` (every fold, the fold itself
+  validating its model) and its out-of-fold predictions with flip TTA. Two scores: ``tuned on all`` uses
+  the post-processing ``medseg tune`` chooses on all out-of-fold frames (what the run reports, flattered by
+  tuning on the frames it scores); ``cross-fitted`` scores each fold with the setting tuned on the other
+  folds' frames only: the honest estimate for new subjects.
+- ``recipe``: the recipe as written (DESIGN.md) for each fold: its training frames split 80/20 at random
+  by frame (that fifth picks the best epoch), threshold 0.6, no minimum area, no presence head, no TTA.
+
+Both arms use the same input size, encoder, batch size and epoch budget (``--preset``). Prints one table
+and writes ``OUT/accuracy.json``. ``--preset cpu`` runs on a 2-core CPU; ``--preset default`` on a GPU.
+
+    python bench/accuracy.py --preset cpu --out /tmp/accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg import metrics, runs, splits
+from medseg.config import Config, load_config
+from medseg.datasets import load_dataset, require_clean
+from medseg.engine import fit_fold, load_samples
+from medseg.predict import PostProcess, Run, device_for, load_fold_model, open_run, predict_frames
+from medseg.train import data_options, train_run
+from medseg.tune import MIN_AREAS, PRESENCE_THRESHOLDS, THRESHOLDS, best_point, cross_fitted_counts, frame_counts, grids, oof_predictions, score_cube
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = {
+    "uns-mini": ("uns-mini", {}),
+    "usgra-seg": ("usgra-seg", {"data.mask_value": 1}),
+    "montgomery-cxr": ("montgomery-cxr", {"data.mask_threshold": 127}),
+}
+RECIPE = {
+    "model.presence_head": False,
+    "model.dropout": 0.3,
+    "loss.name": "dice_bce",
+    "loss.dice_weight": 0.5,
+    "loss.bce_weight": 0.5,
+    "loss.per_image_dice": False,
+    "optim.lr": 1e-4,
+    "optim.weight_decay": 1e-4,
+    "optim.plateau_factor": 0.5,
+    "optim.plateau_patience": 5,
+    "trainer.early_stopping_patience": 10,
+    "augment.elastic.p": 0.25,
+    "augment.elastic.alpha": 120.0,
+    "augment.elastic.sigma": 6.0,
+    "augment.blur.p": 0.2,
+    "augment.hflip.p": 0.5,
+    "augment.brightness_contrast.p": 0.5,
+    "augment.coarse_dropout.p": 0.3,
+}
+RECIPE_THRESHOLD = 0.6
+RECIPE_VAL_SHARE = 0.2
+
+
+@dataclass
+class Score:
+    """One arm's out-of-fold result on one data set."""
+
+    dataset: str
+    arm: str
+    counts: np.ndarray
+    minutes: float
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """The JSON-ready figures."""
+        summary = metrics.summary(self.counts)
+        return {
+            "dataset": self.dataset,
+            "arm": self.arm,
+            "score": summary["score"],
+            "dice_nonempty": summary["dice_nonempty"],
+            "presence_accuracy": summary["presence_accuracy"],
+            "all_empty_score": summary["n_empty_truth"] / summary["n_images"],
+            "frames": summary["n_images"],
+            "minutes": round(self.minutes, 2),
+            **self.extra,
+        }
+
+
+def medseg_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> list[Score]:
+    """Train every fold with medseg's defaults and score the out-of-fold predictions, tuned two ways."""
+    start = time.perf_counter()
+    run_path = out / name / "medseg"
+    config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": folds, "fold": None})})
+    train_run(data, run_path, config, force=True, on_message=_say)
+    run = open_run(run_path)
+    thresholds, min_areas, presence_thresholds = grids(config.model.presence_head, THRESHOLDS, MIN_AREAS, PRESENCE_THRESHOLDS)
+    oof = oof_predictions(run, thresholds, "hflip", on_message=_say)
+    minutes = (time.perf_counter() - start) / 60
+    chosen = best_point(score_cube(oof, min_areas, presence_thresholds), thresholds, min_areas, presence_thresholds)
+    split = splits.load_split(run_path / runs.SPLIT_FILE)
+    fold_of = {i: k for k, fold in enumerate(split.folds) for i in fold}
+    order = np.argsort(oof.ids)
+    tuned_on_all = frame_counts(oof, chosen, thresholds)[order]
+    honest = cross_fitted_counts(oof, fold_of, thresholds, min_areas, presence_thresholds)[order]
+    setting = {"threshold": chosen.threshold, "min_area": chosen.min_area, "presence_threshold": chosen.presence_threshold}
+    return [
+        Score(name, "medseg, tuned on all", tuned_on_all, minutes, {"setting": setting}),
+        Score(name, "medseg, cross-fitted", honest, minutes),
+    ]
+
+
+def recipe_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> Score:
+    """The recipe as written, trained once per fold on the other folds, scored on the fold."""
+    start = time.perf_counter()
+    options = data_options(config)
+    dataset = require_clean(load_dataset(data, options))
+    samples = load_samples(dataset.train, options)
+    split = _split(dataset, samples, config, folds)
+    device = device_for(config)
+    post = PostProcess(threshold=RECIPE_THRESHOLD)
+    counts: dict[str, np.ndarray] = {}
+    for k in range(folds):
+        train_ids, test_ids = split.train_val(k)
+        rng = np.random.default_rng(config.trainer.seed + k)
+        shuffled = [train_ids[i] for i in rng.permutation(len(train_ids))]
+        n_val = max(1, round(RECIPE_VAL_SHARE * len(shuffled)))
+        fold_dir = runs.FoldDir(k, out / name / "recipe" / f"fold_{k}")
+        _say(f"recipe fold {k}: {len(shuffled) - n_val} training, {n_val} random validation, {len(test_ids)} scored frames")
+        fit_fold(config, fold_dir, samples, shuffled[n_val:], shuffled[:n_val])
+        model = load_fold_model(Run(fold_dir.path, config, {}, [fold_dir]), fold_dir, device)
+        frames = [samples[i][0] for i in test_ids]
+        for sample_id, prediction in zip(test_ids, predict_frames([model], frames, config, tta="none")):
+            counts[sample_id] = metrics.confusion_counts(prediction.mask(post)[None], samples[sample_id][1].astype(bool)[None])[0]
+    ordered = np.stack([counts[i] for i in sorted(counts)])
+    return Score(name, "recipe", ordered, (time.perf_counter() - start) / 60)
+
+
+def _split(dataset, samples, config: Config, folds: int) -> splits.Split:
+    """The subject-grouped split ``medseg train`` makes of this data (same function, same inputs)."""
+    ids = [record.id for record in dataset.train]
+    empty = [not samples[i][1].any() for i in ids]
+    return splits.grouped_kfold(ids, [record.subject for record in dataset.train], empty, n_folds=folds, seed=config.split.seed)
+
+
+def _say(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Both arms per data set, and the ratio of the honest medseg score to the recipe's."""
+    print(f"{'data set':<15} {'arm':<22} {'score':>6} {'Dice>0':>7} {'presence':>8} {'empty':>6} {'frames':>6} {'min':>6}")
+    for row in rows:
+        print(
+            f"{row['dataset']:<15} {row['arm']:<22} {_fmt(row['score'])} {_fmt(row['dice_nonempty'], 7)} "
+            f"{_fmt(row['presence_accuracy'], 8)} {_fmt(row['all_empty_score'])} {row['frames']:>6} {row['minutes']:>6.1f}"
+        )
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        by_arm = {row["arm"]: row["score"] for row in rows if row["dataset"] == dataset}
+        if by_arm.get("recipe") and by_arm.get("medseg, cross-fitted") is not None:
+            print(f"{dataset}: medseg cross-fitted / recipe = {by_arm['medseg, cross-fitted'] / by_arm['recipe']:.2f}x")
+
+
+def _fmt(value: float | None, width: int = 6) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+def main() -> None:
+    """Run the arms on the chosen data sets and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "default"), help="model size and epoch budget of both arms")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs and accuracy.json")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="folder holding the data sets")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
+    parser.add_argument("--arms", default="recipe,medseg", help="comma-separated: recipe, medseg")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for both arms' budget, e.g. trainer.max_epochs=12")
+    parser.add_argument("--medseg-set", action="append", default=[], help="override for the medseg arm only (to measure a candidate default)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.datasets.split(","):
+        folder, values = DATASETS[name]
+        data = args.data_root / folder
+        if "medseg" in args.arms:
+            config = load_config(args.preset, None, args.overrides + args.medseg_set, values)
+            rows += [score.row() for score in medseg_arm(name, data, config, args.out, args.folds)]
+        if "recipe" in args.arms:
+            config = load_config(args.preset, None, args.overrides, {**RECIPE, **values})
+            rows.append(recipe_arm(name, data, config, args.out, args.folds).row())
+        print_table(rows)
+        runs.write_json(args.out / "accuracy.json", {"preset": args.preset, "folds": args.folds, "overrides": args.overrides, "medseg_overrides": args.medseg_set, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
