@@ -22,7 +22,6 @@ and writes ``OUT/accuracy.json``. ``--preset cpu`` runs on a 2-core CPU; ``--pre
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field

@@ -228,3 +228,21 @@ def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
     assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(key.startswith("batch_augment") for key in checkpoint["state_dict"])
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_its_floor_over_max_epochs():
+    from medseg.engine import SegmentationModule
+    from medseg.models import create_model
+
+    config = tiny_config("optim.schedule=cosine", "optim.lr=1e-3", "optim.cosine_floor=0.01", "trainer.max_epochs=4")
+    module = SegmentationModule(create_model(config.model)[0], config)
+    settings = module.configure_optimizers()
+    optimizer, scheduler = settings["optimizer"], settings["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(1e-5)
+    assert "monitor" not in settings["lr_scheduler"]

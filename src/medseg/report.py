@@ -191,14 +191,15 @@ def training_figures(data: ReportData) -> list[Figure]:
 
 
 def tuning_figures(data: ReportData) -> list[Figure]:
-    """Score against threshold and against minimum area, the chosen point marked."""
+    """Score against threshold, minimum area and (with a presence head) presence threshold, the choice marked."""
     if data.tuned is None:
         return []
     tuned = data.tuned
     thresholds, areas, scores = np.array(tuned["thresholds"]), np.array(tuned["min_areas"]), np.array(tuned["scores"])
     row = int(np.argmin(np.abs(thresholds - tuned["threshold"])))
     column = int(np.flatnonzero(areas == tuned["min_area"])[0])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    presence = tuned.get("presence_head", False)
+    figure, axes = plt.subplots(1, 3 if presence else 2, figsize=(16 if presence else 11, 3.4))
     axes[0].plot(thresholds, scores[:, column], marker=".")
     axes[0].plot([thresholds[row]], [scores[row, column]], "o", color="#dc2626", markersize=10, label="chosen")
     axes[0].set_xlabel("probability threshold")
@@ -207,13 +208,21 @@ def tuning_figures(data: ReportData) -> list[Figure]:
     axes[1].plot([areas[column]], [scores[row, column]], "o", color="#dc2626", markersize=10, label="chosen")
     axes[1].set_xlabel("minimum mask area (px, original size)")
     axes[1].set_title(f"score vs minimum area (threshold {tuned['threshold']:.2f})")
+    if presence:
+        levels, best = np.array(tuned["presence_thresholds"]), np.array(tuned["presence_scores"])
+        chosen = int(np.argmin(np.abs(levels - tuned["presence_threshold"])))
+        axes[2].plot(levels, best, marker=".")
+        axes[2].plot([levels[chosen]], [best[chosen]], "o", color="#dc2626", markersize=10, label="chosen")
+        axes[2].set_xlabel("presence threshold (0: off, 1: every mask empty)")
+        axes[2].set_title("best score vs presence threshold")
     for axis in axes:
         axis.set_ylabel("competition score")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     caption = (
         f"Tuning on {tuned['frames']} {'out-of-fold' if tuned['out_of_fold'] else 'validation'} frames: the score for each threshold at the "
-        f"chosen minimum area (left) and for each minimum area at the chosen threshold (right); the red point is the choice. "
+        f"chosen minimum area (left) and for each minimum area at the chosen threshold (middle)"
+        f"{', the best score at each presence threshold (right)' if presence else ''}; the red point is the choice. "
         f"Score before tuning {tuned['score_before']:.3f}, after {tuned['score_after']:.3f}."
     )
     return [Figure("tuning.png", _png(figure), caption)]
@@ -341,6 +350,7 @@ def _headline_html(data: ReportData) -> str:
     text = (
         f"<p>{summary.get('n_images', 0)} held-out frames, each predicted by the fold model that did not train on it; post-processing: "
         f"threshold {post.threshold:.2f}, minimum area {post.min_area} px"
+        f"{f', presence above {post.presence_threshold:.2f}' if post.presence_threshold else ''}"
         f"{' (tuned on these same frames, so the score is somewhat optimistic)' if post.tuned else ' (not tuned)'}. Worst frames: {html.escape(failing)} "
         '(see <a href="#gallery">the gallery</a>).</p>'
     )
