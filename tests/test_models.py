@@ -26,7 +26,7 @@ RESNET18_REVISION = smp.encoders.encoders["resnet18"]["pretrained_settings"]["im
 
 def config(**changes: object) -> ModelConfig:
     """A small model configuration: resnet18, random initialisation, unless changed."""
-    return ModelConfig(**{"encoder": "resnet18", "encoder_weights": "none", **changes})
+    return ModelConfig(**{"encoder": "resnet18", "encoder_weights": "none", "presence_head": False, **changes})
 
 
 def batch(n: int = 2) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_tune_writes_postprocess_and_predict_uses_it(run_copy, capsys):
     assert tuned["score_after"] >= tuned["score_before"]
     assert len(tuned["scores"]) == len(tuned["thresholds"]) and len(tuned["scores"][0]) == len(tuned["min_areas"])
     run = open_run(run_copy)
-    assert read_postprocess(run) == PostProcess(tuned["threshold"], tuned["min_area"], tuned=True)
+    assert read_postprocess(run) == PostProcess(tuned["threshold"], tuned["min_area"], tuned["presence_threshold"], tuned=True)
 
 
 def fabricated_problem():

@@ -165,3 +165,17 @@ def test_onnx_export_of_a_presence_ensemble_matches_torch(kaggle_run, tmp_path):
     torch_models = [load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]
     for a, b in zip(predict_frames(torch_models, frames, run.config), predict_frames(OnnxEnsemble(model), frames, run.config)):
         assert np.abs(a.probs - b.probs).max() < 1e-3 and abs(a.presence - b.presence) < 1e-3
+
+
+def test_a_run_saved_before_the_presence_head_existed_is_read_without_one(presence_run, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(presence_run, run)
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("\n".join(line for line in saved.splitlines() if "presence" not in line) + "\n")
+    assert open_run(run).config.model.presence_head is False
+
+
+def test_a_presence_head_without_its_loss_is_refused(tmp_path, capsys):
+    args = ["train", str(sample_data_path()), "--out", str(tmp_path / "run"), "--preset", "cpu", "--quiet", "--no-report"]
+    assert main(args + set_args(*TINY_OVERRIDES, "loss.presence_weight=0")) == 2
+    assert "loss.presence_weight" in capsys.readouterr().err

@@ -253,13 +253,19 @@ def save_config(config: Config, path: Path) -> None:
         yaml.safe_dump(config.model_dump(mode="json"), stream, sort_keys=False)
 
 
+# Keys added after runs were first saved, with the value that reproduces a run folder that lacks them.
+_ABSENT_IN_OLDER_RUNS: dict[str, Any] = {"model": {"presence_head": False}}
+
+
 def read_run_config(path: Path) -> Config:
-    """Read a configuration a run saved.
+    """Read a configuration a run saved; keys it lacks (written by an older medseg) take the value that
+    reproduces that run, not today's default.
 
     Raises:
         UsageError: If the file is missing or invalid.
     """
-    return _validate(_merge(Config().model_dump(), _read_yaml(Path(path)), ""))
+    tree = _merge(Config().model_dump(), _ABSENT_IN_OLDER_RUNS, "")
+    return _validate(_merge(tree, _read_yaml(Path(path)), ""))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
