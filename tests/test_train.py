@@ -49,7 +49,7 @@ def test_train_writes_every_run_file(uns_mini_run):
         for column in ("train_loss", "val_loss", "val_score", "lr", "images_per_s"):
             assert math.isfinite(float(row[column])), column
         assert 0.0 <= float(row["val_score"]) <= 1.0
-    assert float(rows[0]["lr"]) == pytest.approx(1e-4)
+    assert float(rows[0]["lr"]) == pytest.approx(load_config("cpu").optim.lr)
 
 
 def test_run_files_hold_the_resolved_config_split_and_versions(uns_mini_run):
