@@ -60,7 +60,8 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     on_message(f"2/5 train ({'default' if gpu else 'cpu'} preset, {config.input.height}x{config.input.width}, {config.model.encoder})")
     train_run(sample, out / "run", config, on_message=on_message)
     tuned = tune_run(out / "run", on_message=on_message)
-    on_message(f"3/5 tune: threshold {tuned['threshold']:.2f}, min area {tuned['min_area']} px, validation score {tuned['score_after']:.3f}")
+    presence = f", presence above {tuned['presence_threshold']:.2f}" if tuned["presence_head"] else ""
+    on_message(f"3/5 tune: threshold {tuned['threshold']:.2f}, min area {tuned['min_area']} px{presence}, validation score {tuned['score_after']:.3f}")
     predict_folder(PredictRequest(out / "run", sample / "test", out / "submission.csv", allow_degenerate=True), on_message=on_message)
     on_message(f"4/5 predict: {out / 'submission.csv'} (checked)")
     holdout = _holdout_folder(sample, out / "holdout")
