@@ -185,7 +185,7 @@ def predict_frames(
     config: Config,
     tta: str = "hflip",
     batch_size: int = 16,
-) -> Iterator[np.ndarray]:
+) -> Iterator[Prediction]:
     """Probability maps (and presence probabilities) of frames at their original size, from an ensemble
     with flip TTA.
 
