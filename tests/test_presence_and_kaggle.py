@@ -25,22 +25,24 @@ from medseg.tune import OofPredictions, best_point, cross_fitted_counts, frame_c
 PRESENCE = ("model.presence_head=true", "model.encoder=resnet18")
 
 
+def train_tiny(folder: Path, preset: str, epochs: int) -> Path:
+    """A run with a presence head trained with tiny settings on the bundled sample through the command line."""
+    run = folder / "run"
+    args = ["train", str(sample_data_path()), "--out", str(run), "--preset", preset, "--quiet", "--no-report"]
+    assert main(args + set_args(*TINY_OVERRIDES, *PRESENCE, f"trainer.max_epochs={epochs}")) == 0
+    return run
+
+
 @pytest.fixture(scope="module")
 def presence_run(tmp_path_factory) -> Path:
-    """A single run with a presence head, 2 tiny epochs on the bundled sample."""
-    run = tmp_path_factory.mktemp("presence") / "run"
-    args = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
-    assert main(args + set_args(*TINY_OVERRIDES, *PRESENCE, "trainer.max_epochs=2")) == 0
-    return run
+    """A single run with a presence head, 2 tiny epochs."""
+    return train_tiny(tmp_path_factory.mktemp("presence"), "cpu", epochs=2)
 
 
 @pytest.fixture(scope="module")
 def kaggle_run(tmp_path_factory) -> Path:
-    """``--preset kaggle`` with tiny settings on the bundled sample (5 subjects, so 5 folds of one subject)."""
-    run = tmp_path_factory.mktemp("kaggle") / "run"
-    args = ["train", str(sample_data_path()), "--out", str(run), "--preset", "kaggle", "--quiet", "--no-report"]
-    assert main(args + set_args(*TINY_OVERRIDES, *PRESENCE, "trainer.max_epochs=1")) == 0
-    return run
+    """``--preset kaggle`` with tiny settings (the sample has 5 subjects, so 5 folds of one subject)."""
+    return train_tiny(tmp_path_factory.mktemp("kaggle"), "kaggle", epochs=1)
 
 
 def test_presence_head_adds_a_logit_per_frame_and_a_loss_term():
