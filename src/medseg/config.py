@@ -337,8 +337,11 @@ def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str, schema: di
 
 def _validate(tree: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         raise UsageError(f"config key {key!r}: {first['msg']} (got {first.get('input')!r})") from None
+    if config.model.presence_head and config.loss.presence_weight == 0:
+        raise UsageError("model.presence_head=true with loss.presence_weight=0 would leave the head untrained; set loss.presence_weight above 0 or model.presence_head=false")
+    return config

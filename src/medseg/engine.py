@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from medseg import metrics, progress, runs, transforms
 from medseg.config import Config
 from medseg.datasets import DataOptions, Record, read_sample
-from medseg.errors import DataError, FileError, MedsegError, UsageError
+from medseg.errors import DataError, FileError, MedsegError
 from medseg.gpu_augment import BatchAugment
 from medseg.io import atomic_write
 from medseg.losses import create_loss
@@ -204,8 +204,6 @@ class SegmentationModule(L.LightningModule):
         self.model = model
         self.config = config
         self.save_hyperparameters({"config": config.model_dump(mode="json")})
-        if config.model.presence_head and config.loss.presence_weight == 0:
-            raise UsageError("model.presence_head=true with loss.presence_weight=0 would leave the head untrained; set loss.presence_weight above 0 or model.presence_head=false")
         self.loss_fn = create_loss(config.loss)
         self.channels_last = config.trainer.channels_last is True or (config.trainer.channels_last == "auto" and uses_cuda(config))
         self.nonfinite_at: int | None = None
