@@ -4,7 +4,8 @@
   batches moved as float.
 - medseg: the engine's choices for this machine: on CUDA bf16 autocast, channels-last, optional
   ``torch.compile``, uint8 frames kept in memory, moved as uint8 into pinned memory and augmented as whole
-  batches on the GPU (:mod:`medseg.gpu_augment`); on a CPU what the engine does there (fp32, Albumentations).
+  batches on the GPU (:mod:`medseg.gpu_augment`); on a CPU what the engine does there (Albumentations, and
+  bf16 autocast with channels-last where the CPU has native bf16, else fp32).
 
 Both run the same training step (0.5 Dice + 0.5 BCE, AdamW) on uns-mini frames for a fixed number of
 steps after a warm-up (reported separately, compile included); images/s of each, the ratio, peak GPU
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from medseg.config import load_config
 from medseg.datasets import load_dataset
-from medseg.engine import SegmentationDataset, augments_on_device, load_samples, normalise, num_workers, uses_cuda
+from medseg.engine import SegmentationDataset, augments_on_device, load_samples, normalise, num_workers, precision, uses_channels_last, uses_cuda
 from medseg.gpu_augment import BatchAugment
 from medseg.losses import create_loss
 from medseg.models import create_model
@@ -84,8 +85,9 @@ def recipe_side(config, samples, device: torch.device):
 def medseg_side(config, samples, device: torch.device):
     """The engine's fast path on this machine."""
     cuda = uses_cuda(config)
+    channels_last, bf16 = uses_channels_last(config), precision(config) == "bf16-mixed"
     model = create_model(config.model)[0].to(device).train()
-    if cuda:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if config.trainer.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -101,9 +103,9 @@ def medseg_side(config, samples, device: torch.device):
         if augment is not None:
             images, masks = augment(images, masks)
         images = normalise(images)
-        if cuda:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(forward(images), (masks > 0).float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,7 +131,7 @@ def main() -> None:
     dataset = load_dataset(UNS_MINI)
     samples = list(load_samples(dataset.train, dataset.options).values())
     gflop = GFLOP_PER_IMAGE * config.input.height * config.input.width / RECIPE_PIXELS
-    print(f"{device} {torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}; {config.model.encoder} {config.input.height}x{config.input.width}, batch {config.trainer.batch_size}, {steps} timed steps")
+    print(f"{device} {torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}; medseg side {precision(config)}, channels-last {uses_channels_last(config)}; {config.model.encoder} {config.input.height}x{config.input.width}, batch {config.trainer.batch_size}, {steps} timed steps")
     print(f"{'side':<8} {'warm-up s':>9} {'img/s':>8} {'TFLOP/s':>8} {'peak GPU GiB':>12}")
     rates = {}
     for name, build in (("recipe", recipe_side), ("medseg", medseg_side)):
