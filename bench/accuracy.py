@@ -33,6 +33,7 @@ from medseg import metrics, runs, splits
 from medseg.config import Config, load_config
 from medseg.datasets import load_dataset, require_clean
 from medseg.engine import fit_fold, load_samples
+from medseg.errors import MedsegError, UsageError
 from medseg.predict import PostProcess, Run, device_for, load_fold_model, open_run, predict_frames
 from medseg.train import data_options, train_run
 from medseg.tune import MIN_AREAS, PRESENCE_THRESHOLDS, THRESHOLDS, best_point, cross_fitted_counts, frame_counts, grids, oof_predictions, score_cube
@@ -188,6 +189,8 @@ def main() -> None:
     for name in args.datasets.split(","):
         folder, values = DATASETS[name]
         data = args.data_root / folder
+        if not data.is_dir():
+            raise UsageError(f"{data}: no such data set folder; point --data-root at the folder that holds {folder}/")
         if "medseg" in args.arms:
             config = load_config(args.preset, None, args.overrides + args.medseg_set, values)
             rows += [score.row() for score in medseg_arm(name, data, config, args.out, args.folds)]
@@ -199,4 +202,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MedsegError as error:
+        sys.exit(f"error: {error}")

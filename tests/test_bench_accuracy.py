@@ -28,3 +28,10 @@ def test_accuracy_bench_scores_both_arms_on_every_frame_out_of_fold(tmp_path):
     assert rows["medseg, cross-fitted"]["score"] <= rows["medseg, tuned on all"]["score"] + 1e-9
     assert (tmp_path / "out" / "uns-mini" / "medseg" / "fold_1" / "checkpoints" / "best.ckpt").is_file()
     assert (tmp_path / "out" / "uns-mini" / "recipe" / "fold_1" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_accuracy_bench_names_a_missing_data_set_folder_in_one_line(tmp_path):
+    command = [sys.executable, str(BENCH), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path), "--datasets", "uns-mini"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {tmp_path / 'uns-mini'}: no such data set folder; point --data-root at the folder that holds uns-mini/"
