@@ -53,6 +53,7 @@ RECIPE = {
     "loss.per_image_dice": False,
     "optim.lr": 1e-4,
     "optim.weight_decay": 1e-4,
+    "optim.schedule": "plateau",
     "optim.plateau_factor": 0.5,
     "optim.plateau_patience": 5,
     "trainer.early_stopping_patience": 10,

@@ -2,7 +2,7 @@
 
 The configuration is a tree of pydantic models that forbid unknown keys. It is built from a preset
 (``default``: one model at 448x608, validated on one subject-grouped fifth; ``cpu``: small input and
-encoder for machines without a GPU and for tests; ``kaggle``: the default model trained on every fold of a
+encoder and a fixed budget of 25 epochs on a cosine schedule, for machines without a GPU and for tests; ``kaggle``: the default model trained on every fold of a
 subject-grouped 5-fold split, tuned out-of-fold at the end of training, predicting as a five-model
 ensemble), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
 keys and YAML-typed values (``trainer.max_epochs=2``, ``augment.hflip.p=0``, ``model.encoder_weights=none``,
@@ -199,7 +199,8 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     "cpu": {
         "input": {"height": 128, "width": 160},
         "model": {"encoder": "resnet18"},
-        "trainer": {"max_epochs": 25, "batch_size": 16, "early_stopping_patience": 10},
+        "optim": {"schedule": "cosine"},
+        "trainer": {"max_epochs": 25, "batch_size": 16, "early_stopping_patience": 25},
     },
     "kaggle": {
         "split": {"n_folds": 5, "fold": None},
