@@ -14,7 +14,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from medseg import runs
+from medseg import engine, runs
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.datasets import sample_data_path
@@ -220,6 +220,25 @@ def test_gpu_fast_path_settings_run_on_cpu_tensors(tmp_path):
     assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values() if value.is_floating_point())
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_and_layout_on_a_cpu_follow_its_native_bf16(monkeypatch, native_bf16):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native_bf16)
+    config = load_config("cpu", overrides=["trainer.accelerator=cpu"])
+    assert engine.precision(config) == ("bf16-mixed" if native_bf16 else "32-true")
+    assert engine.uses_channels_last(config) is native_bf16
+    pinned = load_config("cpu", overrides=["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.channels_last=false"])
+    assert engine.precision(pinned) == "32-true" and engine.uses_channels_last(pinned) is False
+
+
+def test_native_bf16_check_agrees_with_the_cpu_flags_the_kernel_reports():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags_lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.is_file() else []
+    if not flags_lines:
+        pytest.skip("no x86 CPU flags in /proc/cpuinfo on this machine")
+    flags = set(flags_lines[0].split(":", 1)[1].split())
+    assert engine.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
