@@ -235,9 +235,7 @@ def test_auto_precision_and_layout_on_a_cpu_follow_its_native_bf16(monkeypatch, 
 def test_native_bf16_check_agrees_with_the_cpu_flags_the_kernel_reports():
     cpuinfo = Path("/proc/cpuinfo")
     flags_lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.is_file() else []
-    if not flags_lines:
-        pytest.skip("no x86 CPU flags in /proc/cpuinfo on this machine")
-    flags = set(flags_lines[0].split(":", 1)[1].split())
+    flags = set(flags_lines[0].split(":", 1)[1].split()) if flags_lines else set()
     assert engine.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
