@@ -2,9 +2,9 @@
 
 The configuration is a tree of pydantic models that forbid unknown keys. It is built from a preset
 (``default``: one model at 448x608, validated on one subject-grouped fifth; ``cpu``: small input and
-encoder and a fixed budget of 25 epochs on a cosine schedule, for machines without a GPU and for tests; ``kaggle``: the default model trained on every fold of a
-subject-grouped 5-fold split, tuned out-of-fold at the end of training, predicting as a five-model
-ensemble), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
+encoder and a fixed budget of 25 epochs on a cosine schedule, for machines without a GPU and for tests;
+``kaggle``: the default model trained on every fold of a subject-grouped 5-fold split, tuned out-of-fold
+at the end of training, predicting as a five-model ensemble), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
 keys and YAML-typed values (``trainer.max_epochs=2``, ``augment.hflip.p=0``, ``model.encoder_weights=none``,
 ``split.fold=null``, lists as ``[1, 2]``). The resolved configuration is what a run saves as
 ``RUN/config.yaml`` and what every later stage reads back.
