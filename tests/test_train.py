@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from medseg import engine, runs
 from medseg.cli import main
-from medseg.config import load_config
+from medseg.config import load_config, read_run_config
 from medseg.datasets import sample_data_path
 from medseg.engine import NonFiniteLossError
 from medseg.train import train_run
@@ -49,7 +49,10 @@ def test_train_writes_every_run_file(uns_mini_run):
         for column in ("train_loss", "val_loss", "val_score", "lr", "images_per_s"):
             assert math.isfinite(float(row[column])), column
         assert 0.0 <= float(row["val_score"]) <= 1.0
-    assert float(rows[0]["lr"]) == pytest.approx(load_config("cpu").optim.lr)
+    optim = read_run_config(uns_mini_run / "config.yaml").optim
+    assert optim.schedule == "cosine"
+    floor = optim.lr * optim.cosine_floor
+    assert [float(row["lr"]) for row in rows] == pytest.approx([floor + (optim.lr - floor) / 2, floor])
 
 
 def test_run_files_hold_the_resolved_config_split_and_versions(uns_mini_run):
