@@ -68,7 +68,9 @@ def test_run_files_hold_the_resolved_config_split_and_versions(uns_mini_run):
     checkpoint = torch.load(uns_mini_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["hyper_parameters"]["config"]["input"]["height"] == 64
     best_epoch = min(range(2), key=lambda e: float(metric_rows(uns_mini_run / "metrics.csv")[e]["val_loss"]))
-    assert torch.load(uns_mini_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == best_epoch
+    best = torch.load(uns_mini_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == best_epoch and "optimizer_states" not in best and "optimizer_states" in checkpoint
+    assert (uns_mini_run / "checkpoints" / "best.ckpt").stat().st_size < (uns_mini_run / "checkpoints" / "last.ckpt").stat().st_size / 2
 
 
 def test_non_empty_run_folder_needs_force(uns_mini_run, capsys):

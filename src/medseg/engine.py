@@ -414,10 +414,14 @@ def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, e
     """A Lightning trainer with the recipe's callbacks writing into ``fold_dir``.
 
     ``last.ckpt`` has its own checkpoint callback because Lightning 2.6 writes ``save_last`` only in the
-    epochs that also improve the monitored value, and resuming needs the latest epoch.
+    epochs that also improve the monitored value, and resuming needs the latest epoch. ``best.ckpt`` holds
+    the weights only (a third of the size: prediction, tuning and export need no optimiser state);
+    ``last.ckpt`` keeps the optimiser and schedule for ``--resume``.
     """
     trainer_cfg = config.trainer
-    best = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False)
+    best = ModelCheckpoint(
+        dirpath=fold_dir.checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False
+    )
     last = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="last", save_top_k=1, enable_version_counter=False)
     stopper = EarlyStopping("val_loss", patience=trainer_cfg.early_stopping_patience, mode="min")
     callbacks = [EpochMetricsWriter(fold_dir.metrics), stopper, best, last]

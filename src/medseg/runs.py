@@ -7,7 +7,7 @@ RUN/
   split.json      the subject-grouped folds
   versions.json   python, torch, smp, lightning, CUDA, GPU; encoder weights used and why
   data_summary.json  frames, empty share, subjects, sizes, mask areas of the training data
-  checkpoints/    best.ckpt (lowest validation loss), last.ckpt         (single run)
+  checkpoints/    best.ckpt (weights at the lowest validation loss), last.ckpt (for --resume)  (single run)
   metrics.csv     one row per epoch                                      (single run)
   fold_K/         checkpoints/, metrics.csv, done.json per fold            (--folds N)
 ```
