@@ -276,6 +276,31 @@ def test_path_that_does_not_exist(capsys, tmp_path):
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("mistake", ["missing data folder", "broken frame", "unknown encoder", "missing weights file"])
+def test_force_keeps_the_earlier_run_when_the_new_one_is_refused(capsys, copy, tmp_path, mistake):
+    """--force replaces a run only once the new one's data has loaded and its model is known: a typo must
+    not cost the earlier run."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text("{}\n")
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"the earlier run's weights")
+    before = sorted(str(path.relative_to(run)) for path in run.rglob("*"))
+    data, extra = copy, []
+    if mistake == "missing data folder":
+        data = tmp_path / "typo"
+    elif mistake == "broken frame":
+        zero_byte_image(copy)
+    elif mistake == "unknown encoder":
+        extra = set_args("model.encoder=resnet19")
+    else:
+        extra = set_args(f"model.encoder_weights={tmp_path / 'missing.pth'}")
+    code, out, err = run_cli(capsys, *train_args(data, run, "--force", *extra))
+    assert code == (1 if mistake == "broken frame" else 2) and "Traceback" not in out + err, err
+    assert len(err.strip().splitlines()) == 1 and "run folder:" not in out
+    assert sorted(str(path.relative_to(run)) for path in run.rglob("*")) == before
+    assert (run / "checkpoints" / "best.ckpt").read_bytes() == b"the earlier run's weights"
+
+
 def test_missing_config_file(capsys, copy, tmp_path):
     config = tmp_path / "nope.yaml"
     run = tmp_path / "run"

@@ -109,8 +109,8 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
             take the encoder, an unreadable or unfitting weights file, or ``imagenet`` weights that
             cannot be had.
     """
+    check_model_config(cfg)
     arch = _architecture(cfg.arch)
-    _check_encoder(cfg.encoder)
     requested = cfg.encoder_weights
     option = requested.strip().lower()
     if option == "none":
@@ -121,6 +121,19 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
     model = _build(arch, cfg)
     _load_encoder(model, cfg.encoder, _read_state(path), str(path))
     return model, EncoderWeights(requested, f"file:{path}")
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The quick checks of :func:`create_model`, without building anything: the architecture, the encoder
+    and, when ``encoder_weights`` names a file, that the file exists.
+
+    Raises:
+        UsageError: On an unknown architecture or encoder, or a weights file that does not exist.
+    """
+    _architecture(cfg.arch)
+    _check_encoder(cfg.encoder)
+    if cfg.encoder_weights.strip().lower() not in WEIGHT_OPTIONS:
+        _weights_path(cfg.encoder_weights)
 
 
 def split_outputs(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -87,8 +87,8 @@ def fold_dirs(run: Path, folds: list[int], several: bool) -> list[FoldDir]:
     return [FoldDir(fold, Path(run) / f"fold_{fold}" if several else Path(run)) for fold in folds]
 
 
-def prepare_run_folder(run: Path, force: bool, resume: bool) -> None:
-    """Check that a run may be written into ``run`` and create it.
+def check_run_folder(run: Path, force: bool, resume: bool) -> None:
+    """Check, without changing anything, that a run may be written into ``run``.
 
     Args:
         run: The run folder.
@@ -111,9 +111,24 @@ def prepare_run_folder(run: Path, force: bool, resume: bool) -> None:
         return
     if occupied and not force:
         raise UsageError(f"{run}: folder exists and is not empty; use --force to replace the run or --resume to continue it")
-    if occupied:
-        if not (run / RUN_FILE).is_file() and not (run / CONFIG_FILE).is_file():
-            raise UsageError(f"{run}: not a medseg run folder, so --force will not delete it; choose another --out")
+    if occupied and not (run / RUN_FILE).is_file() and not (run / CONFIG_FILE).is_file():
+        raise UsageError(f"{run}: not a medseg run folder, so --force will not delete it; choose another --out")
+
+
+def prepare_run_folder(run: Path, force: bool, resume: bool) -> None:
+    """Check that a run may be written into ``run`` (:func:`check_run_folder`), then create it.
+
+    With ``force`` an earlier run in ``run`` is deleted: call this only once the new run's data has
+    loaded, so that a mistyped data folder does not cost the old run.
+
+    Raises:
+        UsageError: As :func:`check_run_folder`.
+    """
+    run = Path(run)
+    check_run_folder(run, force=force, resume=resume)
+    if resume:
+        return
+    if run.is_dir() and any(run.iterdir()):
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
 

@@ -19,7 +19,7 @@ from medseg.datasets import Dataset, DataOptions, load_dataset, require_clean
 from medseg.engine import FoldResult, Sample, fit_fold, is_ddp_child, load_samples
 from medseg.errors import UsageError
 from medseg.inspector import FrameFacts, summarize
-from medseg.models import EncoderWeights
+from medseg.models import EncoderWeights, check_model_config
 
 __all__ = ["data_options", "train_run"]
 
@@ -64,20 +64,26 @@ def train_run(
     """
     run = Path(run)
     child = is_ddp_child()
+    fresh = not (resume or child)
     if not child:
-        runs.prepare_run_folder(run, force=force, resume=resume)
-    if resume or child:
-        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.read_json(run / runs.RUN_FILE)
-        _check_same_data(data, plan, run)
-    else:
+        runs.check_run_folder(run, force=force, resume=resume)
+    if fresh:
         plan = _plan(data, config, folds, fold)
         config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan["n_folds"]})})
+        check_model_config(config.model)
+    else:
+        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.read_json(run / runs.RUN_FILE)
+        _check_same_data(data, plan, run)
     dataset = require_clean(load_dataset(data, data_options(config)))
     samples = load_samples(dataset.train, data_options(config))
-    split = _split(run, dataset, samples, config, fresh=not (resume or child))
-    if not (resume or child):
-        plan["train_non_empty"] = sum(1 for _, mask in samples.values() if mask.any())
-        _write_run_files(run, config, plan, dataset, samples)
+    if not fresh:
+        split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
+        return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+    split = _new_split(dataset, samples, config)
+    runs.prepare_run_folder(run, force=force, resume=False)  # only now, with the data loaded and split, is an earlier run replaced
+    _save_split(run, split, dataset, samples)
+    plan["train_non_empty"] = sum(1 for _, mask in samples.values() if mask.any())
+    _write_run_files(run, config, plan, dataset, samples)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 
 
@@ -102,18 +108,18 @@ def _check_same_data(data: Path, plan: dict, run: Path) -> None:
         raise UsageError(f"{run} was trained on {plan['data']}, not {Path(data).resolve()}; resume it with the same DATA")
 
 
-def _split(run: Path, dataset: Dataset, samples: dict[str, Sample], config: Config, fresh: bool) -> splits.Split:
+def _new_split(dataset: Dataset, samples: dict[str, Sample], config: Config) -> splits.Split:
     ids = [record.id for record in dataset.train]
-    if not fresh:
-        return splits.load_split(run / runs.SPLIT_FILE, expected_ids=ids)
     subjects = [record.subject for record in dataset.train]
     empty = [not samples[i][1].any() for i in ids]
-    split = splits.grouped_kfold(ids, subjects, empty, n_folds=config.split.n_folds, seed=config.split.seed)
-    subject_of = dict(zip(ids, subjects))
-    empty_of = dict(zip(ids, empty))
-    info = {"subjects": {i: subject_of[i] for i in ids}, "empty_per_fold": [sum(empty_of[i] for i in fold) for fold in split.folds]}
+    return splits.grouped_kfold(ids, subjects, empty, n_folds=config.split.n_folds, seed=config.split.seed)
+
+
+def _save_split(run: Path, split: splits.Split, dataset: Dataset, samples: dict[str, Sample]) -> None:
+    subject_of = {record.id: record.subject for record in dataset.train}
+    empty_of = {i: not samples[i][1].any() for i in subject_of}
+    info = {"subjects": subject_of, "empty_per_fold": [sum(empty_of[i] for i in fold) for fold in split.folds]}
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
-    return split
 
 
 def _write_run_files(run: Path, config: Config, plan: dict, dataset: Dataset, samples: dict[str, Sample]) -> None:
