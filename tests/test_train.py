@@ -268,3 +268,21 @@ def test_cosine_schedule_decays_the_learning_rate_to_its_floor_over_max_epochs()
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert rates[-1] == pytest.approx(1e-5)
     assert "monitor" not in settings["lr_scheduler"]
+
+
+@pytest.mark.parametrize(("epochs_run", "stopped_epoch", "early"), [(17, 16, True), (25, 24, False), (25, 0, False)])
+def test_a_fold_stopped_early_only_when_epochs_were_left(tmp_path, epochs_run, stopped_epoch, early):
+    """Early stopping that fires on the last epoch of the budget ends nothing early."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    fold_dir = runs.FoldDir(0, tmp_path)
+    with open(fold_dir.metrics, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "val_loss", "val_score"])
+        writer.writerows([epoch, 1.0 / epoch, 0.5] for epoch in range(1, epochs_run + 1))
+    stopper = EarlyStopping("val_loss")
+    stopper.stopped_epoch = stopped_epoch
+    result = engine._fold_result(SimpleNamespace(callbacks=[stopper], max_epochs=25), fold_dir)
+    assert result.epochs == epochs_run and result.stopped_early is early

@@ -509,7 +509,7 @@ def _fold_result(trainer: L.Trainer, fold_dir: runs.FoldDir) -> FoldResult:
         epochs=len(rows),
         best_val_loss=float(best["val_loss"]) if best else math.nan,
         best_val_score=float(best["val_score"]) if best else math.nan,
-        stopped_early=stopper.stopped_epoch > 0,
+        stopped_early=stopper.stopped_epoch > 0 and len(rows) < (trainer.max_epochs or 0),  # a stop on the last epoch ends nothing early
     )
 
 
