@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the medseg side")
+    parser.add_argument("--data", type=Path, default=UNS_MINI, help="the uns-mini folder (Kaggle layout)")
     args = parser.parse_args()
     overrides = ["model.encoder_weights=none"]
     if args.cpu:
@@ -128,7 +129,7 @@ def main() -> None:
     config = load_config("default", overrides=overrides + (["trainer.compile=true"] if args.compile else []))
     steps, warmup = args.steps or (4 if args.cpu else 50), args.warmup or (1 if args.cpu else 10)
     device = torch.device("cuda") if uses_cuda(config) else torch.device("cpu")
-    dataset = load_dataset(UNS_MINI)
+    dataset = load_dataset(args.data)
     samples = list(load_samples(dataset.train, dataset.options).values())
     gflop = GFLOP_PER_IMAGE * config.input.height * config.input.width / RECIPE_PIXELS
     print(f"{device} {torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}; medseg side {precision(config)}, channels-last {uses_channels_last(config)}; {config.model.encoder} {config.input.height}x{config.input.width}, batch {config.trainer.batch_size}, {steps} timed steps")
