@@ -115,8 +115,8 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
         raise UsageError(f"{run}: not a medseg run folder, so --force will not delete it; choose another --out")
 
 
-def prepare_run_folder(run: Path, force: bool, resume: bool) -> None:
-    """Check that a run may be written into ``run`` (:func:`check_run_folder`), then create it.
+def replace_run_folder(run: Path, force: bool) -> None:
+    """Check again that a new run may be written into ``run`` (:func:`check_run_folder`), then create it.
 
     With ``force`` an earlier run in ``run`` is deleted: call this only once the new run's data has
     loaded, so that a mistyped data folder does not cost the old run.
@@ -125,9 +125,7 @@ def prepare_run_folder(run: Path, force: bool, resume: bool) -> None:
         UsageError: As :func:`check_run_folder`.
     """
     run = Path(run)
-    check_run_folder(run, force=force, resume=resume)
-    if resume:
-        return
+    check_run_folder(run, force=force, resume=False)
     if run.is_dir() and any(run.iterdir()):
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)

@@ -79,10 +79,11 @@ def train_run(
     if not fresh:
         split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
-    split = _new_split(dataset, samples, config)
-    runs.prepare_run_folder(run, force=force, resume=False)  # only now, with the data loaded and split, is an earlier run replaced
-    _save_split(run, split, dataset, samples)
-    plan["train_non_empty"] = sum(1 for _, mask in samples.values() if mask.any())
+    empty = {record.id: not samples[record.id][1].any() for record in dataset.train}
+    split = _new_split(dataset, empty, config)
+    runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
+    _save_split(run, split, dataset, empty)
+    plan["train_non_empty"] = sum(not value for value in empty.values())
     _write_run_files(run, config, plan, dataset, samples)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 
@@ -108,17 +109,14 @@ def _check_same_data(data: Path, plan: dict, run: Path) -> None:
         raise UsageError(f"{run} was trained on {plan['data']}, not {Path(data).resolve()}; resume it with the same DATA")
 
 
-def _new_split(dataset: Dataset, samples: dict[str, Sample], config: Config) -> splits.Split:
+def _new_split(dataset: Dataset, empty: dict[str, bool], config: Config) -> splits.Split:
     ids = [record.id for record in dataset.train]
     subjects = [record.subject for record in dataset.train]
-    empty = [not samples[i][1].any() for i in ids]
-    return splits.grouped_kfold(ids, subjects, empty, n_folds=config.split.n_folds, seed=config.split.seed)
+    return splits.grouped_kfold(ids, subjects, [empty[i] for i in ids], n_folds=config.split.n_folds, seed=config.split.seed)
 
 
-def _save_split(run: Path, split: splits.Split, dataset: Dataset, samples: dict[str, Sample]) -> None:
-    subject_of = {record.id: record.subject for record in dataset.train}
-    empty_of = {i: not samples[i][1].any() for i in subject_of}
-    info = {"subjects": subject_of, "empty_per_fold": [sum(empty_of[i] for i in fold) for fold in split.folds]}
+def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[str, bool]) -> None:
+    info = {"subjects": {record.id: record.subject for record in dataset.train}, "empty_per_fold": [sum(empty[i] for i in fold) for fold in split.folds]}
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
 
 
