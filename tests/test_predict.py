@@ -47,6 +47,9 @@ def test_predict_refuses_to_overwrite_and_writes_masks_and_probs(run_copy, tmp_p
     out.write_text("keep")
     args = ["predict", str(run_copy), str(shared_data / "uns-mini" / "test"), "--out", str(out), "--quiet", "--allow-degenerate"]
     assert main(args) == 2 and out.read_text() == "keep"
+    capsys.readouterr()
+    mistyped = ["predict", str(run_copy), str(tmp_path / "tset"), "--out", str(out), "--quiet"]
+    assert main(mistyped) == 2 and "tset: not a folder of images" in capsys.readouterr().err  # the input first, not "exists"
     masks = tmp_path / "masks"
     assert main([*args, "--force", "--masks-dir", str(masks), "--save-probs", "--no-tta"]) == 0
     assert len(list(masks.glob("*.png"))) == 53

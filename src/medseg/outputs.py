@@ -68,9 +68,9 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     """
     if request.out is None and request.masks_dir is None:
         raise UsageError("say where the masks go: --out FILE.csv (a submission) and/or --masks-dir DIR (PNG masks)")
-    _refuse_overwrite(request)
     run = open_run(request.run)
     folder, sample_path = _locate(request)
+    _refuse_overwrite(request)  # after the inputs: a typo in them is told before an existing output is
     records = _frames(folder, on_message)
     sample_ids = submission.read_sample_ids(sample_path) if sample_path else None
     if sample_ids is not None:
