@@ -79,12 +79,13 @@ def train_run(
     if not fresh:
         split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
-    empty = {record.id: not samples[record.id][1].any() for record in dataset.train}
+    areas = {record.id: int(np.count_nonzero(samples[record.id][1])) for record in dataset.train}
+    empty = {i: area == 0 for i, area in areas.items()}
     split = _new_split(dataset, empty, config)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _save_split(run, split, dataset, empty)
     plan["train_non_empty"] = sum(not value for value in empty.values())
-    _write_run_files(run, config, plan, dataset, samples)
+    _write_run_files(run, config, plan, dataset, samples, areas)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 
 
@@ -120,8 +121,8 @@ def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[st
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
 
 
-def _write_run_files(run: Path, config: Config, plan: dict, dataset: Dataset, samples: dict[str, Sample]) -> None:
-    facts = [FrameFacts(record, size=samples[record.id][0].shape, area=int(np.count_nonzero(samples[record.id][1]))) for record in dataset.train]
+def _write_run_files(run: Path, config: Config, plan: dict, dataset: Dataset, samples: dict[str, Sample], areas: dict[str, int]) -> None:
+    facts = [FrameFacts(record, size=samples[record.id][0].shape, area=areas[record.id]) for record in dataset.train]
     runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(dataset, facts))
     save_config(config, run / runs.CONFIG_FILE)
     runs.write_json(run / runs.RUN_FILE, plan)
