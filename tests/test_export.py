@@ -35,6 +35,8 @@ def test_export_writes_a_dynamic_batch_model_and_its_settings(run_copy, capsys):
         assert probs.shape == (batch, 1, 64, 96) and presence.shape == (batch,)
     assert main(["export", str(run_copy), "--onnx", str(model)]) == 2
     assert "--force" in capsys.readouterr().err
+    assert main(["export", str(run_copy.with_name("nrun")), "--onnx", str(model)]) == 2
+    assert "nrun" in capsys.readouterr().err  # the mistyped run first, not "exists"
 
 
 def test_onnx_runtime_probabilities_match_torch_within_1e_3(run_copy, shared_data):

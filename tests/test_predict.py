@@ -175,6 +175,9 @@ def test_evaluate_scores_held_out_frames_of_the_own_data_and_all_frames_of_other
     assert np.mean([float(row["dice"]) for row in rows]) == pytest.approx(summary["score"], abs=1e-5)
     assert "competition score" in capsys.readouterr().out
     assert main(["evaluate", str(run_copy), str(shared_data / "uns-mini"), "--quiet"]) == 2  # exists: needs --force
+    capsys.readouterr()
+    mistyped = ["evaluate", str(run_copy), str(shared_data / "uns-mnii"), "--out", str(own), "--quiet"]
+    assert main(mistyped) == 2 and "uns-mnii" in capsys.readouterr().err  # the mistyped data first, not "already there"
 
 
 def test_demo_runs_the_whole_workflow(tmp_path, capsys):

@@ -54,9 +54,9 @@ def evaluate_run(
     """
     run = open_run(path)
     out = Path(out) if out else run.path / "evaluation" / Path(data).resolve().name
+    dataset = require_clean(load_dataset(data, options or data_options(run.config)))  # the inputs before the outputs
     if (out / "summary.json").exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
-    dataset = require_clean(load_dataset(data, options or data_options(run.config)))
     out_of_fold = Path(data).resolve() == run.data
     groups = oof_groups(run, [r.id for r in dataset.train]) if out_of_fold else {None: [r.id for r in dataset.train]}
     samples = load_samples(dataset.train, dataset.options)

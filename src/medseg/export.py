@@ -66,11 +66,11 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     Raises:
         UsageError: If the files exist and ``force`` is not given.
     """
+    run = open_run(run_path)  # before the outputs: a mistyped run is told before an existing file is
     out = Path(out)
     meta_out = metadata_path(out)
     if not force and (out.exists() or meta_out.exists()):
         raise UsageError(f"{out}: exists; use --force to replace it")
-    run = open_run(run_path)
     graph = EnsembleProbabilities([load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]).eval()
     example = torch.zeros(1, 1, run.config.input.height, run.config.input.width)
     outputs = OUTPUTS if run.config.model.presence_head else OUTPUTS[:1]
