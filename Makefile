@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/medseg demo --out demo-output --force
 
+# pip check: the installed versions satisfy every package's requirements (pyproject.toml bounds the ones that broke us)
 test: $(STAMP) browser
+	$(BIN)/python -m pip check
 	$(BIN)/python -m pytest
 
 # Nothing to do when Chromium is there; as root it is installed with apt-get, otherwise make stops and says how.

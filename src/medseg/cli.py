@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,10 +25,16 @@ from medseg.config import PRESETS, read_run_config
 from medseg.datasets import LAYOUTS, DataOptions, load_dataset
 from medseg.errors import MedsegError, UsageError
 from medseg.inspector import Inspection, inspect_dataset
-from medseg.runs import CONFIG_FILE
+from medseg.runs import CONFIG_FILE, installation_versions
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+
+# The exceptions typer raises for command-line mistakes come from its own copy of click (typer >= 0.29
+# vendors it as ``typer._click``) or from the click package (older typer): resolve them from typer itself.
+_CLICK = sys.modules[typer.BadParameter.__module__]
+ClickException = _CLICK.ClickException
+NoArgsIsHelp = getattr(_CLICK, "NoArgsIsHelpError", None)
 
 app = typer.Typer(
     name="medseg",
@@ -83,17 +88,24 @@ def data_options(
     return DataOptions(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
 
 
-def _version(value: bool) -> None:
-    if value:
-        stdout.print(f"medseg {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
+@app.callback(invoke_without_command=True)
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    context: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="With --version: also Python, the platform and every dependency's version.")] = False,
 ) -> None:
     """Segment structures in grayscale medical images whose masks come as Kaggle-style RLE."""
+    if version:
+        stdout.print(f"medseg {__version__}")
+        if verbose:
+            for name, installed in installation_versions().items():
+                stdout.print(f"  {name} {installed}")
+        raise typer.Exit()
+    if verbose:
+        raise UsageError("--verbose goes with --version: medseg --version --verbose")
+    if context.invoked_subcommand is None:
+        stdout.print(context.get_help())
+        raise typer.Exit(EXIT_USAGE)
 
 
 @app.command("inspect")
@@ -425,12 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with bars:
             result = app(args=argv, prog_name="medseg", standalone_mode=False)
-    except click.exceptions.Exit as stop:
+    except typer.Exit as stop:
         return stop.exit_code
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    except click.exceptions.Abort:
+    except ClickException as error:
+        return show_click_error(error, arguments)
+    except typer.Abort:
         stderr.print("Aborted.")
         return 130
     except UsageError as error:
@@ -443,6 +454,37 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print(f"[red]error:[/red] {escape(os_error_line(error))}")
         return EXIT_PROBLEMS
     return result if isinstance(result, int) else 0
+
+
+def show_click_error(error: Exception, arguments: list[str]) -> int:
+    """Show a command-line mistake the parser found as the command's usage line and one ``error:`` line.
+
+    Args:
+        error: The parser's exception.
+        arguments: The command line, without the program name.
+
+    Returns:
+        The exit code click gives it: 2 for a usage error.
+    """
+    if NoArgsIsHelp is not None and isinstance(error, NoArgsIsHelp):
+        error.show()
+        return error.exit_code
+    context = getattr(error, "ctx", None) or _command_context(arguments)
+    stderr.print(escape(context.get_usage()))
+    stderr.print(f"[red]error:[/red] {escape(error.format_message())} (see '{escape(context.command_path)} --help')")
+    return error.exit_code
+
+
+def _command_context(arguments: list[str]) -> typer.Context:
+    """A context of the command named in ``arguments`` (of the program when none is), for its usage line.
+
+    The parser raises some mistakes (an option given too few values) without the context they happened in.
+    """
+    group = typer.main.get_command(app)
+    context = typer.Context(group, info_name="medseg")
+    name = next((argument for argument in arguments if not argument.startswith("-")), None)
+    command = group.get_command(context, name) if name else None
+    return typer.Context(command, info_name=name, parent=context) if command is not None else context
 
 
 def os_error_line(error: OSError) -> str:

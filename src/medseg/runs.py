@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -166,4 +167,21 @@ def versions() -> dict[str, Any]:
     found["cuda_available"] = torch.cuda.is_available()
     found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     found["cpu_count"] = os.cpu_count()
+    return found
+
+
+def installation_versions() -> dict[str, str]:
+    """Python, the platform, and the installed version of every dependency medseg declares (not its extras)."""
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for requirement in metadata.requires("medseg") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    import torch
+
+    found["torch CUDA build"] = torch.version.cuda or "none (CPU build)"
     return found
