@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The browser the report test opens report.html in (Debian's package; Playwright drives it, nothing is downloaded).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test browser bench clean
+.PHONY: demo test lint browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/medseg demo --out demo-output --force
 
-# pip check: the installed versions satisfy every package's requirements (pyproject.toml bounds the ones that broke us)
+# pip check: the installed versions satisfy every package's requirements (pyproject.toml bounds the ones that broke us);
+# ruff: lint and formatting (pyproject.toml's [tool.ruff]) before the tests, so that CI refuses what they refuse.
 test: $(STAMP) browser
 	$(BIN)/python -m pip check
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/python -m pytest
 
 # Nothing to do when Chromium is there; as root it is installed with apt-get, otherwise make stops and says how.

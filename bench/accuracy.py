@@ -29,14 +29,29 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import metrics, runs, splits
+from medseg import runs
 from medseg.config import Config, load_config
-from medseg.datasets import load_dataset, require_clean
-from medseg.engine import fit_fold, load_samples
+from medseg.data import splits
+from medseg.data.datasets import load_dataset, require_clean
+from medseg.data.samples import load_samples
+from medseg.devices import device_for
 from medseg.errors import MedsegError, UsageError
-from medseg.predict import PostProcess, Run, device_for, load_fold_model, open_run, predict_frames
-from medseg.train import data_options, train_run
-from medseg.tune import MIN_AREAS, PRESENCE_THRESHOLDS, THRESHOLDS, best_point, cross_fitted_counts, frame_counts, grids, oof_predictions, score_cube
+from medseg.infer.predict import PostProcess, load_fold_model, predict_frames
+from medseg.infer.tune import (
+    MIN_AREAS,
+    PRESENCE_THRESHOLDS,
+    THRESHOLDS,
+    best_point,
+    cross_fitted_counts,
+    frame_counts,
+    grids,
+    oof_predictions,
+    score_cube,
+)
+from medseg.learn import metrics
+from medseg.learn.fit import fit_fold
+from medseg.learn.train import train_run
+from medseg.runs import Run, open_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {
@@ -121,9 +136,8 @@ def medseg_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> 
 def recipe_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> Score:
     """The recipe as written, trained once per fold on the other folds, scored on the fold."""
     start = time.perf_counter()
-    options = data_options(config)
-    dataset = require_clean(load_dataset(data, options))
-    samples = load_samples(dataset.train, options)
+    dataset = require_clean(load_dataset(data, config.data))
+    samples = load_samples(dataset.train, config.data)
     split = _split(dataset, samples, config, folds)
     device = device_for(config)
     post = PostProcess(threshold=RECIPE_THRESHOLD)
@@ -136,7 +150,8 @@ def recipe_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> 
         fold_dir = runs.FoldDir(k, out / name / "recipe" / f"fold_{k}")
         _say(f"recipe fold {k}: {len(shuffled) - n_val} training, {n_val} random validation, {len(test_ids)} scored frames")
         fit_fold(config, fold_dir, samples, shuffled[n_val:], shuffled[:n_val])
-        model = load_fold_model(Run(fold_dir.path, config, {}, [fold_dir]), fold_dir, device)
+        plan = runs.RunPlan(data=str(Path(data).resolve()), n_folds=folds, folds=[k], several=False)
+        model = load_fold_model(Run(fold_dir.path, config, plan, [fold_dir]), fold_dir, device)
         frames = [samples[i][0] for i in test_ids]
         for sample_id, prediction in zip(test_ids, predict_frames([model], frames, config, tta="none")):
             counts[sample_id] = metrics.confusion_counts(prediction.mask(post)[None], samples[sample_id][1].astype(bool)[None])[0]
@@ -182,8 +197,12 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
     parser.add_argument("--arms", default="recipe,medseg", help="comma-separated: recipe, medseg")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for both arms' budget, e.g. trainer.max_epochs=12")
-    parser.add_argument("--medseg-set", action="append", default=[], help="override for the medseg arm only (to measure a candidate default)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="override for both arms' budget, e.g. trainer.max_epochs=12"
+    )
+    parser.add_argument(
+        "--medseg-set", action="append", default=[], help="override for the medseg arm only (to measure a candidate default)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -199,7 +218,10 @@ def main() -> None:
             config = load_config(args.preset, None, args.overrides, {**RECIPE, **values})
             rows.append(recipe_arm(name, data, config, args.out, args.folds).row())
         print_table(rows)
-        runs.write_json(args.out / "accuracy.json", {"preset": args.preset, "folds": args.folds, "overrides": args.overrides, "medseg_overrides": args.medseg_set, "rows": rows})
+        runs.write_json(
+            args.out / "accuracy.json",
+            {"preset": args.preset, "folds": args.folds, "overrides": args.overrides, "medseg_overrides": args.medseg_set, "rows": rows},
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,6 @@ MISSING = (
     "annotated-types",
     "typing-inspection",
     "typing-extensions",
-    "kornia",
-    "kornia-rs",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 CARRY_LIMIT_MB = 64
@@ -64,7 +62,9 @@ def copy_uns_mini(source: Path, target: Path) -> None:
     if not frames:
         sys.exit(f"error: {source / 'train'}: no frames; give the folder holding uns-mini with --data-root")
     for frame in frames:
-        tifffile.imwrite(target / "train" / frame.name, tifffile.imread(frame), compression="zlib", compressionargs={"level": 9}, predictor=True)
+        tifffile.imwrite(
+            target / "train" / frame.name, tifffile.imread(frame), compression="zlib", compressionargs={"level": 9}, predictor=True
+        )
     shutil.copy2(source / "train_masks.csv", target / "train_masks.csv")
 
 
@@ -81,7 +81,10 @@ def main() -> None:
     shutil.rmtree(GPU, ignore_errors=True)
     download_wheels(GPU / "wheels")
     copy_uns_mini(args.data_root / "uns-mini", GPU / "data" / "uns-mini")
-    print(f"{GPU}: {size_mb(GPU):.1f} MB (wheels {size_mb(GPU / 'wheels'):.1f}, data {size_mb(GPU / 'data'):.1f}); the device tool carries {CARRY_LIMIT_MB} MB with the checkout")
+    print(
+        f"{GPU}: {size_mb(GPU):.1f} MB (wheels {size_mb(GPU / 'wheels'):.1f}, data {size_mb(GPU / 'data'):.1f}); "
+        f"the device tool carries {CARRY_LIMIT_MB} MB with the checkout"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from medseg.config import ModelConfig
-from medseg.export import EnsembleProbabilities, OnnxEnsemble, export_graph
-from medseg.models import create_model
+from medseg.infer.export import EnsembleProbabilities, OnnxEnsemble, export_graph
+from medseg.learn.models import create_model
 
 CASES = (("cpu preset", "resnet18", 128, 160), ("recipe", "resnet34", 448, 608))
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from medseg.datasets import load_dataset
-from medseg.inspector import inspect_dataset
+from medseg.data.datasets import load_dataset
+from medseg.data.inspector import inspect_dataset
 
 UNS_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uns-mini"
 SUBJECTS = 47

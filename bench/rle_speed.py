@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import io, rle
+from medseg.data import io, rle
 
 SHAPE = (420, 580)
 DEFAULT_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kaggle-uns" / "train_masks.csv"

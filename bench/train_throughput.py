@@ -4,7 +4,7 @@
   batches moved as float.
 - medseg: the engine's choices for this machine: on CUDA bf16 autocast, channels-last, optional
   ``torch.compile``, uint8 frames kept in memory, moved as uint8 into pinned memory and augmented as whole
-  batches on the GPU (:mod:`medseg.gpu_augment`); on a CPU what the engine does there (Albumentations, and
+  batches on the GPU (:mod:`medseg.data.gpu_augment`); on a CPU what the engine does there (Albumentations, and
   bf16 autocast with channels-last where the CPU has native bf16, else fp32).
 
 Both run the same training step (0.5 Dice + 0.5 BCE, AdamW) on uns-mini frames for a fixed number of
@@ -26,12 +26,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from medseg.config import load_config
-from medseg.datasets import load_dataset
-from medseg.engine import SegmentationDataset, augments_on_device, load_samples, normalise, num_workers, precision, uses_channels_last, uses_cuda
-from medseg.gpu_augment import BatchAugment
-from medseg.losses import create_loss
-from medseg.models import create_model
-from medseg.transforms import train_transform
+from medseg.data.datasets import load_dataset
+from medseg.data.gpu_augment import BatchAugment
+from medseg.data.intensity import normalise
+from medseg.data.samples import load_samples
+from medseg.data.transforms import train_transform
+from medseg.devices import augments_on_device, precision, uses_channels_last, uses_cuda
+from medseg.learn.datamodule import SegmentationDataset, num_workers
+from medseg.learn.losses import create_loss
+from medseg.learn.models import create_model
 
 UNS_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uns-mini"
 GFLOP_PER_IMAGE = 192.0
@@ -70,7 +73,14 @@ def recipe_side(config, samples, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     loss_fn = create_loss(config.loss)
     workers = max(1, (torch.multiprocessing.cpu_count() or 2) - 1)
-    loader = DataLoader(SegmentationDataset(samples, train_transform(config, 0), 0), batch_size=config.trainer.batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=True)
+    loader = DataLoader(
+        SegmentationDataset(samples, train_transform(config, 0), 0),
+        batch_size=config.trainer.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=True,
+    )
 
     def step(images, masks):
         images, masks = normalise(images.to(device)), masks.to(device).float()
@@ -96,7 +106,15 @@ def medseg_side(config, samples, device: torch.device):
     augment = BatchAugment(config, seed=0) if on_device else None
     dataset = SegmentationDataset(samples, None if on_device else train_transform(config, 0), 0)
     workers = num_workers(config)
-    loader = DataLoader(dataset, batch_size=config.trainer.batch_size, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.trainer.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+    )
 
     def step(images, masks):
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
@@ -132,7 +150,11 @@ def main() -> None:
     dataset = load_dataset(args.data)
     samples = list(load_samples(dataset.train, dataset.options).values())
     gflop = GFLOP_PER_IMAGE * config.input.height * config.input.width / RECIPE_PIXELS
-    print(f"{device} {torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}; medseg side {precision(config)}, channels-last {uses_channels_last(config)}; {config.model.encoder} {config.input.height}x{config.input.width}, batch {config.trainer.batch_size}, {steps} timed steps")
+    print(
+        f"{device} {torch.cuda.get_device_name(0) if device.type == 'cuda' else ''}; "
+        f"medseg side {precision(config)}, channels-last {uses_channels_last(config)}; "
+        f"{config.model.encoder} {config.input.height}x{config.input.width}, batch {config.trainer.batch_size}, {steps} timed steps"
+    )
     print(f"{'side':<8} {'warm-up s':>9} {'img/s':>8} {'TFLOP/s':>8} {'peak GPU GiB':>12}")
     rates = {}
     for name, build in (("recipe", recipe_side), ("medseg", medseg_side)):

@@ -20,7 +20,8 @@ TEST_SUBJECT = "25"
 
 def main() -> None:
     """Copy the chosen subjects' frames, masks and RLE rows into the package."""
-    rows = list(csv.DictReader(open(SOURCE / "train_masks.csv", newline="")))
+    with open(SOURCE / "train_masks.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     if TARGET.exists():
         shutil.rmtree(TARGET)
     (TARGET / "train").mkdir(parents=True)

@@ -92,3 +92,11 @@ def tiny_uns_run(tmp_path_factory, shared_data: Path) -> Path:
     args = ["train", str(shared_data / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")) == 0
     return run
+
+
+@pytest.fixture
+def run_copy(tiny_uns_run, tmp_path) -> Path:
+    """A private copy of the tiny uns-mini run (without last.ckpt), free to tune, predict into and break."""
+    target = tmp_path / "run"
+    shutil.copytree(tiny_uns_run, target, ignore=shutil.ignore_patterns("last.ckpt"))
+    return target

@@ -21,8 +21,8 @@ import tifffile
 from PIL import Image
 
 from conftest import TINY_OVERRIDES, read_rows, set_args, write_rows
-from medseg import io
 from medseg.cli import main
+from medseg.data import io
 
 # Frames of six subjects, so that a clean copy could be split and trained: a refusal is the data's fault.
 TRAIN_IDS = ("1_1", "1_2", "2_1", "2_2", "3_1", "4_1", "5_1", "6_1")
@@ -396,7 +396,7 @@ def test_submission_with_a_trailing_comma_on_every_row_is_not_silently_shifted(c
 def test_in_a_subprocess_inspect_and_train_print_one_line_not_a_traceback(copy, tmp_path):
     truncated_tiff(copy)
     command = [sys.executable, "-m", "medseg.cli"]
-    result = subprocess.run([*command, "inspect", str(copy)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*command, "inspect", str(copy)], capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     assert re.search(rf"unreadable_image \S*{re.escape(BROKEN)}\.tif: .*replace the file", result.stdout), result.stdout
@@ -404,7 +404,8 @@ def test_in_a_subprocess_inspect_and_train_print_one_line_not_a_traceback(copy, 
     config = tmp_path / "bad.yaml"
     config.write_text("optim:\n  lr: [1, 2]\n")
     run = tmp_path / "run"
-    result = subprocess.run([*command, *train_args(copy, run, "--config", str(config))], capture_output=True, text=True, timeout=120)
+    arguments = [*command, *train_args(copy, run, "--config", str(config))]
+    result = subprocess.run(arguments, capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "optim.lr" in result.stderr, result.stderr

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import TINY_OVERRIDES
-from medseg.datasets import sample_data_path
+from medseg.data.datasets import sample_data_path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
 
@@ -18,8 +18,20 @@ def test_accuracy_bench_scores_both_arms_on_every_frame_out_of_fold(tmp_path):
     root.mkdir()
     (root / "uns-mini").symlink_to(sample_data_path(), target_is_directory=True)
     budget = [item for override in (*TINY_OVERRIDES, "trainer.max_epochs=1", "model.encoder=resnet18") for item in ("--set", override)]
-    command = [sys.executable, str(BENCH), "--out", str(tmp_path / "out"), "--data-root", str(root), "--datasets", "uns-mini", "--folds", "2", *budget]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--out",
+        str(tmp_path / "out"),
+        "--data-root",
+        str(root),
+        "--datasets",
+        "uns-mini",
+        "--folds",
+        "2",
+        *budget,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "medseg, cross-fitted" in done.stdout and "recipe" in done.stdout
     rows = {row["arm"]: row for row in json.loads((tmp_path / "out" / "accuracy.json").read_text())["rows"]}
@@ -32,6 +44,9 @@ def test_accuracy_bench_scores_both_arms_on_every_frame_out_of_fold(tmp_path):
 
 def test_accuracy_bench_names_a_missing_data_set_folder_in_one_line(tmp_path):
     command = [sys.executable, str(BENCH), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path), "--datasets", "uns-mini"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 1
-    assert done.stderr.strip() == f"error: {tmp_path / 'uns-mini'}: no such data set folder; point --data-root at the folder that holds uns-mini/"
+    assert (
+        done.stderr.strip()
+        == f"error: {tmp_path / 'uns-mini'}: no such data set folder; point --data-root at the folder that holds uns-mini/"
+    )

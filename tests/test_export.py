@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from medseg import io, rle
 from medseg.cli import main
+from medseg.data import io, rle
 from medseg.errors import UsageError
-from medseg.export import OnnxEnsemble, export_onnx
-from medseg.predict import load_fold_model, open_run, predict_probs
-
-
-@pytest.fixture
-def run_copy(tiny_uns_run, tmp_path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(tiny_uns_run, target, ignore=shutil.ignore_patterns("last.ckpt"))
-    return target
+from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.predict import load_fold_model, predict_frames
+from medseg.runs import open_run
 
 
 def test_export_writes_a_dynamic_batch_model_and_its_settings(run_copy, capsys):
@@ -43,8 +35,10 @@ def test_onnx_runtime_probabilities_match_torch_within_1e_3(run_copy, shared_dat
     run = open_run(run_copy)
     model, _ = export_onnx(run_copy, run_copy / "model.onnx")
     frames = [io.read_image(shared_data / "uns-mini" / "test" / f"{n}.tif") for n in range(1, 9)]
-    torch_probs = list(predict_probs([load_fold_model(run, run.folds[0], torch.device("cpu"))], frames, run.config))
-    onnx_probs = list(predict_probs(OnnxEnsemble(model), frames, run.config))
+    torch_probs = [
+        prediction.probs for prediction in predict_frames([load_fold_model(run, run.folds[0], torch.device("cpu"))], frames, run.config)
+    ]
+    onnx_probs = [prediction.probs for prediction in predict_frames(OnnxEnsemble(model), frames, run.config)]
     for a, b in zip(torch_probs, onnx_probs):
         assert a.shape == b.shape == (420, 580)
         assert np.abs(a - b).max() < 1e-3

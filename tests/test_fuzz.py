@@ -25,8 +25,10 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from medseg import config, io, rle, submission
+from medseg import config
+from medseg.data import io, rle
 from medseg.errors import DataError, UsageError
+from medseg.infer import submission
 
 RLE_EXAMPLES = 2000
 CSV_EXAMPLES = 500
@@ -421,9 +423,47 @@ json_values = st.recursive(
 yaml_values = st.one_of(
     json_values.map(lambda value: yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()),
     st.sampled_from(
-        ["", " ", "null", "~", "true", "no", "on", "1e3", "1_000", "0x1f", "0o17", ".inf", "-.nan", "2020-01-01", "[1, 2]", "{a: 1}",
-         "{max_epochs: 2}", "!!python/name:os.system", "&a [*a]", "*b", "'unterminated", "[", "{", "- a", "a: b: c", "!!binary aGk=",
-         "32", "64", "448", "0.5", "-1", "auto", "cpu", "none", "F", "C", "kaggle", "resnet18", "dice_bce"]
+        [
+            "",
+            " ",
+            "null",
+            "~",
+            "true",
+            "no",
+            "on",
+            "1e3",
+            "1_000",
+            "0x1f",
+            "0o17",
+            ".inf",
+            "-.nan",
+            "2020-01-01",
+            "[1, 2]",
+            "{a: 1}",
+            "{max_epochs: 2}",
+            "!!python/name:os.system",
+            "&a [*a]",
+            "*b",
+            "'unterminated",
+            "[",
+            "{",
+            "- a",
+            "a: b: c",
+            "!!binary aGk=",
+            "32",
+            "64",
+            "448",
+            "0.5",
+            "-1",
+            "auto",
+            "cpu",
+            "none",
+            "F",
+            "C",
+            "kaggle",
+            "resnet18",
+            "dice_bce",
+        ]
     ),
     st.text(max_size=20),
 )

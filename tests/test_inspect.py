@@ -13,10 +13,10 @@ import pytest
 import tifffile
 
 from conftest import read_rows, write_rows
-from medseg import rle
 from medseg.cli import main
-from medseg.datasets import DataOptions, load_dataset, sample_data_path
-from medseg.inspector import contradicting_duplicates, examine_labelled, inspect_dataset
+from medseg.data import rle
+from medseg.data.datasets import DataOptions, load_dataset, sample_data_path
+from medseg.data.inspector import contradicting_duplicates, examine_labelled, inspect_dataset
 
 
 def inspect_json(capsys, *args: str) -> tuple[int, dict]:
@@ -111,7 +111,7 @@ def test_broken_copy_lists_each_problem_with_its_file(capsys, broken_uns_mini):
 
 def test_broken_copy_in_a_subprocess_prints_lines_not_a_traceback(broken_uns_mini):
     result = subprocess.run(
-        [sys.executable, "-m", "medseg.cli", "inspect", str(broken_uns_mini)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "medseg.cli", "inspect", str(broken_uns_mini)], capture_output=True, text=True, check=False, timeout=120
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
@@ -123,7 +123,7 @@ def test_broken_copy_in_a_subprocess_prints_lines_not_a_traceback(broken_uns_min
     ("args", "message"),
     [
         (["inspect", "/no/such/folder"], "does not exist"),
-        (["inspect", "{data}", "--layout", "coco"], "not a layout"),
+        (["inspect", "{data}", "--layout", "coco"], "--layout: Input should be 'kaggle', 'folders' or 'rle-csv'"),
         (["inspect", "{data}", "--rle-order", "X"], "--rle-order"),
         (["inspect", "{data}", "--mask-value", "1", "--mask-threshold", "127"], "exclude each other"),
         (["inspect", "{data}", "--subject-pattern", "("], "not a valid regular expression"),

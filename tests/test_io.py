@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from conftest import uns_mini_rle
-from medseg import io, rle
+from medseg.data import io, rle
 from medseg.errors import DataError, ImageReadError
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -359,47 +359,6 @@ def test_read_csv_empty_cells_and_text(tmp_path: Path) -> None:
     assert table["img"].tolist() == ["007", "NA", "3"]  # text kept as text, "NA" not a missing value
     assert table["pixels"].tolist() == ["", "1 2", ""]
     assert not table.isna().any().any()
-
-
-# --------------------------------------------------------------------------- atomic_write
-
-
-def test_atomic_write_appears_after_block(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "submission.csv"
-    with io.atomic_write(path) as stream:
-        stream.write("img,pixels\n")
-        assert not path.exists()
-        stream.write("1,\n")
-        assert not path.exists()
-    assert path.read_text(encoding="utf-8") == "img,pixels\n1,\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["submission.csv"]
-
-
-def test_atomic_write_binary(tmp_path: Path) -> None:
-    path = tmp_path / "blob.bin"
-    with io.atomic_write(path, "wb") as stream:
-        stream.write(b"\x00\xff")
-    assert path.read_bytes() == b"\x00\xff"
-
-
-def test_atomic_write_failure_keeps_old_content(tmp_path: Path) -> None:
-    path = tmp_path / "submission.csv"
-    path.write_text("old\n", encoding="utf-8")
-    with pytest.raises(RuntimeError, match="disk full"):
-        with io.atomic_write(path) as stream:
-            stream.write("new, partial")
-            raise RuntimeError("disk full")
-    assert path.read_text(encoding="utf-8") == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
-
-
-def test_atomic_write_failure_creates_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "fresh.csv"
-    with pytest.raises(KeyboardInterrupt):
-        with io.atomic_write(path) as stream:
-            stream.write("partial")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_is_image_file() -> None:

@@ -8,7 +8,7 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss, 
 
 from medseg.config import LossConfig
 from medseg.errors import UsageError
-from medseg.losses import PerImageDiceLoss, create_loss
+from medseg.learn.losses import PerImageDiceLoss, create_loss
 
 NAMES = ("dice_bce", "tversky", "lovasz", "focal")
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medseg.metrics import (
+from medseg.learn.metrics import (
     competition_score,
     confusion_counts,
     confusion_counts_torch,

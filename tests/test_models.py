@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import medseg.models as models
 from medseg.config import ModelConfig
 from medseg.errors import UsageError
-from medseg.models import ARCHITECTURES, EncoderWeights, create_model
+from medseg.learn import models
+from medseg.learn.models import ARCHITECTURES, create_model
+from medseg.runs import EncoderWeights
 
 FAST_S = 10.0
 RESNET18_REVISION = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]["revision"]
@@ -104,7 +105,7 @@ def test_architecture_forward_and_backward(arch: str) -> None:
     grad = first_conv(model).grad
     assert first_conv(model).shape[1] == 1
     assert grad is not None and grad.abs().sum() > 0
-    assert weights == EncoderWeights("none", "random", None)
+    assert weights == EncoderWeights(requested="none", used="random")
 
 
 def test_architecture_names_are_case_insensitive() -> None:
@@ -211,7 +212,7 @@ def test_imagenet_from_the_cache_offline(offline: Path) -> None:
     snapshot.mkdir(parents=True)
     save_file(rgb, snapshot / "model.safetensors")
     model, weights = create_model(config(encoder_weights="imagenet"))
-    assert weights == EncoderWeights("imagenet", "imagenet", None)
+    assert weights == EncoderWeights(requested="imagenet", used="imagenet")
     assert torch.allclose(model.encoder.conv1.weight, rgb["conv1.weight"].sum(1, keepdim=True))
     assert torch.equal(model.encoder.layer4[1].conv2.weight, rgb["layer4.1.conv2.weight"])
 
@@ -233,7 +234,7 @@ def test_encoder_weights_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "encoder.pth"
     torch.save(source.encoder.state_dict(), path)
     model, weights = create_model(config(arch="FPN", encoder_weights=str(path)))
-    assert weights == EncoderWeights(str(path), f"file:{path}", None)
+    assert weights == EncoderWeights(requested=str(path), used=f"file:{path}")
     assert_encoders_equal(model, source)
 
 

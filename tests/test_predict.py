@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,14 @@ import torch
 from torch import nn
 
 from conftest import read_rows, write_rows
-from medseg import io, metrics, rle, submission
 from medseg.cli import main
 from medseg.config import load_config
-from medseg.predict import PostProcess, load_fold_model, open_run, predict_probs, read_postprocess
-from medseg.tune import best_point, score_grid
-
-
-@pytest.fixture
-def run_copy(tiny_uns_run, tmp_path) -> Path:
-    """A private copy of the tiny uns-mini run, free to tune and predict into."""
-    target = tmp_path / "run"
-    shutil.copytree(tiny_uns_run, target, ignore=shutil.ignore_patterns("last.ckpt"))
-    return target
+from medseg.data import io, rle
+from medseg.infer import submission
+from medseg.infer.predict import PostProcess, load_fold_model, predict_frames, read_postprocess
+from medseg.infer.tune import best_point, score_grid
+from medseg.learn import metrics
+from medseg.runs import open_run
 
 
 def test_predict_writes_the_sample_order_and_the_checker_accepts_it(run_copy, tmp_path, shared_data, capsys):
@@ -38,7 +32,18 @@ def test_predict_writes_the_sample_order_and_the_checker_accepts_it(run_copy, tm
     for _, pixels in rows[1:]:
         rle.check(pixels, (420, 580))
     capsys.readouterr()
-    code = main(["check-submission", str(out), "--sample", str(shared_data / "uns-mini" / "sample_submission.csv"), "--shape", "420", "580", "--allow-degenerate"])
+    code = main(
+        [
+            "check-submission",
+            str(out),
+            "--sample",
+            str(shared_data / "uns-mini" / "sample_submission.csv"),
+            "--shape",
+            "420",
+            "580",
+            "--allow-degenerate",
+        ]
+    )
     assert code == 0 and "valid" in capsys.readouterr().out
 
 
@@ -97,7 +102,12 @@ def test_tuning_finds_a_known_optimum():
     assert best_point(scores, thresholds, min_areas) == PostProcess(0.70, 200, 0.0, tuned=True)
     assert scores.max() == pytest.approx(1.0)
     assert scores[np.flatnonzero(thresholds == 0.5)[0], 0] < 1.0
-    direct = np.mean([metrics.dice_per_image(metrics.confusion_counts(PostProcess(0.7, 200).apply(p.copy())[None], t[None]))[0] for p, t in zip(probs, truths)])
+    direct = np.mean(
+        [
+            metrics.dice_per_image(metrics.confusion_counts(PostProcess(0.7, 200).apply(p.copy())[None], t[None]))[0]
+            for p, t in zip(probs, truths)
+        ]
+    )
     assert direct == pytest.approx(1.0)
 
 
@@ -119,8 +129,8 @@ def test_tta_on_a_flip_equivariant_model_equals_no_tta(shared_data):
     config = load_config("cpu", overrides=["input.height=64", "input.width=96"])
     frames = [io.read_image(shared_data / "uns-mini" / "test" / f"{n}.tif") for n in (1, 2, 3)]
     model = MirrorSymmetric().eval()
-    plain = list(predict_probs([model], frames, config, tta="none"))
-    flipped = list(predict_probs([model], frames, config, tta="hflip"))
+    plain = [prediction.probs for prediction in predict_frames([model], frames, config, tta="none")]
+    flipped = [prediction.probs for prediction in predict_frames([model], frames, config, tta="hflip")]
     for a, b in zip(plain, flipped):
         assert a.shape == (420, 580)
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -132,8 +142,8 @@ def test_ensemble_of_two_identical_checkpoints_equals_one(run_copy, shared_data)
     one = load_fold_model(run, run.folds[0], device)
     two = [one, load_fold_model(run, run.folds[0], device)]
     frames = [io.read_image(shared_data / "uns-mini" / "test" / f"{n}.tif") for n in (4, 5)]
-    for a, b in zip(predict_probs([one], frames, run.config), predict_probs(two, frames, run.config)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(predict_frames([one], frames, run.config), predict_frames(two, frames, run.config)):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
 
 
 def write_submission_rows(path: Path, rows):
@@ -151,7 +161,9 @@ def write_submission_rows(path: Path, rows):
 def test_check_submission_refuses_bad_submissions(tmp_path, shared_data, capsys, rows, message):
     path = tmp_path / "bad.csv"
     write_submission_rows(path, rows)
-    code = main(["check-submission", str(path), "--sample", str(shared_data / "uns-mini" / "sample_submission.csv"), "--shape", "420", "580"])
+    code = main(
+        ["check-submission", str(path), "--sample", str(shared_data / "uns-mini" / "sample_submission.csv"), "--shape", "420", "580"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and message in err and "Traceback" not in err
 

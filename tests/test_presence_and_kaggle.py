@@ -12,15 +12,18 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, read_rows, set_args
-from medseg import metrics, runs, splits
+from medseg import runs
 from medseg.cli import main
 from medseg.config import ModelConfig, load_config
-from medseg.datasets import sample_data_path
-from medseg.export import OnnxEnsemble
-from medseg.losses import create_loss
-from medseg.models import create_model, split_outputs
-from medseg.predict import PostProcess, Prediction, load_fold_model, open_run, predict_frames, read_postprocess
-from medseg.tune import OofPredictions, best_point, cross_fitted_counts, frame_counts, grids, oof_predictions, score_cube
+from medseg.data import splits
+from medseg.data.datasets import sample_data_path
+from medseg.infer.export import OnnxEnsemble
+from medseg.infer.predict import PostProcess, Prediction, load_fold_model, predict_frames, read_postprocess
+from medseg.infer.tune import OofPredictions, best_point, cross_fitted_counts, frame_counts, grids, oof_predictions, score_cube
+from medseg.learn import metrics
+from medseg.learn.losses import create_loss
+from medseg.learn.models import create_model, split_outputs
+from medseg.runs import open_run
 
 PRESENCE = ("model.presence_head=true", "model.encoder=resnet18")
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, set_args
-from medseg import submission
 from medseg.cli import main
-from medseg.datasets import sample_data_path
+from medseg.data.datasets import sample_data_path
+from medseg.infer import submission
 
 KILL_POINTS = 5
 EPOCHS = 3
@@ -71,7 +71,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, uninterrupted):
         if not (run / "run.json").is_file():
             continue  # killed before the run folder was written: nothing to resume, nothing lost
         assert_checkpoints_readable(run)
-        resumed = subprocess.run(resume_command(run), capture_output=True, text=True, timeout=600)
+        resumed = subprocess.run(resume_command(run), capture_output=True, text=True, check=False, timeout=600)
         assert resumed.returncode == 0, f"kill after {delay:.1f}s (seed {seed}): {resumed.stderr[-1500:]}"
         rows = metric_rows(run / "metrics.csv")
         assert [row["epoch"] for row in rows] == [str(e) for e in range(1, EPOCHS + 1)], f"seed {seed}, point {point}"
@@ -107,7 +107,8 @@ def can_mount_tmpfs(folder: Path) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     folder.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    mount = ["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(folder)]
+    return subprocess.run(mount, capture_output=True, check=False).returncode == 0
 
 
 def test_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
@@ -115,9 +116,10 @@ def test_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoint(tmp_pa
     disk = tmp_path / "small-disk"
     mounted = can_mount_tmpfs(disk)
     if not mounted:
-        from medseg import io as medseg_io
+        from medseg import files
+        from medseg.learn import callbacks
 
-        original = medseg_io.atomic_write
+        original = files.atomic_write
         writes = {"count": 0}
 
         def failing(path, mode="w"):
@@ -127,10 +129,7 @@ def test_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoint(tmp_pa
                     raise OSError(28, "No space left on device", str(path))
             return original(path, mode)
 
-        monkeypatch.setattr(medseg_io, "atomic_write", failing)
-        import medseg.engine as engine
-
-        monkeypatch.setattr(engine, "atomic_write", failing)
+        monkeypatch.setattr(callbacks, "atomic_write", failing)  # the checkpoint writer's
     try:
         run = disk / "run"
         args = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
@@ -147,7 +146,9 @@ def test_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoint(tmp_pa
 
 def test_two_runs_at_once_do_not_interfere(tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
-    processes = [subprocess.Popen(train_command(run, epochs=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
+    processes = [
+        subprocess.Popen(train_command(run, epochs=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs
+    ]
     for process in processes:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-1500:]

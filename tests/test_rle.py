@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from medseg import io, rle
+from medseg.data import io, rle
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KAGGLE = DATA / "kaggle-uns"
@@ -132,7 +132,9 @@ def test_random_masks_round_trip(mask, order):
 
 
 @settings(max_examples=2000, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(list("0123456789 -+.,xe\t\n٣")), max_size=40), height=st.integers(1, 30), width=st.integers(1, 30))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("0123456789 -+.,xe\t\n٣")), max_size=40), height=st.integers(1, 30), width=st.integers(1, 30)
+)
 def test_random_strings_raise_only_rle_error(text, height, width):
     try:
         mask = rle.decode(text, (height, width))

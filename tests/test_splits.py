@@ -10,19 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medseg.splits import (
-    Split,
-    SplitError,
-    grouped_kfold,
-    holdout,
-    load_split,
-    save_split,
-)
+from medseg.data.splits import Split, SplitError, grouped_kfold, load_split, save_split
 
 
-def realistic_case(
-    seed: int = 0, n_subjects: int = 25
-) -> tuple[list[str], list[str], list[bool]]:
+def realistic_case(seed: int = 0, n_subjects: int = 25) -> tuple[list[str], list[str], list[bool]]:
     """Return 25 subjects of about 10 frames each, about 35 % empty masks."""
     rng = np.random.default_rng(seed)
     ids, subjects, empty = [], [], []
@@ -104,10 +95,7 @@ def test_different_seeds_give_different_splits(case):
     ids, subjects, empty = case
     splits = {grouped_kfold(ids, subjects, empty, seed=seed).folds for seed in range(5)}
     assert len(splits) >= 4
-    assert (
-        grouped_kfold(ids, subjects, empty, seed=0).folds
-        != grouped_kfold(ids, subjects, empty, seed=1).folds
-    )
+    assert grouped_kfold(ids, subjects, empty, seed=0).folds != grouped_kfold(ids, subjects, empty, seed=1).folds
 
 
 @pytest.mark.parametrize("data_seed", range(5))
@@ -138,15 +126,6 @@ def test_balance_beats_size_only_assignment_on_skewed_subjects():
         assert sum(is_empty[sample_id] for sample_id in fold) == 10
 
 
-def test_holdout_is_fold_zero_and_about_a_fifth(case):
-    ids, subjects, empty = case
-    train, val = holdout(ids, subjects, empty, seed=4)
-    expected = grouped_kfold(ids, subjects, empty, n_folds=5, seed=4).train_val(0)
-    assert (train, val) == expected
-    assert 0.15 <= len(val) / len(ids) <= 0.25
-    assert len(train) + len(val) == len(ids)
-
-
 def test_none_and_blank_subjects_are_their_own_groups():
     ids = ["a", "b", "c", "d", "e", "f"]
     subjects = [None, None, "", "", "p1", "p1"]
@@ -166,9 +145,7 @@ def test_missing_subject_never_joins_subject_named_like_its_id():
 
 def test_numpy_inputs_are_accepted(case):
     ids, subjects, empty = case
-    from_numpy = grouped_kfold(
-        ids, np.array(subjects), np.array(empty), n_folds=np.int64(5), seed=0
-    )
+    from_numpy = grouped_kfold(ids, np.array(subjects), np.array(empty), n_folds=np.int64(5), seed=0)
     assert from_numpy.folds == grouped_kfold(ids, subjects, empty, seed=0).folds
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from medseg import io, rle
+from medseg.data import io, rle
 from medseg.errors import DataError
-from medseg.submission import SubmissionError, check_or_raise, read_sample_ids, validate, validate_file, write_submission
+from medseg.infer.submission import SubmissionError, check_or_raise, read_sample_ids, validate, validate_file, write_submission
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SAMPLE = DATA / "uns-mini" / "sample_submission.csv"

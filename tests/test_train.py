@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import subprocess
@@ -14,12 +15,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from medseg import engine, runs
+from medseg import devices, runs
 from medseg.cli import main
 from medseg.config import load_config, read_run_config
-from medseg.datasets import sample_data_path
-from medseg.engine import NonFiniteLossError
-from medseg.train import train_run
+from medseg.data.datasets import sample_data_path
+from medseg.learn import fit
+from medseg.learn import module as engine_module
+from medseg.learn.module import NonFiniteLossError
+from medseg.learn.train import train_run
 
 TINY = ["input.height=64", "input.width=96", "trainer.batch_size=8", "model.encoder_weights=none", "trainer.accelerator=cpu"]
 
@@ -164,9 +167,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_nan_through_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
-    import medseg.engine as engine
 
-    monkeypatch.setattr(engine.SegmentationModule, "training_step", lambda self, batch, i: self._check_finite(torch.tensor(float("inf")), "training"))
+    monkeypatch.setattr(
+        engine_module.SegmentationModule, "training_step", lambda self, batch, i: self._check_finite(torch.tensor(float("inf")), "training")
+    )
     args = ["train", str(sample_data_path()), "--out", str(tmp_path / "run"), "--preset", "cpu", "--quiet"]
     args += [item for override in TINY for item in ("--set", override)]
     assert main(args) == 1
@@ -208,11 +212,23 @@ def test_auto_weights_offline_train_from_random_init_and_record_why(tmp_path, mo
 
 def test_two_process_ddp_on_cpu(tmp_path):
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "medseg.cli", "train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
+    command = [
+        sys.executable,
+        "-m",
+        "medseg.cli",
+        "train",
+        str(sample_data_path()),
+        "--out",
+        str(run),
+        "--preset",
+        "cpu",
+        "--quiet",
+        "--no-report",
+    ]
     command += ["--devices", "2", "--strategy", "ddp"]
     command += [item for override in [*TINY, "trainer.max_epochs=1"] for item in ("--set", override)]
     env = {**os.environ, "PL_DISABLE_FORK": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = metric_rows(run / "metrics.csv")
     assert len(rows) == 1 and math.isfinite(float(rows[0]["val_loss"]))
@@ -229,19 +245,19 @@ def test_gpu_fast_path_settings_run_on_cpu_tensors(tmp_path):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_and_layout_on_a_cpu_follow_its_native_bf16(monkeypatch, native_bf16):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     config = load_config("cpu", overrides=["trainer.accelerator=cpu"])
-    assert engine.precision(config) == ("bf16-mixed" if native_bf16 else "32-true")
-    assert engine.uses_channels_last(config) is native_bf16
+    assert devices.precision(config) == ("bf16-mixed" if native_bf16 else "32-true")
+    assert devices.uses_channels_last(config) is native_bf16
     pinned = load_config("cpu", overrides=["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.channels_last=false"])
-    assert engine.precision(pinned) == "32-true" and engine.uses_channels_last(pinned) is False
+    assert devices.precision(pinned) == "32-true" and devices.uses_channels_last(pinned) is False
 
 
 def test_native_bf16_check_agrees_with_the_cpu_flags_the_kernel_reports():
     cpuinfo = Path("/proc/cpuinfo")
     flags_lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.is_file() else []
     flags = set(flags_lines[0].split(":", 1)[1].split()) if flags_lines else set()
-    assert engine.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert devices.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
@@ -253,8 +269,8 @@ def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
 
 
 def test_cosine_schedule_decays_the_learning_rate_to_its_floor_over_max_epochs():
-    from medseg.engine import SegmentationModule
-    from medseg.models import create_model
+    from medseg.learn.models import create_model
+    from medseg.learn.module import SegmentationModule
 
     config = tiny_config("optim.schedule=cosine", "optim.lr=1e-3", "optim.cosine_floor=0.01", "trainer.max_epochs=4")
     module = SegmentationModule(create_model(config.model)[0], config)
@@ -265,7 +281,7 @@ def test_cosine_schedule_decays_the_learning_rate_to_its_floor_over_max_epochs()
         optimizer.step()
         scheduler.step()
         rates.append(optimizer.param_groups[0]["lr"])
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in itertools.pairwise(rates))
     assert rates[-1] == pytest.approx(1e-5)
     assert "monitor" not in settings["lr_scheduler"]
 
@@ -284,5 +300,5 @@ def test_a_fold_stopped_early_only_when_epochs_were_left(tmp_path, epochs_run, s
         writer.writerows([epoch, 1.0 / epoch, 0.5] for epoch in range(1, epochs_run + 1))
     stopper = EarlyStopping("val_loss")
     stopper.stopped_epoch = stopped_epoch
-    result = engine._fold_result(SimpleNamespace(callbacks=[stopper], max_epochs=25), fold_dir)
+    result = fit._fold_result(SimpleNamespace(callbacks=[stopper], max_epochs=25), fold_dir)
     assert result.epochs == epochs_run and result.stopped_early is early

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from medseg.config import Config, load_config
-from medseg.io import read_image, read_mask
-from medseg.transforms import apply, eval_transform, reseed, resize_back, train_transform
+from medseg.data.io import read_image, read_mask
+from medseg.data.transforms import apply, eval_transform, reseed, resize_back, train_transform
 
 TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uns-mini" / "train"
 HEIGHT, WIDTH = 128, 160

@@ -13,19 +13,20 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from medseg import __version__, progress
-from medseg.config import PRESETS, read_run_config
-from medseg.datasets import LAYOUTS, DataOptions, load_dataset
+from medseg.config import LAYOUTS, PRESETS, DataOptions, read_run_config
+from medseg.data.datasets import load_dataset
+from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import MedsegError, UsageError
-from medseg.inspector import Inspection, inspect_dataset
-from medseg.runs import CONFIG_FILE, installation_versions
+from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, Tuning, installation_versions
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -47,16 +48,23 @@ app = typer.Typer(
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
-LayoutOption = Annotated[Optional[str], typer.Option("--layout", help=f"Data layout: {', '.join(LAYOUTS)}; detected when left out.")]
-MaskValueOption = Annotated[Optional[int], typer.Option("--mask-value", help="Foreground class of class-index masks (e.g. 1 for the nerve in usgra-seg).")]
-MaskThresholdOption = Annotated[Optional[int], typer.Option("--mask-threshold", help="Binarise anti-aliased masks as mask > T (e.g. 127).")]
-SubjectPatternOption = Annotated[
-    Optional[str], typer.Option("--subject-pattern", help="Regex whose group 'subject' (or first group) is the subject in an image name (folders, rle-csv).")
+LayoutOption = Annotated[str | None, typer.Option("--layout", help=f"Data layout: {', '.join(LAYOUTS)}; detected when left out.")]
+MaskValueOption = Annotated[
+    int | None, typer.Option("--mask-value", help="Foreground class of class-index masks (e.g. 1 for the nerve in usgra-seg).")
 ]
-RleOrderOption = Annotated[str, typer.Option("--rle-order", help="RLE pixel numbering: F (Kaggle, column-major) or C (row-major).")]
-CsvOption = Annotated[Optional[str], typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
-IdColumnOption = Annotated[Optional[str], typer.Option("--id-column", help="Id column of the RLE table.")]
-RleColumnOption = Annotated[Optional[str], typer.Option("--rle-column", help="RLE column of the RLE table.")]
+MaskThresholdOption = Annotated[int | None, typer.Option("--mask-threshold", help="Binarise anti-aliased masks as mask > T (e.g. 127).")]
+SubjectPatternOption = Annotated[
+    str | None,
+    typer.Option(
+        "--subject-pattern", help="Regex whose group 'subject' (or first group) is the subject in an image name (folders, rle-csv)."
+    ),
+]
+RleOrderOption = Annotated[
+    str | None, typer.Option("--rle-order", help="RLE pixel numbering: F (Kaggle, column-major; the default) or C (row-major).")
+]
+CsvOption = Annotated[str | None, typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
+IdColumnOption = Annotated[str | None, typer.Option("--id-column", help="Id column of the RLE table.")]
+RleColumnOption = Annotated[str | None, typer.Option("--rle-column", help="RLE column of the RLE table.")]
 TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
@@ -64,35 +72,52 @@ NoReportOption = Annotated[bool, typer.Option("--no-report", help="Do not write 
 RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
 
 
-def data_options(
+def data_flags(
     layout: str | None,
     mask_value: int | None,
     mask_threshold: int | None,
     subject_pattern: str | None,
-    rle_order: str,
+    rle_order: str | None,
     csv: str | None,
     id_column: str | None,
     rle_column: str | None,
-) -> DataOptions:
-    """Check the data options of a command and bundle them.
+) -> dict[str, Any]:
+    """The data flags a command was given, by :class:`~medseg.config.DataOptions` field, checked.
+
+    Flags left out are not in the result, so that they do not replace a configuration's or a run's values.
 
     Raises:
-        UsageError: If an option value cannot work.
+        UsageError: If a value cannot work; the message names the flag.
     """
-    if layout is not None and layout not in LAYOUTS:
-        raise UsageError(f"--layout {layout!r} is not a layout; use one of {', '.join(LAYOUTS)}")
-    if rle_order not in ("F", "C"):
-        raise UsageError(f"--rle-order {rle_order!r}; use F (Kaggle, column-major) or C (row-major)")
-    if mask_value is not None and mask_threshold is not None:
-        raise UsageError("--mask-value and --mask-threshold exclude each other; use one")
-    return DataOptions(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    given = {key: value for key, value in locals().items() if value is not None}
+    data_options(given)
+    return given
+
+
+def data_options(flags: dict[str, Any]) -> DataOptions:
+    """The data options of a command's flags (defaults for the ones left out).
+
+    Raises:
+        UsageError: If a value cannot work; the message names the flag.
+    """
+    try:
+        return DataOptions.model_validate(flags)
+    except ValidationError as error:
+        problems = [f"{_flag(item['loc'])}{item['msg'].removeprefix('Value error, ')}" for item in error.errors()]
+        raise UsageError("; ".join(problems)) from None
+
+
+def _flag(location: tuple) -> str:
+    return f"--{str(location[0]).replace('_', '-')}: " if location else ""
 
 
 @app.callback(invoke_without_command=True)
 def root(
     context: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="With --version: also Python, the platform and every dependency's version.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="With --version: also Python, the platform and every dependency's version.")
+    ] = False,
 ) -> None:
     """Segment structures in grayscale medical images whose masks come as Kaggle-style RLE."""
     if version:
@@ -115,15 +140,15 @@ def inspect_command(
     mask_value: MaskValueOption = None,
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
-    rle_order: RleOrderOption = "F",
+    rle_order: RleOrderOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
 ) -> int:
     """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
-    options = data_options(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
-    inspection = inspect_dataset(load_dataset(data, options))
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    inspection = inspect_dataset(load_dataset(data, data_options(flags)))
     if as_json:
         stdout.print_json(json.dumps(inspection_json(inspection)))
     else:
@@ -177,34 +202,49 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", metavar="RUN", show_default=False)],
-    preset: Annotated[str, typer.Option("--preset", help=f"Starting configuration: {', '.join(PRESETS)} (cpu: small input and encoder; kaggle: every fold of a 5-fold split, tuned out-of-fold).", metavar="NAME")] = "default",
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML file with configuration keys.", metavar="FILE")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).", metavar="KEY=VALUE")] = None,
-    folds: Annotated[Optional[int], typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
-    fold: Annotated[Optional[int], typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", metavar="RUN", show_default=False)
+    ],
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help=f"Starting configuration: {', '.join(PRESETS)} "
+            "(cpu: small input and encoder; kaggle: every fold of a 5-fold split, tuned out-of-fold).",
+            metavar="NAME",
+        ),
+    ] = "default",
+    config_file: Annotated[Path | None, typer.Option("--config", help="YAML file with configuration keys.", metavar="FILE")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    folds: Annotated[int | None, typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
+    fold: Annotated[int | None, typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
-    devices: Annotated[Optional[str], typer.Option("--devices", help="Devices per machine for Lightning (e.g. 2, or auto).")] = None,
-    num_nodes: Annotated[Optional[int], typer.Option("--num-nodes", help="Machines for Lightning's DDP.")] = None,
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="Lightning strategy, e.g. ddp.")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="Devices per machine for Lightning (e.g. 2, or auto).")] = None,
+    num_nodes: Annotated[int | None, typer.Option("--num-nodes", help="Machines for Lightning's DDP.")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", help="Lightning strategy, e.g. ddp.")] = None,
     layout: LayoutOption = None,
     mask_value: MaskValueOption = None,
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
+    rle_order: RleOrderOption = None,
+    csv: CsvOption = None,
+    id_column: IdColumnOption = None,
+    rle_column: RleColumnOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
     no_report: NoReportOption = False,
 ) -> int:
     """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
     from medseg.config import load_config
-    from medseg.engine import is_ddp_child, show_progress_default
-    from medseg.train import train_run
+    from medseg.learn.fit import is_ddp_child, show_progress_default
+    from medseg.learn.train import train_run
 
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
     shortcuts = {
-        "data.layout": layout,
-        "data.mask_value": mask_value,
-        "data.mask_threshold": mask_threshold,
-        "data.subject_pattern": subject_pattern,
+        **{f"data.{key}": value for key, value in flags.items()},
         "trainer.devices": devices,
         "trainer.num_nodes": num_nodes,
         "trainer.strategy": strategy,
@@ -215,14 +255,19 @@ def train_command(
     if "trainer.devices" in values and values["trainer.devices"].isdigit():
         values["trainer.devices"] = int(values["trainer.devices"])
     config = load_config(preset, config_file, overrides, values)
-    results = train_run(data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=_say(quiet))
+    results = train_run(
+        data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=_say(quiet)
+    )
     if is_ddp_child():
         return 0
     stdout.print(f"run folder: {out}")
     for result in results:
-        stdout.print(f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f} ({result.epochs} epochs)")
+        stdout.print(
+            f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, "
+            f"score {result.best_val_score:.4f} ({result.epochs} epochs)"
+        )
     if read_run_config(Path(out) / CONFIG_FILE).trainer.tune_after:
-        from medseg.tune import tune_run
+        from medseg.infer.tune import tune_run
 
         _print_tuning(tune_run(out, on_message=_say(quiet), force=True), out)
     _report(out, no_report, quiet)
@@ -232,13 +277,14 @@ def train_command(
 def _report(run: Path, skip: bool, quiet: bool) -> None:
     if skip:
         return
-    from medseg.report import build_report
+    from medseg.report.page import build_report
 
     stdout.print(f"report: {build_report(run, on_message=_say(quiet))}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+
 
 def _tta(tta: bool, vflip: bool) -> str:
     if vflip and not tta:
@@ -260,22 +306,22 @@ def tune_command(
     no_report: NoReportOption = False,
 ) -> int:
     """Choose the threshold, minimum mask area and presence threshold that maximise the score on validation (out-of-fold) frames."""
-    from medseg.tune import tune_run
+    from medseg.infer.tune import tune_run
 
     _print_tuning(tune_run(run, _tta(tta, vflip), on_message=_say(quiet), force=force), run)
     _report(run, no_report, quiet)
     return 0
 
 
-def _print_tuning(result: dict, run: Path) -> None:
-    presence = f", presence above {result['presence_threshold']:.2f}" if result["presence_head"] else ""
-    untuned = ", presence above 0.5" if result["presence_head"] else ""
+def _print_tuning(tuning: Tuning, run: Path) -> None:
+    presence = f", presence above {tuning.presence_threshold:.2f}" if tuning.presence_head else ""
+    untuned = ", presence above 0.5" if tuning.presence_head else ""
     stdout.print(
-        f"threshold {result['threshold']:.2f}, minimum area {result['min_area']} px{presence}: score {result['score_after']:.4f} "
-        f"on {result['frames']} {'out-of-fold' if result['out_of_fold'] else 'validation'} frames "
-        f"(untuned: threshold 0.5, no minimum area{untuned}: {result['score_before']:.4f})"
+        f"threshold {tuning.threshold:.2f}, minimum area {tuning.min_area} px{presence}: score {tuning.score_after:.4f} "
+        f"on {tuning.frames} {'out-of-fold' if tuning.out_of_fold else 'validation'} frames "
+        f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f})"
     )
-    stdout.print(f"written: {Path(run) / 'postprocess.json'}")
+    stdout.print(f"written: {Path(run) / POSTPROCESS_FILE}")
 
 
 @app.command("report")
@@ -286,7 +332,7 @@ def report_command(
     quiet: QuietOption = False,
 ) -> int:
     """Write RUN/report.html: warnings, headline scores, curves, tuning, held-out evaluation, overlays (worst first)."""
-    from medseg.report import build_report
+    from medseg.report.page import build_report
 
     stdout.print(f"report: {build_report(run, _tta(tta, vflip), on_message=_say(quiet))}")
     return 0
@@ -295,24 +341,40 @@ def report_command(
 @app.command("predict")
 def predict_command(
     run: RunArgument,
-    images: Annotated[Path, typer.Argument(help="Folder of frames (e.g. test/), or a Kaggle data folder.", metavar="IMAGES", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Submission CSV to write (img,pixels).", metavar="FILE.csv")] = None,
-    masks_dir: Annotated[Optional[Path], typer.Option("--masks-dir", help="Folder for PNG masks (0/255), one per frame.", metavar="DIR")] = None,
-    sample: Annotated[Optional[Path], typer.Option("--sample", help="Sample submission (ids and order); found beside the frames if left out.", metavar="FILE")] = None,
+    images: Annotated[
+        Path, typer.Argument(help="Folder of frames (e.g. test/), or a Kaggle data folder.", metavar="IMAGES", show_default=False)
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Submission CSV to write (img,pixels).", metavar="FILE.csv")] = None,
+    masks_dir: Annotated[
+        Path | None, typer.Option("--masks-dir", help="Folder for PNG masks (0/255), one per frame.", metavar="DIR")
+    ] = None,
+    sample: Annotated[
+        Path | None,
+        typer.Option("--sample", help="Sample submission (ids and order); found beside the frames if left out.", metavar="FILE"),
+    ] = None,
     tta: TtaOption = True,
     vflip: VflipOption = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also keep float16 probability maps (.npz).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Frames per forward pass.", min=1)] = 16,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
-    allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")] = "torch",
-    onnx_file: Annotated[Optional[Path], typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE")] = None,
+    allow_degenerate: Annotated[
+        bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")
+    ] = False,
+    engine: Annotated[
+        str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")
+    ] = "torch",
+    onnx_file: Annotated[
+        Path | None,
+        typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE"),
+    ] = None,
     quiet: QuietOption = False,
 ) -> int:
     """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
-    from medseg.outputs import PredictRequest, predict_folder
+    from medseg.infer.outputs import PredictRequest, predict_folder
 
-    request = PredictRequest(run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file)
+    request = PredictRequest(
+        run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file
+    )
     result = predict_folder(request, on_message=_say(quiet))
     stdout.print(f"{result['frames']} frames, {result['empty']} empty masks; written: {', '.join(result['written'])}")
     return 0
@@ -321,12 +383,14 @@ def predict_command(
 @app.command("export")
 def export_command(
     run: RunArgument,
-    onnx_file: Annotated[Path, typer.Option("--onnx", help="ONNX file to write; its settings go beside it as .json.", metavar="FILE", show_default=False)],
+    onnx_file: Annotated[
+        Path, typer.Option("--onnx", help="ONNX file to write; its settings go beside it as .json.", metavar="FILE", show_default=False)
+    ],
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.", min=11)] = 17,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> int:
     """Export the run's fold ensemble as one ONNX model (dynamic batch) with its pre/post-processing settings."""
-    from medseg.export import export_onnx
+    from medseg.infer.export import export_onnx
 
     model, settings = export_onnx(run, onnx_file, opset, force)
     stdout.print(f"written: {model} and {settings}")
@@ -336,12 +400,16 @@ def export_command(
 @app.command("check-submission")
 def check_submission_command(
     file: Annotated[Path, typer.Argument(help="Submission CSV (img,pixels).", metavar="FILE", show_default=False)],
-    sample: Annotated[Optional[Path], typer.Option("--sample", help="Sample submission whose ids must each appear once.", metavar="SAMPLE")] = None,
-    shape: Annotated[Optional[tuple[int, int]], typer.Option("--shape", help="Frame height and width, to check RLE bounds.", metavar="H W")] = None,
+    sample: Annotated[
+        Path | None, typer.Option("--sample", help="Sample submission whose ids must each appear once.", metavar="SAMPLE")
+    ] = None,
+    shape: Annotated[
+        tuple[int, int] | None, typer.Option("--shape", help="Frame height and width, to check RLE bounds.", metavar="H W")
+    ] = None,
     allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Report degenerate output as a warning only.")] = False,
 ) -> int:
     """Validate a submission: every id once, valid RLE within the frame, no degenerate output."""
-    from medseg import submission
+    from medseg.infer import submission
 
     report = submission.validate_file(file, sample=sample, sizes=shape)
     submission.check_or_raise(report, allow_degenerate, warn=lambda line: stderr.print(f"[yellow]warning:[/yellow] {escape(line)}"))
@@ -356,14 +424,14 @@ def check_submission_command(
 def evaluate_command(
     run: RunArgument,
     data: Annotated[Path, typer.Argument(help="Labelled data folder (any layout).", metavar="DATA", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluation/<DATA name>).", metavar="DIR")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/evaluation/<DATA name>).", metavar="DIR")] = None,
     tta: TtaOption = True,
     vflip: VflipOption = False,
     layout: LayoutOption = None,
     mask_value: MaskValueOption = None,
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
-    rle_order: RleOrderOption = "F",
+    rle_order: RleOrderOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
@@ -371,10 +439,10 @@ def evaluate_command(
     quiet: QuietOption = False,
 ) -> int:
     """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
-    from medseg.evaluate import evaluate_run
+    from medseg.report.evaluate import evaluate_run
 
-    given = any(v is not None for v in (layout, mask_value, mask_threshold, subject_pattern, csv, id_column, rle_column)) or rle_order != "F"
-    options = data_options(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column) if given else None
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    options = data_options(flags) if flags else None
     summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet))
     print_evaluation(summary)
     return 0
@@ -491,7 +559,10 @@ def os_error_line(error: OSError) -> str:
     """One line for a failed read or write (a full disk, a missing permission), with the fix."""
     where = f"{error.filename}: " if error.filename else ""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{where}disk full ({error.strerror}); free space or write elsewhere, then run again (with --resume for train); files written before are intact"
+        return (
+            f"{where}disk full ({error.strerror}); free space or write elsewhere, then run again (with --resume for train); "
+            "files written before are intact"
+        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}{error.strerror}; check the folder's permissions or write elsewhere"
     return f"{where}{error.strerror or error}"

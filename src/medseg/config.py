@@ -4,34 +4,50 @@ The configuration is a tree of pydantic models that forbid unknown keys. It is b
 (``default``: one model at 448x608, validated on one subject-grouped fifth; ``cpu``: small input and
 encoder and a fixed budget of 25 epochs on a cosine schedule, for machines without a GPU and for tests;
 ``kaggle``: the default model trained on every fold of a subject-grouped 5-fold split, tuned out-of-fold
-at the end of training, predicting as a five-model ensemble), then a YAML file (``--config FILE``), then ``--set key=value`` overrides with dotted
-keys and YAML-typed values (``trainer.max_epochs=2``, ``augment.hflip.p=0``, ``model.encoder_weights=none``,
-``split.fold=null``, lists as ``[1, 2]``). The resolved configuration is what a run saves as
-``RUN/config.yaml`` and what every later stage reads back.
+at the end of training, predicting as a five-model ensemble), then a YAML file (``--config FILE``), then
+``--set key=value`` overrides with dotted keys and YAML-typed values (``trainer.max_epochs=2``,
+``augment.hflip.p=0``, ``model.encoder_weights=none``, ``split.fold=null``, lists as ``[1, 2]``). The resolved
+configuration is what a run saves as ``RUN/config.yaml`` and what every later stage reads back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import UsageError
-from medseg.io import atomic_write
+from medseg.files import atomic_write
 
 PRESETS = ("default", "cpu", "kaggle")
+Layout = Literal["kaggle", "folders", "rle-csv"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
-    """How the data folder is read (see :class:`medseg.datasets.DataOptions`)."""
+class DataOptions(_Section):
+    """How a data folder is read: the ``data`` section of a configuration, and the data flags of the commands.
 
-    layout: Literal["kaggle", "folders", "rle-csv"] | None = None
+    Attributes:
+        layout: ``kaggle``, ``folders`` or ``rle-csv``; ``None`` detects it.
+        mask_value: Foreground class of class-index masks (``mask == value``).
+        mask_threshold: Foreground level of anti-aliased masks (``mask > threshold``).
+        subject_pattern: Regular expression whose group ``subject`` (or first group, or whole match)
+            is the subject of a sample id, for the folders and rle-csv layouts.
+        rle_order: ``F`` (Kaggle, column-major) or ``C`` (row-major) numbering of RLE pixels.
+        csv: The RLE table of the rle-csv layout, relative to the data folder; ``None`` finds it.
+        id_column: Id column of that table; ``None`` guesses among common names.
+        rle_column: RLE column of that table; ``None`` guesses among common names.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layout: Layout | None = None
     mask_value: int | None = None
     mask_threshold: int | None = None
     subject_pattern: str | None = None
@@ -39,6 +55,12 @@ class DataConfig(_Section):
     csv: str | None = None
     id_column: str | None = None
     rle_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_mask_rule(self) -> DataOptions:
+        if self.mask_value is not None and self.mask_threshold is not None:
+            raise ValueError("mask_value and mask_threshold exclude each other (--mask-value, --mask-threshold); use one")
+        return self
 
 
 class InputConfig(_Section):
@@ -82,11 +104,17 @@ class ElasticConfig(_Section):
 
 
 class BlurConfig(_Section):
-    """``GaussianBlur`` with a random sigma."""
+    """``GaussianBlur`` with a random sigma in [sigma_min, sigma_max]."""
 
     p: float = Field(0.2, ge=0.0, le=1.0)
     sigma_min: float = Field(0.5, gt=0.0)
     sigma_max: float = Field(1.5, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BlurConfig:
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min={self.sigma_min} is above sigma_max={self.sigma_max}; swap them")
+        return self
 
 
 class FlipConfig(_Section):
@@ -115,7 +143,7 @@ class AugmentConfig(_Section):
     """The recipe's training augmentations; validation and inference only resize.
 
     ``backend``: ``cpu`` augments each frame in DataLoader workers (Albumentations), ``gpu`` whole batches
-    on the training device after the transfer (:mod:`medseg.gpu_augment`); ``auto`` is ``gpu`` on CUDA.
+    on the training device after the transfer (:mod:`medseg.data.gpu_augment`); ``auto`` is ``gpu`` on CUDA.
     """
 
     backend: Literal["auto", "cpu", "gpu"] = "auto"
@@ -184,7 +212,7 @@ class SplitConfig(_Section):
 class Config(_Section):
     """The whole run configuration."""
 
-    data: DataConfig = DataConfig()
+    data: DataOptions = DataOptions()
     input: InputConfig = InputConfig()
     model: ModelConfig = ModelConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -192,6 +220,15 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _presence_head_is_trained(self) -> Config:
+        if self.model.presence_head and self.loss.presence_weight == 0:
+            raise ValueError(
+                "model.presence_head=true with loss.presence_weight=0 would leave the head untrained; "
+                "set loss.presence_weight above 0 or model.presence_head=false"
+            )
+        return self
 
 
 _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -337,12 +374,16 @@ def _merge(tree: dict[str, Any], update: dict[str, Any], prefix: str, schema: di
 
 
 def _validate(tree: dict[str, Any]) -> Config:
+    """The configuration of a merged tree; every problem pydantic finds is in the one error line."""
     try:
-        config = Config.model_validate(tree)
+        return Config.model_validate(tree)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise UsageError(f"config key {key!r}: {first['msg']} (got {first.get('input')!r})") from None
-    if config.model.presence_head and config.loss.presence_weight == 0:
-        raise UsageError("model.presence_head=true with loss.presence_weight=0 would leave the head untrained; set loss.presence_weight above 0 or model.presence_head=false")
-    return config
+        raise UsageError("; ".join(_problem(item) for item in error.errors())) from None
+
+
+def _problem(item: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in item["loc"])
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "value_error" and isinstance(item.get("input"), dict):
+        return f"config key {key!r}: {message}" if key else message
+    return f"config key {key!r}: {message} (got {item.get('input')!r})"

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from medseg.config import load_config
-from medseg.datasets import load_dataset, sample_data_path
+from medseg.data.datasets import load_dataset, sample_data_path
+from medseg.data.inspector import inspect_dataset
 from medseg.errors import UsageError
-from medseg.evaluate import evaluate_run
-from medseg.inspector import inspect_dataset
-from medseg.outputs import PredictRequest, predict_folder
-from medseg.report import build_report
-from medseg.train import train_run
-from medseg.tune import tune_run
+from medseg.infer.outputs import PredictRequest, predict_folder
+from medseg.infer.tune import tune_run
+from medseg.learn.train import train_run
+from medseg.report.evaluate import evaluate_run
+from medseg.report.page import build_report
 
 CPU_DEMO = [
     "trainer.max_epochs=30",
@@ -54,14 +54,19 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     out.mkdir(parents=True, exist_ok=True)
     sample = sample_data_path()
     inspection = inspect_dataset(load_dataset(sample))
-    on_message(f"1/5 inspect: {inspection.summary['train_images']} frames, {inspection.summary['subjects']} subjects, {len(inspection.problems)} problems")
+    on_message(
+        f"1/5 inspect: {inspection.summary['train_images']} frames, {inspection.summary['subjects']} subjects, "
+        f"{len(inspection.problems)} problems"
+    )
     gpu = torch.cuda.is_available()
     config = load_config("default" if gpu else "cpu", overrides=[] if gpu else CPU_DEMO)
     on_message(f"2/5 train ({'default' if gpu else 'cpu'} preset, {config.input.height}x{config.input.width}, {config.model.encoder})")
     train_run(sample, out / "run", config, on_message=on_message)
     tuned = tune_run(out / "run", on_message=on_message)
-    presence = f", presence above {tuned['presence_threshold']:.2f}" if tuned["presence_head"] else ""
-    on_message(f"3/5 tune: threshold {tuned['threshold']:.2f}, min area {tuned['min_area']} px{presence}, validation score {tuned['score_after']:.3f}")
+    presence = f", presence above {tuned.presence_threshold:.2f}" if tuned.presence_head else ""
+    on_message(
+        f"3/5 tune: threshold {tuned.threshold:.2f}, min area {tuned.min_area} px{presence}, validation score {tuned.score_after:.3f}"
+    )
     predict_folder(PredictRequest(out / "run", sample / "test", out / "submission.csv", allow_degenerate=True), on_message=on_message)
     on_message(f"4/5 predict: {out / 'submission.csv'} (checked)")
     holdout = _holdout_folder(sample, out / "holdout")

@@ -21,7 +21,14 @@ _display: Progress | None = None
 def shown(console: Console) -> Iterator[None]:
     """Show the progress of every stage that runs inside the block on ``console``."""
     global _display
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as display:
         _display = display
         try:

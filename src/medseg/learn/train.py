@@ -1,32 +1,29 @@
 """``medseg train``: one run folder from a data folder and a configuration.
 
 Loads and checks the data set, makes (or, on ``--resume``, reads) the subject-grouped split, writes the
-run's files (see :mod:`medseg.runs`) and trains each fold with :func:`medseg.engine.fit_fold`.
+run's files (see :mod:`medseg.runs`) and trains each fold with :func:`medseg.learn.fit.fit_fold`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from medseg import runs, splits
+from medseg import __version__, runs
 from medseg.config import Config, read_run_config, save_config
-from medseg.datasets import Dataset, DataOptions, load_dataset, require_clean
-from medseg.engine import FoldResult, Sample, fit_fold, is_ddp_child, load_samples
+from medseg.data import splits
+from medseg.data.datasets import Dataset, load_dataset, require_clean
+from medseg.data.inspector import FrameFacts, summarize
+from medseg.data.samples import Sample, load_samples
 from medseg.errors import UsageError
-from medseg.inspector import FrameFacts, summarize
-from medseg.models import EncoderWeights, check_model_config
+from medseg.learn.fit import fit_fold, is_ddp_child
+from medseg.learn.models import check_model_config
+from medseg.runs import EncoderWeights, FoldResult
 
-__all__ = ["data_options", "train_run"]
-
-
-def data_options(config: Config) -> DataOptions:
-    """The data options of a configuration."""
-    return DataOptions(**config.data.model_dump())
+__all__ = ["train_run"]
 
 
 def train_run(
@@ -69,13 +66,13 @@ def train_run(
         runs.check_run_folder(run, force=force, resume=resume)
     if fresh:
         plan = _plan(data, config, folds, fold)
-        config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan["n_folds"]})})
+        config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan.n_folds})})
         check_model_config(config.model)
     else:
-        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.read_json(run / runs.RUN_FILE)
+        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
         _check_same_data(data, plan, run)
-    dataset = require_clean(load_dataset(data, data_options(config)))
-    samples = load_samples(dataset.train, data_options(config))
+    dataset = require_clean(load_dataset(data, config.data))
+    samples = load_samples(dataset.train, config.data)
     if not fresh:
         split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
@@ -84,30 +81,34 @@ def train_run(
     split = _new_split(dataset, empty, config)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _save_split(run, split, dataset, empty)
-    plan["train_non_empty"] = sum(not value for value in empty.values())
+    plan = plan.model_copy(update={"train_non_empty": sum(not value for value in empty.values())})
     _write_run_files(run, config, plan, dataset, samples, areas)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
 
 
-def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> dict:
+def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> runs.RunPlan:
     if folds is not None and fold is not None:
         raise UsageError("--folds and --fold exclude each other: --folds N trains every fold, --fold K one")
     if folds is not None:
         if folds < 2:
             raise UsageError(f"--folds {folds}: use 2 or more folds, or --fold K for one run")
-        return {"data": str(Path(data).resolve()), "n_folds": folds, "folds": list(range(folds)), "several": True}
+        return _new_plan(data, folds, list(range(folds)), several=True)
     if fold is None and config.split.fold is None:
         n_folds = config.split.n_folds
-        return {"data": str(Path(data).resolve()), "n_folds": n_folds, "folds": list(range(n_folds)), "several": True}
+        return _new_plan(data, n_folds, list(range(n_folds)), several=True)
     chosen = config.split.fold if fold is None else fold
     if not 0 <= chosen < config.split.n_folds:
         raise UsageError(f"--fold {chosen}: choose a fold from 0 to {config.split.n_folds - 1}")
-    return {"data": str(Path(data).resolve()), "n_folds": config.split.n_folds, "folds": [chosen], "several": False}
+    return _new_plan(data, config.split.n_folds, [chosen], several=False)
 
 
-def _check_same_data(data: Path, plan: dict, run: Path) -> None:
-    if str(Path(data).resolve()) != plan["data"]:
-        raise UsageError(f"{run} was trained on {plan['data']}, not {Path(data).resolve()}; resume it with the same DATA")
+def _new_plan(data: Path, n_folds: int, folds: list[int], several: bool) -> runs.RunPlan:
+    return runs.RunPlan(data=str(Path(data).resolve()), n_folds=n_folds, folds=folds, several=several, medseg=__version__)
+
+
+def _check_same_data(data: Path, plan: runs.RunPlan, run: Path) -> None:
+    if str(Path(data).resolve()) != plan.data:
+        raise UsageError(f"{run} was trained on {plan.data}, not {Path(data).resolve()}; resume it with the same DATA")
 
 
 def _new_split(dataset: Dataset, empty: dict[str, bool], config: Config) -> splits.Split:
@@ -117,29 +118,33 @@ def _new_split(dataset: Dataset, empty: dict[str, bool], config: Config) -> spli
 
 
 def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[str, bool]) -> None:
-    info = {"subjects": {record.id: record.subject for record in dataset.train}, "empty_per_fold": [sum(empty[i] for i in fold) for fold in split.folds]}
+    info = {
+        "subjects": {record.id: record.subject for record in dataset.train},
+        "empty_per_fold": [sum(empty[i] for i in fold) for fold in split.folds],
+    }
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
 
 
-def _write_run_files(run: Path, config: Config, plan: dict, dataset: Dataset, samples: dict[str, Sample], areas: dict[str, int]) -> None:
+def _write_run_files(
+    run: Path, config: Config, plan: runs.RunPlan, dataset: Dataset, samples: dict[str, Sample], areas: dict[str, int]
+) -> None:
     facts = [FrameFacts(record, size=samples[record.id][0].shape, area=areas[record.id]) for record in dataset.train]
     runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(dataset, facts))
     save_config(config, run / runs.CONFIG_FILE)
-    runs.write_json(run / runs.RUN_FILE, plan)
-    runs.write_json(run / runs.VERSIONS_FILE, runs.versions())
+    plan.write(run / runs.RUN_FILE)
+    runs.versions().write(run / runs.VERSIONS_FILE)
 
 
 def _record_weights(run: Path, weights: EncoderWeights) -> None:
     path = run / runs.VERSIONS_FILE
-    content = runs.read_json(path) if path.is_file() else runs.versions()
-    content["encoder_weights"] = asdict(weights)
-    runs.write_json(path, content)
+    recorded = runs.Versions.read(path) if path.is_file() else runs.versions()
+    recorded.model_copy(update={"encoder_weights": weights}).write(path)
 
 
 def _train_folds(
     run: Path,
     config: Config,
-    plan: dict,
+    plan: runs.RunPlan,
     samples: dict[str, Sample],
     split: splits.Split,
     show_progress: bool,
@@ -148,9 +153,9 @@ def _train_folds(
     child: bool,
 ) -> list[FoldResult]:
     results = []
-    for fold_dir in runs.fold_dirs(run, plan["folds"], plan["several"]):
+    for fold_dir in runs.fold_dirs(run, plan.folds, plan.several):
         if fold_dir.done:
-            results.append(FoldResult(**runs.read_json(fold_dir.path / runs.DONE_FILE)))
+            results.append(fold_dir.result())
             on_message(f"fold {fold_dir.fold}: already finished, skipped")
             continue
         train_ids, val_ids = split.train_val(fold_dir.fold)

@@ -4,7 +4,7 @@ The model takes normalised frames (``uint8 / 255``, minus the gray mean, over th
 in the JSON written beside it) at the run's input size and returns the mean sigmoid of the fold models:
 probabilities (output ``probability``), and, for models with a presence head, the mean presence
 probability per frame (output ``presence``). Resizing, flip TTA, resizing back and the threshold and minimum area stay outside the
-graph, as in :mod:`medseg.predict`, whose code runs them for both engines.
+graph, as in :mod:`medseg.infer.predict`, whose code runs them for both engines.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from medseg import __version__, runs
-from medseg.engine import GRAY_MEAN, GRAY_STD
+from medseg.data.intensity import GRAY_MEAN, GRAY_STD
 from medseg.errors import UsageError
-from medseg.predict import Probabilities, load_fold_model, mean_sigmoid, open_run, read_postprocess
+from medseg.infer.predict import Probabilities, load_fold_model, mean_sigmoid, read_postprocess
+from medseg.runs import open_run
 
 OPSET = 17
-DEFAULT_NAME = "model.onnx"
 OUTPUTS = ("probability", "presence")
 
 
@@ -81,9 +81,17 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
         "run": str(run.path.resolve()),
         "folds": [fold.fold for fold in run.folds],
         "opset": opset,
-        "input": {"name": "image", "shape": ["batch", 1, run.config.input.height, run.config.input.width], "scale": 1 / 255, "mean": GRAY_MEAN, "std": GRAY_STD},
+        "input": {
+            "name": "image",
+            "shape": ["batch", 1, run.config.input.height, run.config.input.width],
+            "scale": 1 / 255,
+            "mean": GRAY_MEAN,
+            "std": GRAY_STD,
+        },
         "output": {"name": "probability", "meaning": "mean sigmoid of the fold models, at the input size"},
-        "presence": {"name": "presence", "meaning": "mean presence probability of the fold models, shape [batch]"} if len(outputs) > 1 else None,
+        "presence": {"name": "presence", "meaning": "mean presence probability of the fold models, shape [batch]"}
+        if len(outputs) > 1
+        else None,
         "postprocess": {
             "threshold": post.threshold,
             "min_area": post.min_area,
@@ -133,7 +141,7 @@ def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int 
 
 
 class OnnxEnsemble:
-    """An exported ensemble in ONNX Runtime, callable like :class:`medseg.predict.TorchEnsemble`.
+    """An exported ensemble in ONNX Runtime, callable like :class:`medseg.infer.predict.TorchEnsemble`.
 
     Args:
         path: The ``.onnx`` file.
@@ -150,7 +158,7 @@ class OnnxEnsemble:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 - any load failure is a bad file, reported with its name
+        except Exception as error:
             raise UsageError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:160]}); export it again") from error
         self.meta = json.loads(metadata_path(path).read_text()) if metadata_path(path).is_file() else {}
 

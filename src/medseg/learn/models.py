@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -43,50 +42,21 @@ from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import UsageError
+from medseg.runs import EncoderWeights
 
 __all__ = ["ARCHITECTURES", "PROBE_TIMEOUT_S", "WEIGHT_OPTIONS", "EncoderWeights", "create_model", "split_outputs"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls
-    for cls in (
-        smp.Unet,
-        smp.UnetPlusPlus,
-        smp.FPN,
-        smp.PSPNet,
-        smp.DeepLabV3,
-        smp.DeepLabV3Plus,
-        smp.Linknet,
-        smp.MAnet,
-        smp.PAN,
-        smp.UPerNet,
-        smp.Segformer,
-        smp.DPT,
-    )
-}
+    cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()
+}  # smp's registry, by class name
 WEIGHT_OPTIONS = ("auto", "imagenet", "none")
 PROBE_TIMEOUT_S = 3.0
 _ALTERNATIVES = (
-    "--set model.encoder_weights=none (random initialisation) or "
-    "--set model.encoder_weights=/path/to/encoder.pth (a local weights file)"
+    "--set model.encoder_weights=none (random initialisation) or --set model.encoder_weights=/path/to/encoder.pth (a local weights file)"
 )
 _TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _MODEL_PREFIXES = ("encoder.", "model.encoder.")  # a model's state dict, and a Lightning checkpoint's
-
-
-@dataclass(frozen=True)
-class EncoderWeights:
-    """How the encoder of a model was initialised.
-
-    Attributes:
-        requested: The configured value: ``auto``, ``imagenet``, ``none`` or a file path.
-        used: ``imagenet``, ``random`` or ``file:<path>``.
-        warning: The warning given when ``auto`` fell back to random initialisation, else None.
-    """
-
-    requested: str
-    used: str
-    warning: str | None = None
 
 
 class _WeightsUnavailable(Exception):
@@ -114,13 +84,13 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
     requested = cfg.encoder_weights
     option = requested.strip().lower()
     if option == "none":
-        return _build(arch, cfg), EncoderWeights(requested, "random")
+        return _build(arch, cfg), EncoderWeights(requested=requested, used="random")
     if option in ("auto", "imagenet"):
         return _pretrained(arch, cfg, insist=option == "imagenet")
     path = _weights_path(requested)
     model = _build(arch, cfg)
     _load_encoder(model, cfg.encoder, _read_state(path), str(path))
-    return model, EncoderWeights(requested, f"file:{path}")
+    return model, EncoderWeights(requested=requested, used=f"file:{path}")
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -148,11 +118,11 @@ def split_outputs(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> 
     return outputs, None
 
 
-def _architecture(name: str) -> type[nn.Module]:
-    by_lower = {key.lower(): cls for key, cls in ARCHITECTURES.items()}
-    if name.lower() not in by_lower:
+def _architecture(name: str) -> str:
+    """The architecture's key in smp's registry (``smp.MODEL_ARCHITECTURES_MAPPING``, lower case)."""
+    if name.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise UsageError(f"unknown architecture {name!r} (model.arch); use one of {', '.join(ARCHITECTURES)}")
-    return by_lower[name.lower()]
+    return name.lower()
 
 
 def _check_encoder(name: str) -> None:
@@ -165,11 +135,11 @@ def _check_encoder(name: str) -> None:
     )
 
 
-def _build(arch: type[nn.Module], cfg: ModelConfig, **weights: object) -> nn.Module:
-    """Instantiate ``arch`` with one input channel and one logit, and wrap its head with dropout.
+def _build(arch: str, cfg: ModelConfig, **weights: object) -> nn.Module:
+    """Build ``arch`` with smp's ``create_model``, one input channel and one logit, and wrap its head with dropout.
 
     Args:
-        arch: An smp model class.
+        arch: The architecture's key in smp's registry.
         cfg: The model configuration (encoder and dropout are used).
         **weights: ``encoder_weights`` and timm arguments; random initialisation when left out.
 
@@ -183,15 +153,15 @@ def _build(arch: type[nn.Module], cfg: ModelConfig, **weights: object) -> nn.Mod
     if cfg.presence_head:
         options["aux_params"] = {"classes": 1, "pooling": "avg", "dropout": cfg.presence_dropout or None, "activation": None}
     try:
-        model = arch(encoder_name=cfg.encoder, in_channels=1, classes=1, activation=None, **options)
+        model = smp.create_model(arch, encoder_name=cfg.encoder, in_channels=1, classes=1, activation=None, **options)
     except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"cannot build {arch.__name__} with encoder {cfg.encoder}: {_one_line(error)}") from error
+        raise UsageError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {_one_line(error)}") from error
     dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
     model.segmentation_head = nn.Sequential(dropout, model.segmentation_head)
     return model
 
 
-def _pretrained(arch: type[nn.Module], cfg: ModelConfig, insist: bool) -> tuple[nn.Module, EncoderWeights]:
+def _pretrained(arch: str, cfg: ModelConfig, insist: bool) -> tuple[nn.Module, EncoderWeights]:
     """Build with ImageNet encoder weights, or, unless ``insist``, with random ones and a warning."""
     try:
         weights_file = _imagenet_file(cfg.encoder)
@@ -201,13 +171,13 @@ def _pretrained(arch: type[nn.Module], cfg: ModelConfig, insist: bool) -> tuple[
             raise UsageError(f"{reason}; use {_ALTERNATIVES}") from None
         warning = f"{reason}; training from random initialisation (to choose explicitly: {_ALTERNATIVES})"
         warnings.warn(warning, UserWarning, stacklevel=3)
-        return _build(arch, cfg), EncoderWeights(cfg.encoder_weights, "random", warning)
+        return _build(arch, cfg), EncoderWeights(requested=cfg.encoder_weights, used="random", warning=warning)
     if cfg.encoder.startswith("tu-"):
         model = _build(arch, cfg, encoder_weights=True, pretrained_cfg_overlay={"file": weights_file})
     else:
         model = _build(arch, cfg)
         _load_encoder(model, cfg.encoder, load_file(weights_file), weights_file)
-    return model, EncoderWeights(cfg.encoder_weights, "imagenet")
+    return model, EncoderWeights(requested=cfg.encoder_weights, used="imagenet")
 
 
 def _imagenet_file(encoder: str) -> str:
@@ -279,10 +249,8 @@ def _probe(url: str, endpoint: str) -> BaseException | None:
 
 def _download(repo_id: str, filename: str, revision: str | None, cache: str, endpoint: str) -> str:
     try:
-        return hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache, endpoint=endpoint, etag_timeout=PROBE_TIMEOUT_S
-        )
-    except Exception as error:  # noqa: BLE001 - a failed download means "not available", reported to the user
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, endpoint=endpoint, etag_timeout=PROBE_TIMEOUT_S)
+    except Exception as error:
         raise _WeightsUnavailable(f"download of {repo_id}/{filename} failed: {_one_line(error)}") from error
 
 
@@ -321,7 +289,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             content = load_file(path)
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - whatever breaks reading a user's file is reported as such
+    except Exception as error:
         raise UsageError(f"{path}: cannot read encoder weights ({_one_line(error)})") from error
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]

@@ -18,8 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medseg import io, progress
-from medseg.datasets import Dataset, DataOptions, Problem, Record, mask_of, size_text
+from medseg import progress
+from medseg.data import io
+from medseg.data.datasets import DataOptions, Dataset, Problem, Record, mask_of, size_text
 from medseg.errors import FileError, ImageReadError
 
 THUMB_SHAPE = (24, 32)
@@ -76,7 +77,7 @@ def inspect_dataset(
     """Read every frame and mask of a data set and report its summary and problems.
 
     Args:
-        dataset: The data set, as loaded by :func:`medseg.datasets.load_dataset`.
+        dataset: The data set, as loaded by :func:`medseg.data.datasets.load_dataset`.
         workers: Reading threads; defaults to the number of CPU cores.
         on_frame: Called once per frame read (for a progress bar).
 
@@ -190,7 +191,8 @@ def contradicting_duplicates(facts: list[FrameFacts], threshold: float = NEAR_DU
                     Problem(
                         "contradicting_duplicates",
                         first.image_path,
-                        f"near-duplicate of {second.image_path.name} (similarity {similarity:.3f}) but {reason}; check both labels or drop one",
+                        f"near-duplicate of {second.image_path.name} (similarity {similarity:.3f}) but {reason}; "
+                        "check both labels or drop one",
                     )
                 )
     return problems

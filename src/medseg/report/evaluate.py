@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import csv
 import io as text_io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from medseg import metrics, runs
-from medseg.datasets import DataOptions, load_dataset, require_clean
-from medseg.engine import load_samples
+from medseg import runs
+from medseg.config import DataOptions
+from medseg.data.datasets import load_dataset, require_clean
 from medseg.errors import UsageError
-from medseg.io import atomic_write
-from medseg.predict import Run, device_for, load_fold_model, oof_groups, open_run, predict_frames, read_postprocess
-from medseg.train import data_options
+from medseg.files import atomic_write
+from medseg.infer.heldout import HeldOutFrame, held_out_frames
+from medseg.infer.predict import PostProcess, read_postprocess
+from medseg.learn import metrics
+from medseg.runs import EVALUATION_DIR, open_run
 
+PER_IMAGE_FILE = "per_image.csv"
+SUMMARY_FILE = "summary.json"
 PER_IMAGE_COLUMNS = ("id", "fold", "truth_area", "pred_area", "dice", "iou", "truth_empty", "pred_empty")
 
 
@@ -53,18 +57,17 @@ def evaluate_run(
         DataError: If the data set has problems.
     """
     run = open_run(path)
-    out = Path(out) if out else run.path / "evaluation" / Path(data).resolve().name
-    dataset = require_clean(load_dataset(data, options or data_options(run.config)))  # the inputs before the outputs
-    if (out / "summary.json").exists() and not force:
+    out = Path(out) if out else run.path / EVALUATION_DIR / Path(data).resolve().name
+    dataset = require_clean(load_dataset(data, options or run.config.data))  # the inputs before the outputs
+    if (out / SUMMARY_FILE).exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
     out_of_fold = Path(data).resolve() == run.data
-    groups = oof_groups(run, [r.id for r in dataset.train]) if out_of_fold else {None: [r.id for r in dataset.train]}
-    samples = load_samples(dataset.train, dataset.options)
-    rows, counts = score_frames(run, groups, samples, tta, on_message)
+    post = read_postprocess(run)
+    rows, counts = score_frames(held_out_frames(run, dataset, out_of_fold, tta, on_message), post)
     summary = {
         "data": str(Path(data).resolve()),
         "mode": "out-of-fold (held-out frames of the run's own data)" if out_of_fold else "ensemble of all folds",
-        "postprocess": vars(read_postprocess(run)),
+        "postprocess": vars(post),
         "tta": tta,
         **metrics.summary(counts),
     }
@@ -73,29 +76,26 @@ def evaluate_run(
     return summary
 
 
-def score_frames(run: Run, groups: dict, samples: dict, tta: str, on_message: Callable[[str], None]) -> tuple[list[dict], np.ndarray]:
-    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the run's post-processing.
+def score_frames(
+    frames: Iterable[HeldOutFrame], post: PostProcess, observe: Callable[[HeldOutFrame, dict], None] | None = None
+) -> tuple[list[dict], np.ndarray]:
+    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the post-processing.
 
     Args:
-        run: The trained run.
-        groups: Ids to score by fold (``None``: every fold model as an ensemble).
-        samples: Frames and masks by id.
-        tta: Test-time augmentation.
-        on_message: Receives progress lines.
+        frames: Held-out predictions (:func:`medseg.infer.heldout.held_out_frames`).
+        post: The post-processing that turns probabilities into masks.
+        observe: Called with each frame and its row as it is scored (the report keeps its gallery so).
+
+    Shape:
+        Returns: rows, and counts (N, 3).
     """
-    post = read_postprocess(run)
-    device = device_for(run.config)
     rows, counts = [], []
-    for fold, ids in groups.items():
-        chosen = [f for f in run.folds if fold is None or f.fold == fold]
-        on_message(f"predicting {len(ids)} frames with {'fold ' + str(fold) if fold is not None else f'{len(chosen)} fold model(s)'}")
-        models = [load_fold_model(run, f, device) for f in chosen]
-        frames = [samples[i][0] for i in ids]
-        for sample_id, prediction in zip(ids, predict_frames(models, frames, run.config, tta)):
-            truth = samples[sample_id][1].astype(bool)
-            count = metrics.confusion_counts(prediction.mask(post)[None], truth[None])
-            counts.append(count[0])
-            rows.append(_row(sample_id, fold, count))
+    for frame in frames:
+        count = metrics.confusion_counts(frame.prediction.mask(post)[None], frame.truth[None])
+        counts.append(count[0])
+        rows.append(_row(frame.id, frame.fold, count))
+        if observe is not None:
+            observe(frame, rows[-1])
     return rows, np.array(counts, dtype=np.int64).reshape(-1, 3)
 
 
@@ -118,6 +118,6 @@ def _write(out: Path, rows: list[dict], summary: dict) -> None:
     writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_write(out / "per_image.csv") as stream:
+    with atomic_write(out / PER_IMAGE_FILE) as stream:
         stream.write(buffer.getvalue())
-    runs.write_json(out / "summary.json", summary)
+    runs.write_json(out / SUMMARY_FILE, summary)

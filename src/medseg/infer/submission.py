@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import io, rle
+from medseg.data import io, rle
 from medseg.errors import DataError
+from medseg.files import atomic_write
 
 FULL_FRACTION = 0.9
 """A mask covering at least this fraction of its frame counts as (nearly) full."""
@@ -214,7 +215,7 @@ def write_submission(path: Path, ids: Sequence[str], rles: Sequence[str], header
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(zip(ids, rles))
-    with io.atomic_write(Path(path), "wb") as stream:
+    with atomic_write(Path(path), "wb") as stream:
         stream.write(buffer.getvalue().encode("utf-8"))
 
 

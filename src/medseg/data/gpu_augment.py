@@ -1,6 +1,6 @@
 """Batch augmentation on the device: the recipe's augmentations applied to whole batches with torch ops.
 
-This is the GPU backend of :mod:`medseg.transforms`. It reads the same :class:`~medseg.config.AugmentConfig`
+This is the GPU backend of :mod:`medseg.data.transforms`. It reads the same :class:`~medseg.config.AugmentConfig`
 and applies the same steps in the same order, each decided per sample with its own probability::
 
     resize -> elastic -> Gaussian blur -> horizontal flip -> brightness/contrast -> coarse dropout
@@ -40,18 +40,11 @@ class BatchAugment(torch.nn.Module):
         config: Run configuration; reads ``input`` (network size) and ``augment``.
         seed: Start of the module's random stream; ``None`` draws one from torch's global generator
             (so that ``lightning.seed_everything`` makes runs reproducible). Give each DDP rank its own.
-
-    Raises:
-        ValueError: If the blur's ``sigma_min`` is above its ``sigma_max``.
     """
 
     def __init__(self, config: Config, seed: int | None = None) -> None:
         super().__init__()
         augment = config.augment
-        if augment.blur.sigma_min > augment.blur.sigma_max:
-            raise ValueError(
-                f"augment.blur.sigma_min={augment.blur.sigma_min} is above augment.blur.sigma_max={augment.blur.sigma_max}; swap them"
-            )
         self.height, self.width = config.input.height, config.input.width
         self.elastic: ElasticConfig = augment.elastic
         self.blur: BlurConfig = augment.blur
@@ -201,7 +194,7 @@ def displacement_from_noise(noise: Tensor, alpha: float, sigma: float) -> Tensor
     """
     n, _, height, width = noise.shape
     noise = noise / noise.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-    taps = _gaussian_taps(sigma, int(round(sigma * 8 + 1)) | 1, noise.device)
+    taps = _gaussian_taps(sigma, round(sigma * 8 + 1) | 1, noise.device)
     stacked = noise.reshape(n, 2 * height, width)
     smooth = _replicate_band_matrix(2 * height, taps) @ stacked @ _replicate_band_matrix(width, taps).T
     return smooth.view(n, 2, height, width) * alpha
@@ -245,7 +238,7 @@ def _gaussian_blur(image: Tensor, config: BlurConfig, generator: torch.Generator
     borders (OpenCV's default); all kernels share the widest support, zero beyond their own size, so the
     batch is one grouped convolution per direction.
     """
-    n, _, height, width = image.shape
+    n = image.shape[0]
     chosen = _chosen(config.p, n, generator)
     sigmas = _uniform(config.sigma_min, config.sigma_max, (n, 1), generator)
     radius = int(config.sigma_max * 3.5)

@@ -21,11 +21,11 @@ import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
 
-from medseg.config import AugmentConfig, Config, InputConfig  # noqa: E402
+from medseg.config import AugmentConfig, Config, InputConfig
 
 
 def train_transform(config: Config, seed: int | None = None) -> A.Compose:

@@ -3,7 +3,7 @@ presence threshold that maximise the competition score on the run's validation f
 the run has several folds).
 
 Each validation frame is predicted by the model that did not train on it, at its original size. One pass
-per frame counts tp/fp/fn at every threshold (:func:`medseg.metrics.sweep_counts`) and keeps its presence
+per frame counts tp/fp/fn at every threshold (:func:`medseg.learn.metrics.sweep_counts`) and keeps its presence
 probability; the minimum area and the presence threshold are then applied to those counts without
 predicting again (a mask they empty has its tp and fp turned into fn), so the whole grid costs one
 prediction per frame. The untuned setting is always in the grid, so the tuned score on these frames is
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg import metrics, runs
-from medseg.datasets import load_dataset
-from medseg.engine import load_samples
+from medseg.data.datasets import load_dataset
 from medseg.errors import UsageError
-from medseg.predict import POSTPROCESS_FILE, PostProcess, Run, default_postprocess, device_for, load_fold_model, oof_groups, open_run, predict_frames
-from medseg.train import data_options
+from medseg.infer.heldout import held_out_frames
+from medseg.infer.predict import PostProcess, default_postprocess
+from medseg.learn import metrics
+from medseg.runs import POSTPROCESS_FILE, Run, Tuning, open_run
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12500, 15000])
@@ -54,28 +54,21 @@ def oof_predictions(run: Run, thresholds: np.ndarray, tta: str, on_message: Call
     Args:
         run: The trained run.
         thresholds: Probability thresholds.
-        tta: Test-time augmentation (see :func:`medseg.predict.predict_frames`).
+        tta: Test-time augmentation (see :func:`medseg.infer.predict.predict_frames`).
         on_message: Receives one line per fold.
     """
-    dataset = load_dataset(run.data, data_options(run.config))
-    groups = oof_groups(run, [record.id for record in dataset.train])
-    by_id = {record.id: record for record in dataset.train}
-    device = device_for(run.config)
+    dataset = load_dataset(run.data, run.config.data)
     ids, counts, presence = [], [], []
-    for fold in run.folds:
-        val_ids = groups[fold.fold]
-        on_message(f"fold {fold.fold}: predicting {len(val_ids)} validation frames")
-        samples = load_samples([by_id[i] for i in val_ids], data_options(run.config))
-        frames = [samples[i][0] for i in val_ids]
-        truths = [samples[i][1].astype(bool) for i in val_ids]
-        for prediction, truth in zip(predict_frames([load_fold_model(run, fold, device)], frames, run.config, tta), truths):
-            counts.append(metrics.sweep_counts([prediction.probs], [truth], thresholds))
-            presence.append(prediction.presence)
-        ids += val_ids
+    for frame in held_out_frames(run, dataset, out_of_fold=True, tta=tta, on_message=on_message):
+        ids.append(frame.id)
+        counts.append(metrics.sweep_counts([frame.prediction.probs], [frame.truth], thresholds))
+        presence.append(frame.prediction.presence)
     return OofPredictions(ids, np.concatenate(counts, axis=1), np.array(presence, dtype=np.float64))
 
 
-def score_grid(counts: np.ndarray, min_areas: np.ndarray, presence: np.ndarray | None = None, presence_threshold: float = 0.0) -> np.ndarray:
+def score_grid(
+    counts: np.ndarray, min_areas: np.ndarray, presence: np.ndarray | None = None, presence_threshold: float = 0.0
+) -> np.ndarray:
     """Competition score for every threshold and minimum area, from counts at every threshold.
 
     Args:
@@ -135,20 +128,27 @@ def score_cube(oof: OofPredictions, min_areas: np.ndarray, presence_thresholds: 
     return np.stack([score_grid(oof.counts, min_areas, oof.presence, value) for value in presence_thresholds])
 
 
-def best_point(scores: np.ndarray, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray = np.zeros(1)) -> PostProcess:
+def best_point(
+    scores: np.ndarray, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray | None = None
+) -> PostProcess:
     """The setting of the highest score; ties go to the threshold nearest 0.5, then the smallest area, then
     the presence threshold nearest 0.5.
 
     Shape:
         scores: (T, A), or (P, T, A) with one slice per presence threshold.
     """
+    presence_thresholds = np.zeros(1) if presence_thresholds is None else presence_thresholds
     cube = scores if scores.ndim == 3 else scores[None]
     candidates = np.argwhere(cube >= cube.max() - 1e-12)
-    depth, row, column = min(candidates, key=lambda prc: (abs(thresholds[prc[1]] - 0.5), min_areas[prc[2]], abs(presence_thresholds[prc[0]] - 0.5)))
+    depth, row, column = min(
+        candidates, key=lambda prc: (abs(thresholds[prc[1]] - 0.5), min_areas[prc[2]], abs(presence_thresholds[prc[0]] - 0.5))
+    )
     return PostProcess(float(thresholds[row]), int(min_areas[column]), float(presence_thresholds[depth]), tuned=True)
 
 
-def grids(has_presence: bool, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grids(
+    has_presence: bool, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The grids to search, each holding the untuned value; one presence threshold (0: off) without a head."""
     untuned = default_postprocess(has_presence)
     return (
@@ -166,7 +166,7 @@ def tune_run(
     on_message: Callable[[str], None] = print,
     force: bool = False,
     presence_thresholds: np.ndarray = PRESENCE_THRESHOLDS,
-) -> dict:
+) -> Tuning:
     """Tune a run's post-processing and write ``RUN/postprocess.json``.
 
     Args:
@@ -192,24 +192,24 @@ def tune_run(
     cube = score_cube(oof, min_areas, presence_thresholds)
     chosen = best_point(cube, thresholds, min_areas, presence_thresholds)
     depth = int(np.flatnonzero(presence_thresholds == chosen.presence_threshold)[0])
-    result = {
-        "threshold": chosen.threshold,
-        "min_area": chosen.min_area,
-        "presence_threshold": chosen.presence_threshold,
-        "presence_head": has_presence,
-        "score_before": score_at(cube, default_postprocess(has_presence), thresholds, min_areas, presence_thresholds),
-        "score_after": float(cube.max()),
-        "frames": len(oof.ids),
-        "out_of_fold": len(run.folds) > 1,
-        "tta": tta,
-        "thresholds": thresholds.tolist(),
-        "min_areas": min_areas.tolist(),
-        "scores": np.round(cube[depth], 6).tolist(),
-        "presence_thresholds": presence_thresholds.tolist(),
-        "presence_scores": np.round(cube.max(axis=(1, 2)), 6).tolist(),
-    }
-    runs.write_json(run.path / POSTPROCESS_FILE, result)
-    return result
+    tuning = Tuning(
+        threshold=chosen.threshold,
+        min_area=chosen.min_area,
+        presence_threshold=chosen.presence_threshold,
+        presence_head=has_presence,
+        score_before=score_at(cube, default_postprocess(has_presence), thresholds, min_areas, presence_thresholds),
+        score_after=float(cube.max()),
+        frames=len(oof.ids),
+        out_of_fold=len(run.folds) > 1,
+        tta=tta,
+        thresholds=thresholds.tolist(),
+        min_areas=min_areas.tolist(),
+        scores=np.round(cube[depth], 6).tolist(),
+        presence_thresholds=presence_thresholds.tolist(),
+        presence_scores=np.round(cube.max(axis=(1, 2)), 6).tolist(),
+    )
+    tuning.write(run.path / POSTPROCESS_FILE)
+    return tuning
 
 
 def score_at(cube: np.ndarray, post: PostProcess, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> float:

@@ -32,7 +32,7 @@ from torch import nn
 
 from medseg.config import LossConfig
 from medseg.errors import UsageError
-from medseg.models import split_outputs
+from medseg.learn.models import split_outputs
 
 __all__ = ["CombinedLoss", "PerImageDiceLoss", "create_loss"]
 

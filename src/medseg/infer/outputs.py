@@ -1,7 +1,7 @@
 """``medseg predict``: masks of a folder of frames as a checked submission, PNG masks or probabilities.
 
 The frames are listed (every non-image file is reported, none is skipped silently), predicted by the
-run's ensemble (:mod:`medseg.predict`), post-processed with the run's tuned settings, checked by the
+run's ensemble (:mod:`medseg.infer.predict`), post-processed with the run's tuned settings, checked by the
 submission validator before anything is written, and written atomically: a killed prediction leaves no
 partial file.
 """
@@ -15,11 +15,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medseg import io, rle, submission
-from medseg.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
+from medseg.data import io, rle
+from medseg.data.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
+from medseg.devices import device_for
 from medseg.errors import UsageError
-from medseg.export import DEFAULT_NAME, OnnxEnsemble, export_onnx
-from medseg.predict import device_for, load_fold_model, open_run, predict_frames, read_postprocess
+from medseg.files import atomic_write
+from medseg.infer import submission
+from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.predict import load_fold_model, predict_frames, read_postprocess
+from medseg.runs import ONNX_FILE, open_run
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
         return [load_fold_model(run, fold, device) for fold in run.folds]
     if request.engine != "onnx":
         raise UsageError(f"--engine {request.engine!r}; use torch or onnx")
-    path = Path(request.onnx) if request.onnx else run.path / DEFAULT_NAME
+    path = Path(request.onnx) if request.onnx else run.path / ONNX_FILE
     if not path.is_file():
         if request.onnx:
             raise UsageError(f"{path}: not found; export it with `medseg export {run.path} --onnx {path}`")
@@ -144,19 +148,25 @@ def _in_sample_order(records: list[Record], sample_ids: list[str], sample_path: 
     by_id = {record.id: record for record in records}
     missing = [i for i in sample_ids if i not in by_id]
     if missing:
-        raise UsageError(f"{sample_path}: {len(missing)} id(s) have no frame ({', '.join(missing[:5])}); predict the folder that holds them")
+        raise UsageError(
+            f"{sample_path}: {len(missing)} id(s) have no frame ({', '.join(missing[:5])}); predict the folder that holds them"
+        )
     unlisted = [record.id for record in records if record.id not in set(sample_ids)]
     if unlisted:
-        raise UsageError(f"{sample_path}: {len(unlisted)} frame(s) are not in the sample ({', '.join(unlisted[:5])}); pass the right --sample")
+        raise UsageError(
+            f"{sample_path}: {len(unlisted)} frame(s) are not in the sample ({', '.join(unlisted[:5])}); pass the right --sample"
+        )
     return [by_id[i] for i in dict.fromkeys(sample_ids)]
 
 
-def _write_outputs(request: PredictRequest, run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample_ids, on_message) -> list[str]:
+def _write_outputs(
+    request: PredictRequest, run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample_ids, on_message
+) -> list[str]:
     written = []
     if request.out is not None:
         rles = [rle.encode(mask) for mask in masks]
         sizes = {i: mask.shape for i, mask in zip(ids, masks)}
-        had_masks = run.plan.get("train_non_empty")
+        had_masks = run.plan.train_non_empty
         report = submission.validate(
             ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=None if had_masks is None else had_masks > 0, path=request.out
         )
@@ -168,7 +178,7 @@ def _write_outputs(request: PredictRequest, run, ids: list[str], masks: list[np.
         written.append(str(request.masks_dir))
     if request.save_probs:
         target = Path(f"{request.out}.probs.npz") if request.out is not None else Path(request.masks_dir) / "probs.npz"
-        with io.atomic_write(target, "wb") as stream:
+        with atomic_write(target, "wb") as stream:
             np.savez_compressed(stream, ids=np.array(ids), **{f"p{index}": prob for index, prob in enumerate(probs)})
         written.append(str(target))
     return written
@@ -178,6 +188,5 @@ def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for sample_id, mask in zip(ids, masks):
         _, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-        with io.atomic_write(folder / f"{sample_id}.png", "wb") as stream:
+        with atomic_write(folder / f"{sample_id}.png", "wb") as stream:
             stream.write(encoded.tobytes())
-

@@ -13,18 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medseg import progress, runs, splits, transforms
-from medseg.config import Config, read_run_config
-from medseg.engine import normalise, uses_cuda
+from medseg import progress
+from medseg.config import Config
+from medseg.data import transforms
+from medseg.data.intensity import normalise
 from medseg.errors import UsageError
-from medseg.models import create_model, split_outputs
+from medseg.learn.models import create_model, split_outputs
+from medseg.runs import CONFIG_FILE, FoldDir, Run
 
-POSTPROCESS_FILE = "postprocess.json"
 TTA_MODES = ("none", "hflip", "hvflip")
 DEFAULT_THRESHOLD = 0.5
 
@@ -75,55 +75,6 @@ class Prediction:
         return post.apply(self.probs, self.presence)
 
 
-@dataclass
-class Run:
-    """A trained run folder, read back.
-
-    Attributes:
-        path: The run folder.
-        config: Its resolved configuration.
-        plan: Its ``run.json`` (data folder, folds).
-        folds: Its (sub-)run folders.
-    """
-
-    path: Path
-    config: Config
-    plan: dict
-    folds: list[runs.FoldDir]
-
-    @property
-    def data(self) -> Path:
-        """The data folder the run was trained on."""
-        return Path(self.plan["data"])
-
-
-def open_run(path: Path) -> Run:
-    """Read a run folder and check that every fold has its best checkpoint.
-
-    Raises:
-        UsageError: If it is not a run folder, or a fold has no checkpoint yet.
-    """
-    path = Path(path)
-    if not (path / runs.RUN_FILE).is_file():
-        raise UsageError(f"{path}: not a medseg run folder ({runs.RUN_FILE} missing); train one with `medseg train DATA --out {path}`")
-    plan = runs.read_json(path / runs.RUN_FILE)
-    folds = runs.fold_dirs(path, plan["folds"], plan["several"])
-    for fold in folds:
-        if not fold.best.is_file():
-            raise UsageError(f"{fold.best}: missing; the run did not finish a first epoch, continue it with `medseg train --resume`")
-    return Run(path, read_run_config(path / runs.CONFIG_FILE), plan, folds)
-
-
-def oof_groups(run: Run, ids: list[str]) -> dict[int, list[str]]:
-    """The validation ids of each fold of a run: each frame is scored by the model that did not train on it.
-
-    Raises:
-        SplitError: If the run's split does not hold exactly ``ids``.
-    """
-    split = splits.load_split(run.path / runs.SPLIT_FILE, expected_ids=ids)
-    return {fold.fold: split.train_val(fold.fold)[1] for fold in run.folds}
-
-
 def default_postprocess(presence_head: bool) -> PostProcess:
     """The untuned setting: threshold 0.5, no minimum area and, with a presence head, presence above 0.5."""
     return PostProcess(presence_threshold=DEFAULT_THRESHOLD if presence_head else 0.0)
@@ -131,32 +82,28 @@ def default_postprocess(presence_head: bool) -> PostProcess:
 
 def read_postprocess(run: Run) -> PostProcess:
     """The tuned post-processing of a run, or the untuned setting (:func:`default_postprocess`)."""
-    path = run.path / POSTPROCESS_FILE
-    if not path.is_file():
+    tuning = run.tuning()
+    if tuning is None:
         return default_postprocess(run.config.model.presence_head)
-    chosen = runs.read_json(path)
-    return PostProcess(float(chosen["threshold"]), int(chosen["min_area"]), float(chosen.get("presence_threshold", 0.0)), tuned=True)
+    return PostProcess(tuning.threshold, tuning.min_area, tuning.presence_threshold, tuned=True)
 
 
-def device_for(config: Config) -> torch.device:
-    """CUDA when the run may use it and it is there, else the CPU."""
-    return torch.device("cuda") if uses_cuda(config) else torch.device("cpu")
-
-
-def load_fold_model(run: Run, fold: runs.FoldDir, device: torch.device) -> torch.nn.Module:
+def load_fold_model(run: Run, fold: FoldDir, device: torch.device) -> torch.nn.Module:
     """The model of one fold with its best weights, in eval mode on ``device``.
 
+    The checkpoint is read with ``weights_only=True`` (:meth:`medseg.runs.Run.best_weights`).
+
     Raises:
+        CheckpointError: If the checkpoint is truncated, corrupt or holds more than weights.
         UsageError: If the checkpoint does not fit the run's model.
     """
     model, _ = create_model(run.config.model.model_copy(update={"encoder_weights": "none"}))
-    checkpoint = torch.load(fold.best, map_location="cpu", weights_only=False)
     prefix = "model."
-    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    state = {key[len(prefix) :]: value for key, value in run.best_weights(fold).items() if key.startswith(prefix)}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise UsageError(f"{fold.best}: does not fit the model of {run.path / runs.CONFIG_FILE} ({str(error).splitlines()[0]})") from error
+        raise UsageError(f"{fold.best}: does not fit the model of {run.path / CONFIG_FILE} ({str(error).splitlines()[0]})") from error
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -165,18 +112,6 @@ def load_fold_model(run: Run, fold: runs.FoldDir, device: torch.device) -> torch
 
 Probabilities = tuple[torch.Tensor, torch.Tensor | None]
 ProbFn = Callable[[torch.Tensor], Probabilities]
-
-
-def predict_probs(
-    models: Sequence[torch.nn.Module] | ProbFn,
-    frames: Sequence[np.ndarray],
-    config: Config,
-    tta: str = "hflip",
-    batch_size: int = 16,
-) -> Iterator[np.ndarray]:
-    """The probability maps of :func:`predict_frames` alone."""
-    for prediction in predict_frames(models, frames, config, tta, batch_size):
-        yield prediction.probs
 
 
 def predict_frames(
@@ -192,7 +127,7 @@ def predict_frames(
     Args:
         models: Models in eval mode, all on one device (their sigmoids are averaged), or a function from a
             normalised float batch to probabilities and presence probabilities or None (an ONNX Runtime
-            session, see :mod:`medseg.export`).
+            session, see :mod:`medseg.infer.export`).
         frames: Gray ``uint8`` frames of any sizes.
         config: The run's configuration (input size).
         tta: ``none``, ``hflip`` (mean with the horizontally flipped frame) or ``hvflip`` (and vertically).

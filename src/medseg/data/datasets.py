@@ -1,0 +1,534 @@
+"""Data set layouts: find every image, its mask source and its subject.
+
+Three layouts are read (see DESIGN.md):
+
+- ``kaggle``: ``train/{subject}_{n}.tif`` with ``train/{subject}_{n}_mask.tif`` and/or ``train_masks.csv``
+  (``subject,img,pixels``); ``test/{n}.tif``; ``sample_submission.csv`` (``img,pixels``).
+- ``folders``: ``images/NAME.ext`` with ``masks/NAME.ext`` (or ``masks/NAME_mask.ext``); optional ``test/``;
+  the subject from a regular expression on the name.
+- ``rle-csv``: ``images/NAME.ext`` plus one CSV of ``id,rle`` (column names configurable); optional ``test/``.
+
+Loading reads file names, CSV tables and image headers only. Structural problems (a frame without a
+mask, a CSV row without a frame, duplicate ids, unexpected files) are collected in
+:attr:`Dataset.problems`, never skipped silently. :func:`read_sample` decodes one frame and its mask and
+raises a :class:`~medseg.errors.FileError` for every pixel-level problem (unreadable file, size mismatch,
+non-binary mask, malformed RLE row, mask file and RLE row that disagree); the inspector collects them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import DataOptions
+from medseg.data import io, rle
+from medseg.errors import DataError, FileError, ImageReadError, UsageError
+
+KAGGLE_MASKS_CSV = "train_masks.csv"
+KAGGLE_SAMPLE_CSV = "sample_submission.csv"
+RLE_COLUMN_GUESSES = (("id", "rle"), ("ImageId", "EncodedPixels"), ("img", "pixels"), ("id", "pixels"))
+_KAGGLE_NAME = re.compile(r"^(?P<subject>[^_]+)_(?P<n>[^_]+?)(?P<mask>_mask)?$")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One frame and where its mask comes from.
+
+    Attributes:
+        id: Sample id as used in submissions (Kaggle: ``{subject}_{n}`` in train, ``{n}`` in test).
+        image_path: The frame.
+        mask_path: Mask file, if there is one.
+        rle: Mask as an RLE string from a CSV row, if there is one (``""`` is the empty mask).
+        subject: Subject (patient) id, or ``None`` when unknown.
+        size: ``(height, width)`` of the frame from its header, or ``None`` when the header is unreadable.
+        rle_source: The CSV file the RLE row comes from.
+    """
+
+    id: str
+    image_path: Path
+    mask_path: Path | None = None
+    rle: str | None = None
+    subject: str | None = None
+    size: tuple[int, int] | None = None
+    rle_source: Path | None = None
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether a mask file or an RLE row exists for this frame."""
+        return self.mask_path is not None or self.rle is not None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a data set, tied to the file where it is.
+
+    Attributes:
+        kind: Short machine-readable name, e.g. ``missing_mask``.
+        path: The file (or folder) that has the problem.
+        message: What is wrong and how to fix it.
+    """
+
+    kind: str
+    path: Path
+    message: str
+
+
+@dataclass
+class Dataset:
+    """A data set as found on disk.
+
+    Attributes:
+        root: The data folder.
+        layout: The layout it was read as.
+        options: The options it was read with.
+        train: Labelled frames.
+        test: Unlabelled frames (may be empty).
+        sample_submission: Path of the sample submission, if any.
+        sample_ids: Ids of the sample submission, in its order.
+        problems: Structural problems found while loading.
+    """
+
+    root: Path
+    layout: str
+    options: DataOptions
+    train: list[Record]
+    test: list[Record] = field(default_factory=list)
+    sample_submission: Path | None = None
+    sample_ids: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
+    """Find the records of a data folder.
+
+    Args:
+        root: The data folder.
+        options: How to read it; defaults detect everything.
+
+    Returns:
+        The data set with its structural problems.
+
+    Raises:
+        UsageError: If the folder does not exist, is empty, has no recognisable layout, or a named
+            option (layout, CSV, subject pattern) does not fit it.
+        DataError: If a CSV table of the data set cannot be read or lacks its columns.
+    """
+    root = Path(root)
+    options = options or DataOptions()
+    layout = options.layout or detect_layout(root)
+    loader = {"kaggle": _load_kaggle, "folders": _load_folders, "rle-csv": _load_rle_csv}[layout]
+    dataset = loader(root, options)
+    if not dataset.train:
+        raise DataError(f"{root}: no labelled images found for the {layout} layout; check the folder or --layout")
+    return dataset
+
+
+def require_clean(dataset: Dataset) -> Dataset:
+    """Return the data set if loading found no structural problem.
+
+    Raises:
+        DataError: Counting the problems, showing the first and pointing at ``medseg inspect``.
+    """
+    if dataset.problems:
+        first = dataset.problems[0]
+        raise DataError(
+            f"{dataset.root}: {len(dataset.problems)} problem(s) in the data set, first: {first.path}: {first.message}; "
+            f"`medseg inspect {dataset.root}` lists them all"
+        )
+    return dataset
+
+
+def detect_layout(root: Path) -> str:
+    """Tell the layout of a data folder from what it contains.
+
+    Raises:
+        UsageError: If the folder is missing, empty or matches no layout.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root}: folder does not exist; check the path")
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a folder; DATA is the folder that holds the images")
+    if not any(root.iterdir()):
+        raise UsageError(f"{root}: folder is empty; put the images (and masks or an RLE CSV) in it")
+    if (root / "train").is_dir():
+        return "kaggle"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "folders"
+    if (root / "images").is_dir() and any(root.glob("*.csv")):
+        return "rle-csv"
+    raise UsageError(
+        f"{root}: cannot tell the layout; expected train/ (kaggle), images/ + masks/ (folders) "
+        "or images/ + an RLE CSV (rle-csv); or name it with --layout"
+    )
+
+
+def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a labelled frame and its mask, checked against each other.
+
+    Args:
+        record: A labelled record.
+        options: Mask value, threshold and RLE order.
+
+    Returns:
+        The gray frame (``uint8``) and its boolean mask.
+
+    Raises:
+        FileError: Naming the file and the problem (its ``kind`` is the inspector's problem name).
+
+    Shape:
+        Returns: (H, W) and (H, W).
+    """
+    image = io.read_image(record.image_path)
+    return image, mask_of(record, options, image.shape)
+
+
+def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The boolean mask of a record, from its mask file and/or RLE row.
+
+    Args:
+        record: A labelled record.
+        options: Mask value, threshold and RLE order.
+        shape: ``(height, width)`` of the decoded frame, when known; the mask must have it.
+
+    Returns:
+        The mask.
+
+    Raises:
+        FileError: If the record has no mask (``missing_mask``), the mask file is unreadable
+            (``unreadable_mask``), of another size than the frame (``size_mismatch``) or not binary
+            (``non_binary_mask``), the RLE row is malformed (``malformed_rle``), or the mask file and the
+            RLE row disagree (``mask_csv_disagree``).
+
+    Shape:
+        Returns: (H, W).
+    """
+    if not record.has_mask:
+        raise FileError(record.image_path, f"no mask file or RLE row for id {record.id}; add one or remove the frame", "missing_mask")
+    from_file = _mask_file(record, options, shape) if record.mask_path is not None else None
+    if record.rle is None:
+        return from_file
+    shape = shape or (from_file.shape if from_file is not None else None) or record.size or io.image_size(record.image_path)
+    try:
+        from_rle = rle.decode(record.rle, shape, order=options.rle_order)
+    except rle.RLEError as error:
+        raise FileError(
+            record.rle_source or record.image_path, f"row of id {record.id}: {error}; fix or regenerate this row", "malformed_rle"
+        ) from error
+    if from_file is not None and not np.array_equal(from_file, from_rle):
+        differ = int(np.count_nonzero(from_file ^ from_rle))
+        raise FileError(
+            record.mask_path,
+            f"mask file and RLE row of id {record.id} disagree ({differ} pixels differ); keep one source or fix the other",
+            "mask_csv_disagree",
+        )
+    return from_rle
+
+
+def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | None) -> np.ndarray:
+    try:
+        values = io.read_mask_values(record.mask_path)
+    except ImageReadError as error:
+        raise FileError(error.path, error.reason, "unreadable_mask") from error
+    if shape is not None and values.shape != tuple(shape):
+        raise FileError(
+            record.mask_path,
+            f"mask is {size_text(values.shape)} but its frame is {size_text(shape)}; save the mask at the frame's size",
+            "size_mismatch",
+        )
+    if options.mask_value is None and options.mask_threshold is None and not io.is_binary_mask(values):
+        levels = np.unique(values)
+        shown = ", ".join(map(str, levels[:6])) + (", ..." if levels.size > 6 else "")
+        raise FileError(
+            record.mask_path,
+            f"mask has {levels.size} levels ({shown}), not 0 and one foreground value; "
+            "pick a class with --mask-value V, or binarise anti-aliased masks with --mask-threshold 127",
+            "non_binary_mask",
+        )
+    return io.binarize_mask(values, value=options.mask_value, threshold=options.mask_threshold)
+
+
+def size_text(shape: tuple[int, ...]) -> str:
+    """``WxH`` of an array shape ``(H, W, ...)``, as image sizes are usually written."""
+    return f"{shape[1]}x{shape[0]}"
+
+
+def subject_matcher(pattern: str | None):
+    """Compile a subject pattern into a function from id to subject (``None`` when it does not match).
+
+    Raises:
+        UsageError: If the pattern is not a valid regular expression.
+    """
+    if pattern is None:
+        return lambda sample_id: None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise UsageError(f"--subject-pattern {pattern!r} is not a valid regular expression: {error}") from error
+
+    def subject(sample_id: str) -> str | None:
+        match = compiled.search(sample_id)
+        if match is None:
+            return None
+        if "subject" in compiled.groupindex:
+            return match.group("subject")
+        return match.group(1) if compiled.groups else match.group(0)
+
+    return subject
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def _list_files(folder: Path, problems: list[Problem]) -> list[Path]:
+    """Image files of a folder; other files (except hidden ones) become problems."""
+    images = []
+    for path in sorted(folder.iterdir(), key=lambda p: _natural_key(p.name)):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and io.is_image_file(path):
+            images.append(path)
+        else:
+            problems.append(
+                Problem("unexpected_file", path, f"not an image file ({', '.join(io.IMAGE_SUFFIXES)}); move it out of {folder.name}/")
+            )
+    return images
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    try:
+        return io.image_size(path)
+    except ImageReadError:
+        return None
+
+
+def _index_by_id(paths: list[Path], id_of, problems: list[Problem], what: str) -> dict[str, Path]:
+    """Map ids to paths, reporting ids found twice."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        sample_id = id_of(path)
+        if sample_id in found:
+            problems.append(
+                Problem("duplicate_id", path, f"{what} id {sample_id} also used by {found[sample_id].name}; keep one file per id")
+            )
+            continue
+        found[sample_id] = path
+    return found
+
+
+def _rle_rows(csv_path: Path, ids: list[str], rles: list[str], problems: list[Problem]) -> dict[str, str]:
+    """Map CSV ids to RLE strings, reporting duplicate ids (row numbers count the header as row 1)."""
+    rows: dict[str, str] = {}
+    first_row: dict[str, int] = {}
+    for number, (sample_id, text) in enumerate(zip(ids, rles), start=2):
+        if sample_id in rows:
+            problems.append(
+                Problem(
+                    "duplicate_id", csv_path, f"row {number}: id {sample_id} already on row {first_row[sample_id]}; keep one row per id"
+                )
+            )
+            continue
+        rows[sample_id] = text
+        first_row[sample_id] = number
+    return rows
+
+
+def image_records(folder: Path) -> tuple[list[Record], list[Problem]]:
+    """Unlabelled records of every image in a folder (id = file stem), and what else the folder holds.
+
+    Returns:
+        The records in natural order of their names, and problems: non-image files, ids found twice.
+    """
+    problems: list[Problem] = []
+    return _test_records(Path(folder), problems), problems
+
+
+def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
+    if not folder.is_dir():
+        return []
+    paths = _index_by_id(_list_files(folder, problems), lambda path: path.stem, problems, "image")
+    return [Record(id=sample_id, image_path=path, size=_header_size(path)) for sample_id, path in paths.items()]
+
+
+def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
+    problems: list[Problem] = []
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{root}: no train/ folder; the kaggle layout needs train/{{subject}}_{{n}}.tif")
+    images, masks = _split_kaggle_names(_list_files(train_dir, problems), problems)
+    rows = _kaggle_csv_rows(root / KAGGLE_MASKS_CSV, problems)
+    records = []
+    for sample_id, path in images.items():
+        subject = _KAGGLE_NAME.match(sample_id).group("subject")
+        record = Record(sample_id, path, masks.get(sample_id), rows.get(sample_id), subject, _header_size(path), root / KAGGLE_MASKS_CSV)
+        if not record.has_mask:
+            problems.append(
+                Problem("missing_mask", path, f"no {sample_id}_mask{path.suffix} and no row in {KAGGLE_MASKS_CSV}; add the mask")
+            )
+        records.append(record)
+    for sample_id, path in masks.items():
+        if sample_id not in images:
+            problems.append(
+                Problem("missing_image", path, f"mask without its frame train/{sample_id}.tif; add the frame or remove the mask")
+            )
+    for sample_id in rows:
+        if sample_id not in images:
+            problems.append(
+                Problem(
+                    "missing_image", root / KAGGLE_MASKS_CSV, f"id {sample_id} has no frame train/{sample_id}.tif; add it or drop the row"
+                )
+            )
+    test = _test_records(root / "test", problems)
+    sample_path = root / KAGGLE_SAMPLE_CSV
+    sample_ids = _sample_ids(sample_path, test, problems) if sample_path.exists() else []
+    return Dataset(root, "kaggle", options, records, test, sample_path if sample_path.exists() else None, sample_ids, problems)
+
+
+def _split_kaggle_names(paths: list[Path], problems: list[Problem]) -> tuple[dict[str, Path], dict[str, Path]]:
+    images, masks = [], []
+    for path in paths:
+        match = _KAGGLE_NAME.match(path.stem)
+        if match is None:
+            problems.append(Problem("unexpected_file", path, "name is not {subject}_{n}.tif or {subject}_{n}_mask.tif; rename or move it"))
+        else:
+            (masks if match.group("mask") else images).append(path)
+    image_ids = _index_by_id(images, lambda path: path.stem, problems, "image")
+    mask_ids = _index_by_id(masks, lambda path: path.stem[: -len("_mask")], problems, "mask")
+    return image_ids, mask_ids
+
+
+def _kaggle_csv_rows(csv_path: Path, problems: list[Problem]) -> dict[str, str]:
+    if not csv_path.exists():
+        return {}
+    table = io.read_csv(csv_path, ("subject", "img", "pixels"))
+    ids = [f"{subject.strip()}_{img.strip()}" for subject, img in zip(table["subject"], table["img"])]
+    return _rle_rows(csv_path, ids, list(table["pixels"]), problems)
+
+
+def _sample_ids(sample_path: Path, test: list[Record], problems: list[Problem]) -> list[str]:
+    table = io.read_csv(sample_path, ("img", "pixels"))
+    ids = [value.strip() for value in table["img"]]
+    for sample_id, count in Counter(ids).items():
+        if count > 1:
+            problems.append(Problem("duplicate_id", sample_path, f"id {sample_id} is listed {count} times; keep one row per id"))
+    test_ids = {record.id for record in test}
+    for sample_id in dict.fromkeys(ids):
+        if sample_id not in test_ids:
+            problems.append(Problem("missing_image", sample_path, f"id {sample_id} has no frame in test/; add it or drop the row"))
+    listed = set(ids)
+    for record in test:
+        if record.id not in listed:
+            problems.append(
+                Problem("unlisted_test_image", record.image_path, f"test frame {record.id} is not in {sample_path.name}; add a row for it")
+            )
+    return ids
+
+
+def _load_folders(root: Path, options: DataOptions) -> Dataset:
+    problems: list[Problem] = []
+    for name in ("images", "masks"):
+        if not (root / name).is_dir():
+            raise DataError(f"{root}: no {name}/ folder; the folders layout needs images/NAME.ext and masks/NAME.ext")
+    subject_of = subject_matcher(options.subject_pattern)
+    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    masks = _index_by_id(_list_files(root / "masks", problems), _folder_mask_id, problems, "mask")
+    records = []
+    for sample_id, path in images.items():
+        record = Record(
+            sample_id, path, masks.get(sample_id), None, _subject(sample_id, path, subject_of, options, problems), _header_size(path)
+        )
+        if not record.has_mask:
+            problems.append(Problem("missing_mask", path, f"no mask masks/{sample_id}.* for this image; add it"))
+        records.append(record)
+    for sample_id, path in masks.items():
+        if sample_id not in images:
+            problems.append(Problem("missing_image", path, f"mask without an image images/{sample_id}.*; add the image or remove the mask"))
+    return Dataset(root, "folders", options, records, _test_records(root / "test", problems), problems=problems)
+
+
+def _folder_mask_id(path: Path) -> str:
+    return path.stem.removesuffix("_mask")
+
+
+def _subject(sample_id: str, path: Path, subject_of, options: DataOptions, problems: list[Problem]) -> str | None:
+    subject = subject_of(sample_id)
+    if subject is None and options.subject_pattern is not None:
+        problems.append(
+            Problem(
+                "no_subject",
+                path,
+                f"id {sample_id} does not match --subject-pattern {options.subject_pattern!r}; fix the pattern or the name",
+            )
+        )
+    return subject
+
+
+def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
+    problems: list[Problem] = []
+    if not (root / "images").is_dir():
+        raise DataError(f"{root}: no images/ folder; the rle-csv layout needs images/NAME.ext and a CSV of id,rle")
+    csv_path = _find_rle_csv(root, options)
+    table = io.read_csv(csv_path, ())
+    id_column, rle_column = _rle_columns(csv_path, list(table.columns), options)
+    io.require_columns(table, csv_path, (id_column, rle_column))
+    ids = [_strip_image_suffix(value.strip()) for value in table[id_column]]
+    rows = _rle_rows(csv_path, ids, list(table[rle_column]), problems)
+    subject_of = subject_matcher(options.subject_pattern)
+    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    records = []
+    for sample_id, path in images.items():
+        record = Record(
+            sample_id,
+            path,
+            None,
+            rows.get(sample_id),
+            _subject(sample_id, path, subject_of, options, problems),
+            _header_size(path),
+            csv_path,
+        )
+        if not record.has_mask:
+            problems.append(
+                Problem("missing_mask", path, f"no row for id {sample_id} in {csv_path.name}; add one (an empty RLE is an empty mask)")
+            )
+        records.append(record)
+    for sample_id in rows:
+        if sample_id not in images:
+            problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop the row"))
+    return Dataset(root, "rle-csv", options, records, _test_records(root / "test", problems), problems=problems)
+
+
+def _find_rle_csv(root: Path, options: DataOptions) -> Path:
+    if options.csv is not None:
+        path = Path(options.csv) if Path(options.csv).is_absolute() else root / options.csv
+        if not path.is_file():
+            raise UsageError(f"{path}: RLE table not found; check --csv")
+        return path
+    tables = sorted(root.glob("*.csv"))
+    if len(tables) != 1:
+        found = ", ".join(path.name for path in tables) or "none"
+        raise UsageError(f"{root}: expected one RLE CSV, found {found}; name it with --csv")
+    return tables[0]
+
+
+def _rle_columns(csv_path: Path, header: list[str], options: DataOptions) -> tuple[str, str]:
+    if options.id_column and options.rle_column:
+        return options.id_column, options.rle_column
+    for id_column, rle_column in RLE_COLUMN_GUESSES:
+        if (options.id_column or id_column) in header and (options.rle_column or rle_column) in header:
+            return options.id_column or id_column, options.rle_column or rle_column
+    raise DataError(f"{csv_path}: no id and RLE columns among {', '.join(header)}; name them with --id-column and --rle-column")
+
+
+def _strip_image_suffix(sample_id: str) -> str:
+    path = Path(sample_id)
+    return path.stem if io.is_image_file(path) else sample_id
+
+
+def sample_data_path() -> Path:
+    """The bundled sample data set (Kaggle layout, CC-BY 4.0, see its README)."""
+    return Path(__file__).parents[1] / "sample_data" / "uns-sample"

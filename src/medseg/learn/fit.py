@@ -1,0 +1,142 @@
+"""Training one (sub-)run: a Lightning trainer with the recipe's callbacks, writing into its fold folder.
+
+The optimiser, schedule, early stopping and checkpoints are the recipe's (DESIGN.md); :func:`fit_fold`
+resumes from the fold's last checkpoint when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+
+from medseg import runs
+from medseg.config import Config
+from medseg.data.samples import Sample
+from medseg.devices import precision, uses_cuda
+from medseg.learn.callbacks import AtomicCheckpointIO, EpochMetricsWriter, quiet_lightning
+from medseg.learn.datamodule import SegmentationDataModule
+from medseg.learn.models import create_model
+from medseg.learn.module import SegmentationModule
+
+
+def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+    """A Lightning trainer with the recipe's callbacks writing into ``fold_dir``.
+
+    ``last.ckpt`` has its own checkpoint callback because Lightning 2.6 writes ``save_last`` only in the
+    epochs that also improve the monitored value, and resuming needs the latest epoch. ``best.ckpt`` holds
+    the weights only (a third of the size: prediction, tuning and export need no optimiser state);
+    ``last.ckpt`` keeps the optimiser and schedule for ``--resume``.
+    """
+    trainer_cfg = config.trainer
+    best = ModelCheckpoint(
+        dirpath=fold_dir.checkpoints,
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+    )
+    last = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="last", save_top_k=1, enable_version_counter=False)
+    stopper = EarlyStopping("val_loss", patience=trainer_cfg.early_stopping_patience, mode="min")
+    callbacks = [EpochMetricsWriter(fold_dir.metrics), stopper, best, last]
+    if show_progress:
+        callbacks.append(RichProgressBar())
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=precision(config),
+        max_epochs=trainer_cfg.max_epochs,
+        gradient_clip_val=trainer_cfg.gradient_clip,
+        limit_train_batches=trainer_cfg.limit_train_batches,
+        limit_val_batches=trainer_cfg.limit_val_batches,
+        callbacks=callbacks + list(extra_callbacks or []),
+        logger=_tensorboard_logger(fold_dir),
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        benchmark=uses_cuda(config),
+        default_root_dir=fold_dir.path,
+    )
+
+
+def _tensorboard_logger(fold_dir: runs.FoldDir):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(fold_dir.path, name="tensorboard")
+
+
+def fit_fold(
+    config: Config,
+    fold_dir: runs.FoldDir,
+    samples: dict[str, Sample],
+    train_ids: list[str],
+    val_ids: list[str],
+    show_progress: bool = False,
+    extra_callbacks: list[Callback] | None = None,
+) -> tuple[runs.FoldResult, runs.EncoderWeights | None]:
+    """Train one (sub-)run, resuming from its last checkpoint when there is one.
+
+    Args:
+        config: Run configuration.
+        fold_dir: Where the checkpoints and metrics go.
+        samples: Cached frames and masks by id.
+        train_ids: Training ids.
+        val_ids: Validation ids.
+        show_progress: Show a progress bar with ETA.
+        extra_callbacks: More Lightning callbacks (tests use them to interrupt a run).
+
+    Returns:
+        How it ended, and which encoder weights the model started from (``None`` when it resumed from a
+        checkpoint, whose weights replace the encoder's).
+    """
+    if fold_dir.checkpoints.is_dir() and not is_ddp_child():
+        for stale in fold_dir.checkpoints.glob(".*.tmp"):
+            stale.unlink()
+    resume_from = fold_dir.last if fold_dir.last.is_file() else None
+    L.seed_everything(config.trainer.seed + fold_dir.fold, workers=True, verbose=False)
+    model_cfg = config.model.model_copy(update={"encoder_weights": "none"}) if resume_from else config.model
+    model, weights = create_model(model_cfg)
+    module = SegmentationModule(model, config)
+    data = SegmentationDataModule(config, [samples[i] for i in train_ids], [samples[i] for i in val_ids])
+    with quiet_lightning():
+        trainer = build_trainer(config, fold_dir, show_progress, extra_callbacks)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    result = _fold_result(trainer, fold_dir)
+    if trainer.is_global_zero:
+        result.write(fold_dir.done_file)
+    return result, None if resume_from else weights
+
+
+def _fold_result(trainer: L.Trainer, fold_dir: runs.FoldDir) -> runs.FoldResult:
+    rows = runs.read_metrics(fold_dir.metrics) if fold_dir.metrics.is_file() else []
+    best = min(rows, key=lambda row: float(row["val_loss"]), default=None)
+    stopper = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
+    return runs.FoldResult(
+        fold=fold_dir.fold,
+        epochs=len(rows),
+        best_val_loss=float(best["val_loss"]) if best else math.nan,
+        best_val_score=float(best["val_score"]) if best else math.nan,
+        stopped_early=stopper.stopped_epoch > 0 and len(rows) < (trainer.max_epochs or 0),  # a stop on the last epoch ends nothing early
+    )
+
+
+def is_ddp_child() -> bool:
+    """Whether this process is a worker that Lightning's DDP launcher started (not the one the user ran)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def show_progress_default() -> bool:
+    """Progress bars only on an interactive terminal."""
+    return sys.stderr.isatty()

@@ -1,0 +1,397 @@
+"""``medseg report``: one self-contained HTML page that says how good a run is and where it fails.
+
+The page (``RUN/report.html``, every image inline, no network requests) and its figures as PNGs
+(``RUN/report/``) show: warnings first, the headline figures, the data and the configuration, training
+curves per fold, the tuning curves, the evaluation of the held-out frames (each predicted by the model
+that did not train on it) and a gallery of overlays, worst frames first. Every figure has a one-line
+caption that says how to read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.datasets import load_dataset
+from medseg.files import atomic_write
+from medseg.infer.heldout import HeldOutFrame, held_out_frames
+from medseg.infer.predict import read_postprocess
+from medseg.learn import metrics
+from medseg.report.evaluate import score_frames
+from medseg.report.figures import (
+    PREDICTION_COLOUR,
+    TRUTH_COLOUR,
+    Figure,
+    evaluation_figures,
+    overlay,
+    png,
+    training_figures,
+    tuning_figures,
+)
+from medseg.runs import CONFIG_FILE, FIGURES_DIR, POSTPROCESS_FILE, REPORT_FILE, FoldResult, Run, Tuning, Versions, open_run, read_metrics
+
+GALLERY_WORST = 12
+GALLERY_RANDOM = 12
+RISING_EPOCHS = 3
+FOLD_SPREAD = 0.15
+
+
+@dataclass(frozen=True)
+class _Kept:
+    score: tuple[float, int]  # the frame's score, then its arrival: ties go to the earlier frame
+    key: float
+    frame: HeldOutFrame
+    row: dict
+
+
+class GalleryPicker:
+    """Keeps, while the held-out frames stream past, the ones the gallery shows: the worst frames, then a
+    random choice among the rest, so that no frame is predicted twice and only a few stay in memory.
+
+    Each frame draws a random key as it arrives; a frame is kept while it is among the ``worst`` lowest
+    scores or among the ``worst + random`` lowest keys. At the end the gallery is the ``worst`` lowest
+    scores and, of the other kept frames, the ``random`` lowest keys: a uniform choice among the rest.
+
+    Args:
+        worst: Frames with the lowest scores to show.
+        random: Frames to show at random among the others.
+        seed: Seed of the random keys.
+    """
+
+    def __init__(self, worst: int = GALLERY_WORST, random: int = GALLERY_RANDOM, seed: int = 0) -> None:
+        self.worst = worst
+        self.random = random
+        self._rng = np.random.default_rng(seed)
+        self._arrived = 0
+        self._kept: list[_Kept] = []
+
+    def offer(self, frame: HeldOutFrame, row: dict) -> None:
+        """Consider one scored frame (the ``observe`` of :func:`medseg.report.evaluate.score_frames`)."""
+        self._kept.append(_Kept((float(row["dice"]), self._arrived), float(self._rng.random()), frame, row))
+        self._arrived += 1
+        by_score = sorted(self._kept, key=lambda item: item.score)[: self.worst]
+        by_key = sorted(self._kept, key=lambda item: item.key)[: self.worst + self.random]
+        keep = {id(item) for item in by_score + by_key}
+        self._kept = [item for item in self._kept if id(item) in keep]
+
+    def chosen(self) -> tuple[list[tuple[HeldOutFrame, dict]], list[tuple[HeldOutFrame, dict]]]:
+        """The worst frames, worst first, and the random ones in order of score, each with its row."""
+        worst = sorted(self._kept, key=lambda item: item.score)[: self.worst]
+        rest = [item for item in self._kept if all(item is not other for other in worst)]
+        lucky = sorted(sorted(rest, key=lambda item: item.key)[: self.random], key=lambda item: item.score)
+        return [(item.frame, item.row) for item in worst], [(item.frame, item.row) for item in lucky]
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows, gathered from the run folder and one out-of-fold prediction pass.
+
+    Attributes:
+        run: The run.
+        rows: One row per held-out frame (see :mod:`medseg.report.evaluate`).
+        counts: tp/fp/fn of each held-out frame after the post-processing.
+        fold_metrics: The ``metrics.csv`` rows of each fold.
+        tuned: The tuning, if the run is tuned.
+        data_summary: The inspector's summary of the training data, if the run kept it.
+        versions: The software the run trained with.
+        worst: The gallery's worst frames with their rows, worst first.
+        lucky: The gallery's frames chosen at random among the rest.
+    """
+
+    run: Run
+    rows: list[dict]
+    counts: np.ndarray
+    fold_metrics: dict[int, list[dict]]
+    tuned: Tuning | None
+    data_summary: dict | None
+    versions: Versions
+    worst: list[tuple[HeldOutFrame, dict]] = field(default_factory=list)
+    lucky: list[tuple[HeldOutFrame, dict]] = field(default_factory=list)
+
+
+def build_report(path: Path, tta: str = "hflip", on_message: Callable[[str], None] = print) -> Path:
+    """Write ``RUN/report.html`` and ``RUN/report/*.png`` for a trained run.
+
+    Args:
+        path: The run folder.
+        tta: Test-time augmentation for the held-out predictions.
+        on_message: Receives progress lines.
+
+    Returns:
+        The HTML file.
+    """
+    data = gather(open_run(path), tta, on_message)
+    figures = [
+        *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
+        *tuning_figures(data.tuned),
+        *evaluation_figures(data.rows),
+    ]
+    gallery = gallery_figures(data)
+    folder = data.run.path / FIGURES_DIR
+    for figure in [*figures, *gallery]:
+        with atomic_write(folder / figure.name, "wb") as stream:
+            stream.write(figure.png)
+    page = render(data, figures, gallery)
+    with atomic_write(data.run.path / REPORT_FILE) as stream:
+        stream.write(page)
+    return data.run.path / REPORT_FILE
+
+
+def gather(run: Run, tta: str, on_message: Callable[[str], None]) -> ReportData:
+    """Read the run's files and score its held-out frames, keeping the gallery's frames as they pass."""
+    dataset = load_dataset(run.data, run.config.data)
+    picker = GalleryPicker()
+    rows, counts = score_frames(held_out_frames(run, dataset, True, tta, on_message), read_postprocess(run), observe=picker.offer)
+    worst, lucky = picker.chosen()
+    return ReportData(
+        run=run,
+        rows=rows,
+        counts=counts,
+        fold_metrics={fold.fold: read_metrics(fold.metrics) for fold in run.folds if fold.metrics.is_file()},
+        tuned=run.tuning(),
+        data_summary=run.data_summary(),
+        versions=run.versions(),
+        worst=worst,
+        lucky=lucky,
+    )
+
+
+def warnings_of(data: ReportData) -> list[str]:
+    """What a reader must know before trusting the numbers."""
+    found = []
+    weights = data.versions.encoder_weights
+    if weights is not None and weights.warning:
+        found.append(weights.warning)
+    found += _degenerate_warnings(data.rows)
+    for fold, rows in data.fold_metrics.items():
+        losses = [float(row["val_loss"]) for row in rows]
+        if len(losses) > RISING_EPOCHS and all(b > a for a, b in zip(losses[-RISING_EPOCHS - 1 :], losses[-RISING_EPOCHS:])):
+            found.append(
+                f"fold {fold}: the validation loss rose for the last {RISING_EPOCHS} epochs (over-fitting); the best checkpoint is kept"
+            )
+    scores = fold_scores(data)
+    if len(scores) > 1 and max(scores.values()) - min(scores.values()) > FOLD_SPREAD:
+        listed = ", ".join(f"fold {fold} {score:.3f}" for fold, score in scores.items())
+        found.append(f"fold scores differ widely ({listed}): the estimate depends on which subjects are held out")
+    if data.tuned is None:
+        found.append("the run is not tuned: threshold 0.5 and no minimum area; `medseg tune RUN` usually helps")
+    return found
+
+
+def _degenerate_warnings(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    if all(row["pred_empty"] for row in rows) and any(not row["truth_empty"] for row in rows):
+        return ["every held-out prediction is empty although the truth has masks: the model has collapsed to 'no structure'"]
+    if all(not row["pred_empty"] for row in rows) and any(row["truth_empty"] for row in rows):
+        return ["every held-out prediction has a mask, also on frames without one: presence is not learned"]
+    return []
+
+
+def fold_scores(data: ReportData) -> dict[int, float]:
+    """Competition score of each fold's held-out frames."""
+    by_fold: dict[int, list[float]] = {}
+    for row in data.rows:
+        by_fold.setdefault(int(row["fold"]), []).append(float(row["dice"]))
+    return {fold: float(np.mean(values)) for fold, values in sorted(by_fold.items())}
+
+
+def gallery_figures(data: ReportData) -> list[Figure]:
+    """Overlays of the worst frames, then of randomly chosen ones, from the predictions the scores came from."""
+    post = read_postprocess(data.run)
+    figures = []
+    for label, chosen in (("worst", data.worst), ("random", data.lucky)):
+        for frame, row in chosen:
+            rank = len(figures)
+            figure = overlay(frame.image, frame.truth, frame.prediction.probs, frame.prediction.mask(post))
+            caption = (
+                f"{row['id']} (fold {row['fold']}): score {float(row['dice']):.3f}, "
+                f"true area {row['truth_area']} px, predicted {row['pred_area']} px"
+            )
+            figures.append(Figure(f"gallery_{label}_{rank:02d}_{row['id']}.png", png(figure), caption))
+    return figures
+
+
+def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> str:
+    """The HTML page."""
+    by_name = {figure.name: figure for figure in figures}
+    sections = [
+        _section("warnings", "Warnings", _warnings_html(warnings_of(data))),
+        _section("headline", "How good is it", _headline_html(data)),
+        _section("data", "Data", _data_html(data)),
+        _section(
+            "config",
+            "Configuration",
+            f"<details><summary>config.yaml</summary><pre>{html.escape((data.run.path / CONFIG_FILE).read_text())}</pre></details>",
+        ),
+        _section(
+            "training",
+            "Training",
+            "".join(_figure_html(f) for name, f in by_name.items() if name.startswith("training_")) or "<p>No epochs recorded.</p>",
+        ),
+        _section("folds", "Folds", _folds_html(data)),
+        _section("tuning", "Tuning", _tuning_html(data, by_name.get("tuning.png"))),
+        _section(
+            "evaluation",
+            "Held-out evaluation",
+            _figure_html(by_name["evaluation.png"]) if "evaluation.png" in by_name else "<p>No held-out frames.</p>",
+        ),
+        _section("gallery", "Where it fails", _gallery_html(gallery)),
+    ]
+    title = f"medseg report: {data.run.path.name}"
+    return _PAGE.format(title=html.escape(title), body="\n".join(sections))
+
+
+def _section(element_id: str, heading: str, body: str) -> str:
+    return f'<section id="{element_id}"><h2>{html.escape(heading)}</h2>{body}</section>'
+
+
+def _figure_html(figure: Figure) -> str:
+    encoded = base64.b64encode(figure.png).decode("ascii")
+    image = f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(figure.name)}">'
+    return f"<figure>{image}<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
+
+
+def _warnings_html(found: list[str]) -> str:
+    if not found:
+        return '<div class="ok">No warnings.</div>'
+    return '<div class="warn"><ul>' + "".join(f"<li>{html.escape(item)}</li>" for item in found) + "</ul></div>"
+
+
+def _headline_html(data: ReportData) -> str:
+    summary = metrics.summary(data.counts) if len(data.counts) else {}
+    post = read_postprocess(data.run)
+    empty_share = summary.get("n_empty_truth", 0) / max(summary.get("n_images", 1), 1)
+    tiles = [
+        ("competition score", _fmt(summary.get("score")), f"held-out frames; predicting every frame empty would score {empty_share:.3f}"),
+        ("Dice on frames with a structure", _fmt(summary.get("dice_nonempty")), "how well it is drawn where it exists"),
+        (
+            "presence precision / recall",
+            f"{_fmt(summary.get('presence_precision'))} / {_fmt(summary.get('presence_recall'))}",
+            "is there a structure at all",
+        ),
+        (
+            "false positives on empty frames",
+            f"{summary.get('presence_empty_false_positives', 0)} of {summary.get('n_empty_truth', 0)}",
+            "masks drawn where there is none",
+        ),
+    ]
+    cards = "".join(
+        f'<div class="tile"><div class="value">{html.escape(value)}</div><div class="label">{html.escape(label)}</div>'
+        f'<div class="note">{html.escape(note)}</div></div>'
+        for label, value, note in tiles
+    )
+    worst = sorted(data.rows, key=lambda row: float(row["dice"]))[:3]
+    failing = ", ".join(f"{row['id']} ({float(row['dice']):.2f})" for row in worst)
+    text = (
+        f"<p>{summary.get('n_images', 0)} held-out frames, each predicted by the fold model that did not train on it; post-processing: "
+        f"threshold {post.threshold:.2f}, minimum area {post.min_area} px"
+        f"{f', presence above {post.presence_threshold:.2f}' if post.presence_threshold else ''}"
+        f"{' (tuned on these same frames, so the score is somewhat optimistic)' if post.tuned else ' (not tuned)'}. "
+        f"Worst frames: {html.escape(failing)} "
+        '(see <a href="#gallery">the gallery</a>).</p>'
+    )
+    return f'<div class="tiles">{cards}</div>{text}'
+
+
+def _data_html(data: ReportData) -> str:
+    summary = data.data_summary
+    if summary is None:
+        return f"<p>{html.escape(str(data.run.data))}</p>"
+    area = summary.get("mask_area") or {}
+    rows = [
+        ("data folder", f"{summary['root']} ({summary['layout']} layout)"),
+        ("frames", summary["train_images"]),
+        ("with a mask / empty", f"{summary['non_empty']} / {summary['empty']} (empty share {summary['empty_share']:.1%})"),
+        ("subjects", summary["subjects"] if summary["subjects"] is not None else "unknown"),
+        ("image sizes (WxH)", ", ".join(f"{size}: {count}" for size, count in summary["image_sizes"].items())),
+        ("mask area min / median / max (px)", f"{area.get('min', '-')} / {area.get('median', '-')} / {area.get('max', '-')}"),
+        ("encoder weights", data.versions.encoder_weights.used if data.versions.encoder_weights else "unknown"),
+        ("trained with", _software(data.versions)),
+    ]
+    return _table(rows, "The training data (as inspected when the run started) and the software that trained on it.")
+
+
+def _folds_html(data: ReportData) -> str:
+    scores = fold_scores(data)
+    rows = []
+    for fold in data.run.folds:
+        rows.append((f"fold {fold.fold}", f"{_ending(fold.result())}, held-out score {_fmt(scores.get(fold.fold))}"))
+    return _table(
+        rows, "Each fold validates on different subjects; similar scores mean the estimate does not hinge on which subjects are held out."
+    )
+
+
+def _tuning_html(data: ReportData, figure: Figure | None) -> str:
+    if figure is not None:
+        return _figure_html(figure)
+    if data.tuned is None:
+        return "<p>Not tuned yet: run <code>medseg tune RUN</code>.</p>"
+    return (
+        f"<p>Post-processing set in {html.escape(POSTPROCESS_FILE)} without a search (threshold {data.tuned.threshold:.2f}, "
+        f"minimum area {data.tuned.min_area} px): <code>medseg tune RUN --force</code> searches it.</p>"
+    )
+
+
+def _software(versions: Versions) -> str:
+    packages = ", ".join(
+        f"{label} {versions.package(name)}"
+        for label, name in (("torch", "torch"), ("smp", "segmentation-models-pytorch"), ("lightning", "lightning"))
+    )
+    return f"{packages}, GPU {versions.gpu or 'none'}"
+
+
+def _ending(result: FoldResult | None) -> str:
+    if result is None:
+        return "- epochs, best validation loss -"
+    return f"{result.epochs} epochs{' (stopped early)' if result.stopped_early else ''}, best validation loss {_fmt(result.best_val_loss)}"
+
+
+def _gallery_html(gallery: list[Figure]) -> str:
+    if not gallery:
+        return "<p>No held-out frames.</p>"
+    legend = (
+        f'<p class="legend"><span style="color:{TRUTH_COLOUR}">green: true outline</span>, '
+        f'<span style="color:{PREDICTION_COLOUR}">red: predicted outline</span>; right: predicted probability. '
+        f"The worst {GALLERY_WORST} frames first, then {GALLERY_RANDOM} chosen at random.</p>"
+    )
+    return legend + '<div class="gallery">' + "".join(_figure_html(figure) for figure in gallery) + "</div>"
+
+
+def _table(rows: list[tuple], caption: str) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(label))}</th><td>{html.escape(str(value))}</td></tr>" for label, value in rows)
+    return f'<table>{body}</table><p class="caption">{html.escape(caption)}</p>'
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1180px; padding: 1.2rem;
+       color: #1f2937; }}
+h1 {{ font-size: 1.5rem; margin: 0 0 .8rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #e5e7eb; padding-bottom: .2rem; }}
+.warn {{ background: #fef3c7; border: 1px solid #f59e0b; border-radius: 6px; padding: .2rem 1rem; }}
+.ok {{ background: #dcfce7; border: 1px solid #22c55e; border-radius: 6px; padding: .5rem 1rem; }}
+.tiles {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(230px, 1fr)); gap: .8rem; }}
+.tile {{ border: 1px solid #e5e7eb; border-radius: 8px; padding: .7rem; }}
+.tile .value {{ font-size: 1.7rem; font-weight: 650; }} .tile .label {{ font-weight: 600; }}
+.tile .note {{ color: #6b7280; font-size: .85rem; }}
+figure {{ margin: .6rem 0; }} img {{ max-width: 100%; }} figcaption, .caption, .legend {{ color: #4b5563; font-size: .9rem; }}
+table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: .25rem .8rem .25rem 0; border-bottom: 1px solid #f3f4f6; }}
+.gallery {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: .6rem; }}
+pre {{ background: #f9fafb; padding: .6rem; overflow-x: auto; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""
