@@ -310,3 +310,24 @@ def test_gpu_and_cpu_backends_are_statistically_alike(step: str, parity_data: tu
     cpu_stats = sample_statistics(cpu_images, cpu_masks.astype(np.float64), originals)
     for name in gpu_stats:
         assert_alike(f"{step} {name}", gpu_stats[name], cpu_stats[name], picks)
+
+
+@pytest.mark.parametrize("steps", [{"elastic": 1.0}, {"hflip": 0.5}, dict.fromkeys(AUGMENTS, 0.7)], ids=["elastic", "hflip", "all"])
+def test_every_mask_channel_moves_with_its_frame(steps: dict[str, float]) -> None:
+    """Several structures: each channel of a batch gets exactly the geometry a one-channel mask gets."""
+    config = config_with(steps, *STRONG["elastic"], size=PARITY_SIZE)
+    images, first = small_batch("1_1", 6)
+    second = (images > 170).to(torch.uint8)
+    _, alone = BatchAugment(config, seed=11)(images, first)
+    _, other = BatchAugment(config, seed=11)(images, second)
+    out_images, stacked = BatchAugment(config, seed=11)(images, torch.cat([first, second, first], dim=1))
+    assert stacked.shape == (6, 3, *PARITY_SIZE) and out_images.shape == (6, 1, *PARITY_SIZE)
+    torch.testing.assert_close(stacked[:, :1], alone, rtol=0, atol=0)
+    torch.testing.assert_close(stacked[:, 1:2], other, rtol=0, atol=0)
+    torch.testing.assert_close(stacked[:, 2:], stacked[:, :1], rtol=0, atol=0)
+
+
+def test_masks_of_another_batch_size_are_refused() -> None:
+    images, masks = small_batch("1_1", 2)
+    with pytest.raises(ValueError, match="do not match"):
+        BatchAugment(config_with({}, size=PARITY_SIZE), seed=0)(images, torch.cat([masks, masks])[:3])

@@ -371,3 +371,28 @@ def test_property_grouped_partition(data, n_folds, seed):
             if subject_a and subject_a == subject_b:
                 assert split.fold_of(a) == split.fold_of(b)
     assert split == grouped_kfold(ids, subjects, empty, n_folds=n_folds, seed=seed)
+
+
+def test_several_structures_balance_each_emptiness_pattern():
+    """With one flag per structure the folds share out every pattern (nerve only, vessel only, both, none),
+    where balancing "any mask" alone can pile one pattern into a fold."""
+    ids, subjects, flags = [], [], []
+    patterns = [(False, True)] * 20 + [(True, False)] * 20 + [(False, False)] * 20 + [(True, True)] * 20
+    for index, pattern in enumerate(patterns):
+        ids.append(f"f{index}")
+        subjects.append(f"s{index // 2}")  # two frames per subject, of the same pattern
+        flags.append(pattern)
+    split = grouped_kfold(ids, subjects, flags, n_folds=4, seed=0)
+    fold_of = {sample_id: fold for fold, members in enumerate(split.folds) for sample_id in members}
+    for pattern in set(patterns):
+        per_fold = Counter(fold_of[i] for i, flag in zip(ids, flags, strict=True) if flag == pattern)
+        assert all(abs(per_fold[fold] - 5) <= 1 for fold in range(4)), (pattern, per_fold)
+    any_mask = grouped_kfold(ids, subjects, [all(flag) for flag in flags], n_folds=4, seed=0)
+    assert sorted(map(len, any_mask.folds)) == sorted(map(len, split.folds))
+
+
+def test_one_flag_per_sample_and_one_structure_of_flags_split_alike():
+    ids = [f"f{index}" for index in range(30)]
+    subjects = [f"s{index // 3}" for index in range(30)]
+    empty = [index % 4 == 0 for index in range(30)]
+    assert grouped_kfold(ids, subjects, empty, n_folds=3).folds == grouped_kfold(ids, subjects, [[flag] for flag in empty], n_folds=3).folds

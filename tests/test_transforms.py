@@ -217,3 +217,26 @@ def test_apply_refuses_wrong_inputs() -> None:
         apply(transform, image.astype(np.float32))
     with pytest.raises(ValueError, match="does not match"):
         apply(transform, image, np.zeros((10, 10), dtype=bool))
+
+
+@pytest.mark.parametrize("steps", [{"elastic": 1.0}, {"hflip": 1.0}, dict.fromkeys(AUGMENTS, 1.0)], ids=["elastic", "hflip", "all"])
+def test_every_mask_channel_moves_with_its_frame(steps: dict[str, float]) -> None:
+    """Several structures: each channel gets the geometry a one-structure mask gets from the same draw."""
+    config = config_with(steps)
+    image = frame("1_1")
+    first, second = median_mask(image), image > np.percentile(image, 80)
+    single = [apply(train_transform(config, seed=3), image, mask)[1] for mask in (first, second)]
+    out_image, stacked = apply(train_transform(config, seed=3), image, np.stack([first, second, first]))
+    assert stacked.shape == (3, HEIGHT, WIDTH) and stacked.dtype == np.uint8
+    np.testing.assert_array_equal(stacked[0], single[0])
+    np.testing.assert_array_equal(stacked[1], single[1])
+    np.testing.assert_array_equal(stacked[2], stacked[0])
+    np.testing.assert_array_equal(out_image, apply(train_transform(config, seed=3), image, first)[0])
+
+
+def test_eval_resizes_every_mask_channel() -> None:
+    transform = eval_transform(config_with({}))
+    image = frame("1_1")
+    _, stacked = apply(transform, image, np.stack([median_mask(image), ~median_mask(image)]))
+    assert stacked.shape == (2, HEIGHT, WIDTH)
+    np.testing.assert_array_equal(stacked[0], apply(transform, image, median_mask(image))[1])

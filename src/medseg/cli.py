@@ -65,6 +65,18 @@ RleOrderOption = Annotated[
 CsvOption = Annotated[str | None, typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
 IdColumnOption = Annotated[str | None, typer.Option("--id-column", help="Id column of the RLE table.")]
 RleColumnOption = Annotated[str | None, typer.Option("--rle-column", help="RLE column of the RLE table.")]
+ClassColumnOption = Annotated[
+    str | None, typer.Option("--class-column", help="Class column of a long RLE table (one row per frame and class).")
+]
+ClassesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--classes",
+        help="Several structures: NAME=LABEL,... (class-index mask values, e.g. nerve=1,vessel=2; masks/<LABEL>/ folders; "
+        "a long table's class labels), or the labels alone; left out: one structure, or every class found.",
+        metavar="NAME=LABEL,...",
+    ),
+]
 TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
@@ -81,6 +93,8 @@ def data_flags(
     csv: str | None,
     id_column: str | None,
     rle_column: str | None,
+    class_column: str | None = None,
+    classes: str | None = None,
 ) -> dict[str, Any]:
     """The data flags a command was given, by :class:`~medseg.config.DataOptions` field, checked.
 
@@ -144,10 +158,12 @@ def inspect_command(
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
+    class_column: ClassColumnOption = None,
+    classes: ClassesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
 ) -> int:
     """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
     inspection = inspect_dataset(load_dataset(data, data_options(flags)))
     if as_json:
         stdout.print_json(json.dumps(inspection_json(inspection)))
@@ -196,6 +212,12 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     ]
     if summary["sample_submission"]:
         rows.append(("sample submission rows", str(summary["sample_submission_rows"])))
+    for name, facts in (summary.get("classes") or {}).items():
+        area = facts["mask_area"]
+        areas = "" if area is None else f"; area {area['min']} / {area['median']:g} / {area['max']} px"
+        rows.append((f"class {name}: with / without", f"{facts['with']} / {facts['without']}{areas}"))
+    for pair, frames in (summary.get("overlapping_frames") or {}).items():
+        rows.append((f"frames where {pair} overlap", str(frames)))
     return rows
 
 
@@ -234,6 +256,8 @@ def train_command(
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
+    class_column: ClassColumnOption = None,
+    classes: ClassesOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
     no_report: NoReportOption = False,
 ) -> int:
@@ -242,7 +266,7 @@ def train_command(
     from medseg.learn.fit import is_ddp_child, show_progress_default
     from medseg.learn.train import train_run
 
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
     shortcuts = {
         **{f"data.{key}": value for key, value in flags.items()},
         "trainer.devices": devices,
@@ -435,13 +459,15 @@ def evaluate_command(
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
+    class_column: ClassColumnOption = None,
+    classes: ClassesOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing evaluation.")] = False,
     quiet: QuietOption = False,
 ) -> int:
     """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
     from medseg.report.evaluate import evaluate_run
 
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column)
+    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
     options = data_options(flags) if flags else None
     summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet))
     print_evaluation(summary)

@@ -43,6 +43,10 @@ class DataOptions(_Section):
         csv: The RLE table of the rle-csv layout, relative to the data folder; ``None`` finds it.
         id_column: Id column of that table; ``None`` guesses among common names.
         rle_column: RLE column of that table; ``None`` guesses among common names.
+        class_column: Class column of a long RLE table (one row per frame and structure); ``None`` guesses.
+        classes: Several structures per frame: each structure's name and its label in the data (the mask
+            value of class-index masks, the folder of ``masks/<class>/``, the class of a long RLE table);
+            ``None`` is one structure, or, for per-class mask folders and long tables, every class found.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,12 +59,43 @@ class DataOptions(_Section):
     csv: str | None = None
     id_column: str | None = None
     rle_column: str | None = None
+    class_column: str | None = None
+    classes: dict[str, int | str] | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_from_text(cls, value: Any) -> Any:
+        return parse_classes(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_mask_rule(self) -> DataOptions:
         if self.mask_value is not None and self.mask_threshold is not None:
             raise ValueError("mask_value and mask_threshold exclude each other (--mask-value, --mask-threshold); use one")
+        if self.classes is not None and self.mask_value is not None:
+            raise ValueError("classes and mask_value exclude each other (--classes, --mask-value): --mask-value picks one structure")
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes is empty; name at least one structure, e.g. --classes nerve=1,vessel=2")
         return self
+
+
+def parse_classes(text: str) -> dict[str, int | str]:
+    """``nerve=1,vessel=2`` (names and their labels in the data) or ``large_bowel,stomach`` (names that are labels).
+
+    A label of digits is a number (a mask value or a numeric class id).
+
+    Raises:
+        ValueError: If a name is empty or given twice, or a label is empty.
+    """
+    classes: dict[str, int | str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, label = (piece.strip() for piece in item.partition("="))
+        if not name or (sep and not label):
+            raise ValueError(f"{item!r} is not NAME or NAME=LABEL; write e.g. nerve=1,vessel=2")
+        if name in classes:
+            raise ValueError(f"class {name!r} is named twice")
+        label = label if sep else name
+        classes[name] = int(label) if label.isdigit() else label
+    return classes
 
 
 class InputConfig(_Section):
@@ -78,10 +113,12 @@ class InputConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network: an smp architecture and encoder, one input channel, one output logit per pixel.
+    """The network: an smp architecture and encoder, one input channel, one output logit per pixel and structure.
 
     ``presence_head`` adds smp's classification head on the deepest encoder features (average pooling,
-    ``presence_dropout``, one logit): "is the structure in this frame at all".
+    ``presence_dropout``, one logit per structure): "is the structure in this frame at all". ``structures``
+    is the number of output channels, one sigmoid each (multi-label: structures may overlap); training sets it
+    from the data's structures.
     """
 
     arch: str = "Unet"
@@ -90,6 +127,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     presence_head: bool = True
     presence_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    structures: int = Field(1, ge=1)
 
 
 class ElasticConfig(_Section):
@@ -155,7 +193,8 @@ class AugmentConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Training loss on logits; ``presence_weight`` weighs the BCE of the presence head (if the model has one)."""
+    """Training loss on logits; ``presence_weight`` weighs the BCE of the presence head (if the model has one),
+    ``class_weights`` the structures of a model with several (one weight each; ``None``: equal)."""
 
     name: Literal["dice_bce", "tversky", "lovasz", "focal"] = "dice_bce"
     dice_weight: float = Field(0.5, ge=0.0)
@@ -165,6 +204,14 @@ class LossConfig(_Section):
     tversky_beta: float = Field(0.5, ge=0.0)
     focal_gamma: float = Field(2.0, ge=0.0)
     presence_weight: float = Field(0.5, ge=0.0)
+    class_weights: list[float] | None = None
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(weight < 0 for weight in value) or sum(value) <= 0):
+            raise ValueError("give one weight of 0 or more per structure, not all 0, e.g. [1, 2]")
+        return value
 
 
 class OptimConfig(_Section):

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from medseg.config import DataOptions
-from medseg.data import io, rle
+from medseg.data import io, long_rle, rle
 from medseg.errors import DataError, FileError, ImageReadError, UsageError
 
 KAGGLE_MASKS_CSV = "train_masks.csv"
@@ -46,6 +46,8 @@ class Record:
         subject: Subject (patient) id, or ``None`` when unknown.
         size: ``(height, width)`` of the frame from its header, or ``None`` when the header is unreadable.
         rle_source: The CSV file the RLE row comes from.
+        class_masks: With several structures in per-class folders, each structure's binary mask file.
+        class_rles: With several structures in a long RLE table, each structure's RLE string.
     """
 
     id: str
@@ -55,11 +57,13 @@ class Record:
     subject: str | None = None
     size: tuple[int, int] | None = None
     rle_source: Path | None = None
+    class_masks: tuple[tuple[str, Path], ...] = ()
+    class_rles: tuple[tuple[str, str], ...] = ()
 
     @property
     def has_mask(self) -> bool:
         """Whether a mask file or an RLE row exists for this frame."""
-        return self.mask_path is not None or self.rle is not None
+        return self.mask_path is not None or self.rle is not None or bool(self.class_masks) or bool(self.class_rles)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Dataset:
         sample_submission: Path of the sample submission, if any.
         sample_ids: Ids of the sample submission, in its order.
         problems: Structural problems found while loading.
+        classes: The structures of a data set with several per frame, in channel order; ``()`` for one.
     """
 
     root: Path
@@ -100,6 +105,7 @@ class Dataset:
     sample_submission: Path | None = None
     sample_ids: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    classes: tuple[str, ...] = ()
 
 
 def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
@@ -138,6 +144,22 @@ def require_clean(dataset: Dataset) -> Dataset:
         raise DataError(
             f"{dataset.root}: {len(dataset.problems)} problem(s) in the data set, first: {first.path}: {first.message}; "
             f"`medseg inspect {dataset.root}` lists them all"
+        )
+    return dataset
+
+
+def require_one_structure(dataset: Dataset, command: str) -> Dataset:
+    """Return the data set if it has one structure per frame.
+
+    Several structures are read and inspected; training, tuning and prediction take one structure so far.
+
+    Raises:
+        UsageError: Naming the structures and how to pick one.
+    """
+    if dataset.classes:
+        raise UsageError(
+            f"{dataset.root}: read as several structures ({', '.join(dataset.classes)}); medseg {command} takes one structure "
+            "per frame so far (of class-index masks, pick one with --mask-value V instead of --classes)"
         )
     return dataset
 
@@ -184,7 +206,60 @@ def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.nd
         Returns: (H, W) and (H, W).
     """
     image = io.read_image(record.image_path)
+    if is_multi_structure(record, options):
+        return image, structure_masks(record, options, image.shape)
     return image, mask_of(record, options, image.shape)
+
+
+def is_multi_structure(record: Record, options: DataOptions) -> bool:
+    """Whether a record holds several structures (class-index masks with ``classes``, per-class folders, a long table)."""
+    return options.classes is not None or bool(record.class_masks) or bool(record.class_rles)
+
+
+def structure_names(record: Record, options: DataOptions) -> list[str]:
+    """The structures of a multi-structure record, in channel order."""
+    if record.class_masks:
+        return [name for name, _ in record.class_masks]
+    if record.class_rles:
+        return [name for name, _ in record.class_rles]
+    return list(options.classes or {})
+
+
+def structure_masks(record: Record, options: DataOptions, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One boolean mask per structure of a record, from its class-index mask, per-class files or long-table rows.
+
+    Args:
+        record: A labelled record with several structures (:func:`is_multi_structure`).
+        options: The classes, the mask threshold and the RLE order.
+        shape: ``(height, width)`` of the decoded frame, when known; every mask must have it.
+
+    Raises:
+        FileError: As :func:`mask_of`, naming the structure.
+
+    Shape:
+        Returns: (C, H, W), channels in :func:`structure_names` order.
+    """
+    if not record.has_mask:
+        raise FileError(record.image_path, f"no mask file or RLE row for id {record.id}; add one or remove the frame", "missing_mask")
+    if record.class_rles:
+        shape = shape or record.size or io.image_size(record.image_path)
+        return np.stack([_decode_row(record, name, text, shape, options) for name, text in record.class_rles])
+    if record.class_masks:
+        single = options.model_copy(update={"classes": None})
+        return np.stack([_mask_file(replace(record, mask_path=path), single, shape) for _, path in record.class_masks])
+    values = _mask_values(record, shape)
+    return np.stack([values == int(value) for value in (options.classes or {}).values()])
+
+
+def _decode_row(record: Record, name: str, text: str, shape: tuple[int, int], options: DataOptions) -> np.ndarray:
+    try:
+        return rle.decode(text, shape, order=options.rle_order)
+    except rle.RLEError as error:
+        raise FileError(
+            record.rle_source or record.image_path,
+            f"row of id {record.id}, class {name}: {error}; fix or regenerate this row",
+            "malformed_rle",
+        ) from error
 
 
 def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -209,6 +284,8 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
     """
     if not record.has_mask:
         raise FileError(record.image_path, f"no mask file or RLE row for id {record.id}; add one or remove the frame", "missing_mask")
+    if is_multi_structure(record, options):
+        raise ValueError(f"{record.id} holds several structures; read them with structure_masks")
     from_file = _mask_file(record, options, shape) if record.mask_path is not None else None
     if record.rle is None:
         return from_file
@@ -229,7 +306,8 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
     return from_rle
 
 
-def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | None) -> np.ndarray:
+def _mask_values(record: Record, shape: tuple[int, int] | None) -> np.ndarray:
+    """The pixel values of a record's mask file, checked against the frame's size."""
     try:
         values = io.read_mask_values(record.mask_path)
     except ImageReadError as error:
@@ -240,6 +318,11 @@ def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | No
             f"mask is {size_text(values.shape)} but its frame is {size_text(shape)}; save the mask at the frame's size",
             "size_mismatch",
         )
+    return values
+
+
+def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | None) -> np.ndarray:
+    values = _mask_values(record, shape)
     if options.mask_value is None and options.mask_threshold is None and not io.is_binary_mask(values):
         levels = np.unique(values)
         shown = ", ".join(map(str, levels[:6])) + (", ..." if levels.size > 6 else "")
@@ -356,6 +439,11 @@ def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
 
 
 def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
+    if options.classes is not None:
+        raise UsageError(
+            f"{root}: the kaggle layout has one structure per frame; --classes is for class-index masks (folders), "
+            "masks/<class>/ folders or a long RLE table (id,class,rle)"
+        )
     problems: list[Problem] = []
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -434,6 +522,11 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
     for name in ("images", "masks"):
         if not (root / name).is_dir():
             raise DataError(f"{root}: no {name}/ folder; the folders layout needs images/NAME.ext and masks/NAME.ext")
+    class_dirs = sorted(
+        (path for path in (root / "masks").iterdir() if path.is_dir() and not path.name.startswith(".")), key=lambda p: _natural_key(p.name)
+    )
+    if class_dirs:
+        return _load_class_folders(root, options, class_dirs)
     subject_of = subject_matcher(options.subject_pattern)
     images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
     masks = _index_by_id(_list_files(root / "masks", problems), _folder_mask_id, problems, "mask")
@@ -448,7 +541,54 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
     for sample_id, path in masks.items():
         if sample_id not in images:
             problems.append(Problem("missing_image", path, f"mask without an image images/{sample_id}.*; add the image or remove the mask"))
-    return Dataset(root, "folders", options, records, _test_records(root / "test", problems), problems=problems)
+    classes = tuple(options.classes or ())
+    return Dataset(root, "folders", options, records, _test_records(root / "test", problems), problems=problems, classes=classes)
+
+
+def _load_class_folders(root: Path, options: DataOptions, class_dirs: list[Path]) -> Dataset:
+    """The folders layout with one mask folder per structure: ``masks/<class>/NAME.ext``."""
+    problems: list[Problem] = []
+    wanted = _wanted_classes(options, [path.name for path in class_dirs], root / "masks")
+    subject_of = subject_matcher(options.subject_pattern)
+    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    per_class = {
+        name: _index_by_id(_list_files(root / "masks" / label, problems), _folder_mask_id, problems, f"{name} mask")
+        for name, label in wanted.items()
+    }
+    records = []
+    for sample_id, path in images.items():
+        missing = [name for name in wanted if sample_id not in per_class[name]]
+        for name in missing:
+            problems.append(
+                Problem(
+                    "missing_mask", path, f"no mask masks/{wanted[name]}/{sample_id}.* for this image; add it (all zeros is an empty mask)"
+                )
+            )
+        found = () if missing else tuple((name, per_class[name][sample_id]) for name in wanted)
+        subject = _subject(sample_id, path, subject_of, options, problems)
+        records.append(Record(sample_id, path, subject=subject, size=_header_size(path), class_masks=found))
+    for name, masks in per_class.items():
+        for sample_id, path in masks.items():
+            if sample_id not in images:
+                problems.append(
+                    Problem("missing_image", path, f"{name} mask without an image images/{sample_id}.*; add the image or remove the mask")
+                )
+    test = _test_records(root / "test", problems)
+    return Dataset(root, "folders", options, records, test, problems=problems, classes=tuple(wanted))
+
+
+def _wanted_classes(options: DataOptions, found: list[str], where: Path) -> dict[str, str]:
+    """Each structure's name and its label in the data: all labels found, or those ``--classes`` names.
+
+    Raises:
+        UsageError: If ``--classes`` names a label the data does not have.
+    """
+    if options.classes is None:
+        return {label: label for label in found}
+    for name, label in options.classes.items():
+        if str(label) not in found:
+            raise UsageError(f"{where}: no class {str(label)!r} (--classes {name}={label}); the data has {', '.join(found)}")
+    return {name: str(label) for name, label in options.classes.items()}
 
 
 def _folder_mask_id(path: Path) -> str:
@@ -474,6 +614,11 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
         raise DataError(f"{root}: no images/ folder; the rle-csv layout needs images/NAME.ext and a CSV of id,rle")
     csv_path = _find_rle_csv(root, options)
     table = io.read_csv(csv_path, ())
+    dialect = long_rle.detect_format(list(table.columns), options.id_column, options.class_column, options.rle_column, csv_path)
+    if dialect is not None:
+        return _load_long_table(root, options, csv_path, dialect)
+    if options.classes is not None:
+        raise UsageError(f"{csv_path}: --classes needs a class column (id,class,rle); name it with --class-column")
     id_column, rle_column = _rle_columns(csv_path, list(table.columns), options)
     io.require_columns(table, csv_path, (id_column, rle_column))
     ids = [_strip_image_suffix(value.strip()) for value in table[id_column]]
@@ -500,6 +645,42 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
         if sample_id not in images:
             problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop the row"))
     return Dataset(root, "rle-csv", options, records, _test_records(root / "test", problems), problems=problems)
+
+
+def _load_long_table(root: Path, options: DataOptions, csv_path: Path, dialect: long_rle.LongFormat) -> Dataset:
+    """The rle-csv layout with a long table: one row per frame and structure (:mod:`medseg.data.long_rle`)."""
+    problems: list[Problem] = []
+    table = long_rle.read_long_table(csv_path, dialect)
+    for number, sample_id, label, first in table.duplicates:
+        problems.append(
+            Problem(
+                "duplicate_id",
+                csv_path,
+                f"row {number}: id {sample_id}, class {label} already on row {first}; keep one row per id and class",
+            )
+        )
+    wanted = _wanted_classes(options, table.labels, csv_path)
+    subject_of = subject_matcher(options.subject_pattern)
+    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    records = []
+    for sample_id, path in images.items():
+        found, missing = table.masks_of(sample_id, wanted.values())
+        for label in missing:
+            problems.append(
+                Problem(
+                    "missing_mask",
+                    path,
+                    f"no row for id {sample_id}, class {label} in {csv_path.name}; add one (an empty RLE is an empty mask)",
+                )
+            )
+        rles = () if missing else tuple((name, found[label]) for name, label in wanted.items())
+        subject = _subject(sample_id, path, subject_of, options, problems)
+        records.append(Record(sample_id, path, subject=subject, size=_header_size(path), rle_source=csv_path, class_rles=rles))
+    for sample_id in table.rows:
+        if sample_id not in images:
+            problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop its rows"))
+    test = _test_records(root / "test", problems)
+    return Dataset(root, "rle-csv", options, records, test, problems=problems, classes=tuple(wanted))
 
 
 def _find_rle_csv(root: Path, options: DataOptions) -> Path:

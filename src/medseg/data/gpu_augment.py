@@ -67,7 +67,8 @@ class BatchAugment(torch.nn.Module):
 
         Args:
             images: Gray frames, ``uint8``, on any device; all of one size, which may differ from the network's.
-            masks: Their masks, ``{0, 1}`` (any non-zero value counts as foreground).
+            masks: Their masks, ``{0, 1}`` (any non-zero value counts as foreground), one channel per structure;
+                every channel moves with its frame.
 
         Returns:
             The images as ``float32`` in [0, 1] and the masks as ``float32`` in {0, 1}, on the input's device.
@@ -77,8 +78,8 @@ class BatchAugment(torch.nn.Module):
 
         Shape:
             - images: (N, 1, H, W).
-            - masks: (N, 1, H, W).
-            - Returns: (N, 1, height, width) of ``config.input`` for both.
+            - masks: (N, C, H, W).
+            - Returns: (N, 1, height, width) and (N, C, height, width) at ``config.input``'s size.
         """
         _check_batch(images, masks)
         with torch.no_grad():
@@ -135,7 +136,7 @@ def resize_batch(images: Tensor, masks: Tensor, height: int, width: int) -> tupl
 def _check_batch(images: Tensor, masks: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 1 or images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 gray images of shape (N, 1, H, W), got shape {tuple(images.shape)} and dtype {images.dtype}")
-    if masks.shape != images.shape:
+    if masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not match their images of shape {tuple(images.shape)}")
 
 

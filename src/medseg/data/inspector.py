@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 
 from medseg import progress
+from medseg.config import DataOptions
 from medseg.data import io
-from medseg.data.datasets import DataOptions, Dataset, Problem, Record, mask_of, size_text
+from medseg.data.datasets import Dataset, Problem, Record, is_multi_structure, mask_of, size_text, structure_masks, structure_names
 from medseg.errors import FileError, ImageReadError
 
 THUMB_SHAPE = (24, 32)
@@ -41,6 +42,9 @@ class FrameFacts:
         thumb: Normalised image thumbnail (unit vector), ``None`` if unreadable or flat.
         mask_thumb: Mask area fractions on a fixed grid, ``None`` for an empty or unreadable mask.
         problems: Problems found in this frame.
+        class_areas: With several structures, each one's mask area (``area`` is their union's).
+        class_thumbs: With several structures, each one's mask thumbnail (``None`` where it is empty).
+        overlaps: With several structures, the pixels each pair (``"a & b"``) shares.
     """
 
     record: Record
@@ -49,6 +53,9 @@ class FrameFacts:
     thumb: np.ndarray | None = None
     mask_thumb: np.ndarray | None = None
     problems: list[Problem] = field(default_factory=list)
+    class_areas: dict[str, int] | None = None
+    class_thumbs: dict[str, np.ndarray | None] | None = None
+    overlaps: dict[str, int] | None = None
 
 
 @dataclass
@@ -116,15 +123,33 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
         facts.thumb = image_thumbnail(image)
         if not record.has_mask:
             return facts  # the loader reported the missing mask
+        if is_multi_structure(record, options):
+            return _examine_structures(facts, structure_names(record, options), structure_masks(record, options, image.shape))
         mask = mask_of(record, options, image.shape)
     except FileError as error:
         facts.problems.append(Problem(error.kind, error.path, error.reason))
         return facts
     facts.area = int(np.count_nonzero(mask))
-    if facts.area:
-        small = cv2.resize(mask.view(np.uint8), MASK_THUMB_SHAPE[::-1], interpolation=cv2.INTER_AREA)
-        facts.mask_thumb = small.astype(np.float32)
+    facts.mask_thumb = mask_thumbnail(mask) if facts.area else None
     return facts
+
+
+def _examine_structures(facts: FrameFacts, names: list[str], masks: np.ndarray) -> FrameFacts:
+    """The facts of a frame with several structures: each one's area and thumbnail, and their overlaps."""
+    facts.class_areas = {name: int(np.count_nonzero(mask)) for name, mask in zip(names, masks, strict=True)}
+    facts.class_thumbs = {name: mask_thumbnail(mask) if facts.class_areas[name] else None for name, mask in zip(names, masks, strict=True)}
+    facts.overlaps = {
+        f"{names[i]} & {names[j]}": int(np.count_nonzero(masks[i] & masks[j])) for i in range(len(names)) for j in range(i + 1, len(names))
+    }
+    union = masks.any(axis=0)
+    facts.area = int(np.count_nonzero(union))
+    facts.mask_thumb = mask_thumbnail(union) if facts.area else None
+    return facts
+
+
+def mask_thumbnail(mask: np.ndarray) -> np.ndarray:
+    """Area fractions of a boolean mask on a fixed grid, for comparing the masks of near-duplicates."""
+    return cv2.resize(mask.view(np.uint8), MASK_THUMB_SHAPE[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def _examine_unlabelled(record: Record) -> list[Problem]:
@@ -184,9 +209,8 @@ def contradicting_duplicates(facts: list[FrameFacts], threshold: float = NEAR_DU
     for group in by_subject.values():
         thumbs = np.stack([item.thumb for item in group])
         for i, j, similarity in near_duplicate_pairs(thumbs, threshold):
-            reason = _contradiction(group[i], group[j])
-            if reason:
-                first, second = group[i].record, group[j].record
+            first, second = group[i].record, group[j].record
+            for reason in _contradictions(group[i], group[j]):
                 problems.append(
                     Problem(
                         "contradicting_duplicates",
@@ -198,12 +222,27 @@ def contradicting_duplicates(facts: list[FrameFacts], threshold: float = NEAR_DU
     return problems
 
 
-def _contradiction(a: FrameFacts, b: FrameFacts) -> str | None:
-    if (a.area == 0) != (b.area == 0):
-        empty, full = (a, b) if a.area == 0 else (b, a)
-        return f"{full.record.id} has a mask of {full.area} px and {empty.record.id} none"
-    if a.area and b.area:
-        dice = soft_dice(a.mask_thumb, b.mask_thumb)
+def _contradictions(a: FrameFacts, b: FrameFacts) -> list[str]:
+    """How the masks of two near-duplicate frames contradict each other: per structure when there are several."""
+    if a.class_areas is None or b.class_areas is None:
+        reason = _contradiction(a.record.id, a.area, a.mask_thumb, b.record.id, b.area, b.mask_thumb)
+        return [reason] if reason else []
+    found = []
+    for name in a.class_areas:
+        reason = _contradiction(
+            a.record.id, a.class_areas[name], a.class_thumbs[name], b.record.id, b.class_areas[name], b.class_thumbs[name]
+        )
+        if reason:
+            found.append(f"class {name}: {reason}")
+    return found
+
+
+def _contradiction(id_a: str, area_a: int, thumb_a, id_b: str, area_b: int, thumb_b) -> str | None:
+    if (area_a == 0) != (area_b == 0):
+        (empty, _), (full, full_area) = ((id_a, area_a), (id_b, area_b)) if area_a == 0 else ((id_b, area_b), (id_a, area_a))
+        return f"{full} has a mask of {full_area} px and {empty} none"
+    if area_a and area_b:
+        dice = soft_dice(thumb_a, thumb_b)
         if dice < CONTRADICTING_DICE:
             return f"their masks overlap with Dice {dice:.2f}"
     return None
@@ -225,14 +264,27 @@ def summarize(dataset: Dataset, facts: list[FrameFacts]) -> dict[str, Any]:
         "empty_share": round(empty / len(read_masks), 4) if read_masks else None,
         "subjects": len(subjects) if subjects else None,
         "image_sizes": dict(sizes.most_common()),
-        "mask_area": {
-            "min": int(areas.min()),
-            "median": float(np.median(areas)),
-            "max": int(areas.max()),
-        }
-        if areas.size
-        else None,
+        "mask_area": _area_stats(areas),
         "test_images": len(dataset.test),
         "sample_submission": str(dataset.sample_submission) if dataset.sample_submission else None,
         "sample_submission_rows": len(dataset.sample_ids) if dataset.sample_submission else None,
+        **(_structures_summary(dataset.classes, facts) if dataset.classes else {}),
     }
+
+
+def _structures_summary(classes: tuple[str, ...], facts: list[FrameFacts]) -> dict[str, Any]:
+    """Per structure: frames with and without it and its areas; per pair: frames where the two overlap."""
+    read = [item for item in facts if item.class_areas is not None]
+    per_class = {}
+    for name in classes:
+        areas = np.array([item.class_areas[name] for item in read if item.class_areas[name]], dtype=np.int64)
+        per_class[name] = {"with": int(areas.size), "without": len(read) - int(areas.size), "mask_area": _area_stats(areas)}
+    pairs = [f"{a} & {b}" for index, a in enumerate(classes) for b in classes[index + 1 :]]
+    overlaps = {pair: sum(1 for item in read if item.overlaps[pair]) for pair in pairs}
+    return {"classes": per_class, "overlapping_frames": overlaps}
+
+
+def _area_stats(areas: np.ndarray) -> dict[str, float] | None:
+    if not areas.size:
+        return None
+    return {"min": int(areas.min()), "median": float(np.median(areas)), "max": int(areas.max())}

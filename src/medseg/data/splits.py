@@ -112,7 +112,7 @@ class Split:
 def grouped_kfold(
     ids: Sequence[str],
     subjects: Sequence[str | None],
-    empty: Sequence[bool],
+    empty: Sequence[bool] | Sequence[Sequence[bool]],
     n_folds: int = 5,
     seed: int = 0,
 ) -> Split:
@@ -121,12 +121,15 @@ def grouped_kfold(
     Groups (subjects; a sample without a subject is its own group) are
     shuffled with the seed, stably sorted by size, largest first, and each is
     given to the fold that minimises the spread of fold sizes plus the
-    deviation of the folds' empty-mask shares from the overall share.
+    deviation of the folds' empty-mask shares from the overall share. With
+    several structures per sample the shares balanced are those of each
+    emptiness pattern (which structures a sample has), not only "any mask".
 
     Args:
         ids: Unique sample ids.
         subjects: Subject of each sample; None or "" when unknown.
-        empty: Whether each sample's mask is empty.
+        empty: Whether each sample's mask is empty; with several structures,
+            one flag per structure for each sample.
         n_folds: Number of folds, at least 2.
         seed: Seed for shuffling groups of equal size.
 
@@ -141,9 +144,9 @@ def grouped_kfold(
     _check_n_folds(n_folds)
     groups = _group_indices(ids, subjects)
     _check_enough_groups(len(groups), n_folds)
-    is_empty = np.fromiter((bool(e) for e in empty), dtype=bool, count=len(ids))
+    strata = _strata(empty)
     sizes = np.array([len(g) for g in groups], dtype=np.int64)
-    n_empty = np.array([int(is_empty[g].sum()) for g in groups], dtype=np.int64)
+    n_empty = np.stack([strata[g].sum(axis=0) for g in groups]).astype(np.int64)
     group_fold = _assign_groups(sizes, n_empty, n_folds, seed)
     sample_fold = np.empty(len(ids), dtype=np.int64)
     for members, fold in zip(groups, group_fold):
@@ -238,6 +241,21 @@ def _group_key(sample_id: str, subject: str | None) -> Hashable:
     return ("subject", subject)
 
 
+def _strata(empty: Sequence[bool] | Sequence[Sequence[bool]]) -> np.ndarray:
+    """The indicators whose shares the folds balance, one row per sample.
+
+    One structure: whether the mask is empty. Several: one indicator per emptiness pattern that occurs.
+
+    Shape:
+        Returns: (N, K).
+    """
+    flags = np.array([np.atleast_1d(np.asarray(value, dtype=bool)) for value in empty], dtype=bool).reshape(len(empty), -1)
+    if flags.shape[1] == 1:
+        return flags
+    patterns, which = np.unique(flags, axis=0, return_inverse=True)
+    return np.eye(len(patterns), dtype=bool)[which.reshape(-1)]
+
+
 def _group_indices(ids: Sequence[str], subjects: Sequence[str | None]) -> list[np.ndarray]:
     """Return the sample indices of each group, groups in order of first use."""
     members: dict[Hashable, list[int]] = {}
@@ -251,20 +269,23 @@ def _assign_groups(sizes: np.ndarray, n_empty: np.ndarray, n_folds: int, seed: i
 
     Args:
         sizes: Number of samples in each group.
-        n_empty: Number of empty-mask samples in each group.
+        n_empty: Number of samples of each balanced kind (:func:`_strata`) in each group.
         n_folds: Number of folds.
         seed: Seed for the shuffle that orders groups of equal size.
 
     Returns:
         The fold of each group.
+
+    Shape:
+        sizes: (G,). n_empty: (G, K).
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(sizes))
     order = order[np.argsort(-sizes[order], kind="stable")]
     target = sizes.sum() / n_folds
-    share = n_empty.sum() / sizes.sum()
+    share = n_empty.sum(axis=0) / sizes.sum()
     fold_sizes = np.zeros(n_folds)
-    fold_empty = np.zeros(n_folds)
+    fold_empty = np.zeros((n_folds, n_empty.shape[1]))
     group_fold = np.empty(len(sizes), dtype=np.int64)
     for group in order:
         fold = _best_fold(fold_sizes, fold_empty, sizes[group], n_empty[group], target, share)
@@ -278,9 +299,9 @@ def _best_fold(
     fold_sizes: np.ndarray,
     fold_empty: np.ndarray,
     size: int,
-    n_empty: int,
+    n_empty: np.ndarray,
     target: float,
-    share: float,
+    share: np.ndarray,
 ) -> int:
     """Return the fold where adding a group gives the lowest cost.
 
@@ -290,8 +311,8 @@ def _best_fold(
     the target fold size. Ties go to the smallest fold, then the lowest fold
     number.
     """
-    excess = np.abs(fold_empty - share * fold_sizes)
-    new_excess = np.abs(fold_empty + n_empty - share * (fold_sizes + size))
+    excess = np.abs(fold_empty - share * fold_sizes[:, None]).sum(axis=1)
+    new_excess = np.abs(fold_empty + n_empty - share * (fold_sizes + size)[:, None]).sum(axis=1)
     unused = np.flatnonzero(fold_sizes == 0)
     candidates = unused if unused.size else np.arange(len(fold_sizes))
     costs = []

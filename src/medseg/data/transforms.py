@@ -61,7 +61,8 @@ def apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray | None = Non
     Args:
         transform: A pipeline from :func:`train_transform` or :func:`eval_transform`.
         image: Gray frame of any size.
-        mask: Foreground, ``bool`` or ``{0, 1}``, of the frame's size.
+        mask: Foreground, ``bool`` or ``{0, 1}``, of the frame's size; with several structures one channel
+            each, all moved with the frame by the same geometry.
 
     Returns:
         The transformed image and the transformed ``{0, 1}`` mask (``None`` without a mask).
@@ -71,14 +72,17 @@ def apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray | None = Non
 
     Shape:
         - image: (H, W), ``uint8``.
-        - mask: (H, W).
-        - Returns: (height, width) of ``config.input`` for both, ``uint8``.
+        - mask: (H, W), or (C, H, W).
+        - Returns: (height, width) of ``config.input``, and the mask in its layout at that size, ``uint8``.
     """
     _check_inputs(image, mask)
     if mask is None:
         return transform(image=image)["image"], None
-    out = transform(image=image, mask=(mask != 0).astype(np.uint8))
-    return out["image"], out["mask"]
+    if mask.ndim == 2:
+        out = transform(image=image, mask=(mask != 0).astype(np.uint8))
+        return out["image"], out["mask"]
+    out = transform(image=image, mask=np.ascontiguousarray(np.moveaxis(mask != 0, 0, -1), dtype=np.uint8))
+    return out["image"], np.ascontiguousarray(np.moveaxis(out["mask"], -1, 0))
 
 
 def reseed(transform: A.Compose, seed: int | None) -> None:
@@ -167,5 +171,5 @@ def _check_inputs(image: np.ndarray, mask: np.ndarray | None) -> None:
         raise ValueError(
             f"expected a 2-D uint8 gray image, got shape {image.shape} and dtype {image.dtype}; read it with medseg.io.read_image"
         )
-    if mask is not None and mask.shape != image.shape:
+    if mask is not None and (mask.ndim not in (2, 3) or mask.shape[-2:] != image.shape):
         raise ValueError(f"mask of shape {mask.shape} does not match its image of shape {image.shape}")

@@ -2,7 +2,9 @@
 
 A submission is a CSV with a header and one ``id,rle`` row per test frame (``img,pixels`` for the Kaggle
 Ultrasound Nerve Segmentation competition), in the sample submission's order, an empty cell for an
-empty mask. :func:`validate` finds two kinds of trouble:
+empty mask; with several structures per frame, one ``id,class,rle`` row per frame and class (the dialects
+of :mod:`medseg.data.long_rle`), checked class by class (:func:`validate_long`). :func:`validate` finds two
+kinds of trouble:
 
 - **problems**: ids missing, extra or repeated against the sample submission, and RLE cells that are
   malformed or run past their frame. Such a file is wrong and is always refused.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data import io, rle
+from medseg.data import io, long_rle, rle
 from medseg.errors import DataError
 from medseg.files import atomic_write
 
@@ -192,9 +194,101 @@ def validate_file(
         DataError: If the sample submission cannot be read.
     """
     path = Path(path)
+    long_table = _long_table(path)
+    if long_table is not None:
+        ids, classes, rles = long_table
+        sample_pairs = _sample_pairs(Path(sample)) if sample is not None else None
+        return validate_long(ids, classes, rles, sample_pairs, sizes, None, order, path=path)
     ids, rles = _read_submission(path)
     sample_ids = read_sample_ids(sample) if sample is not None else None
     return validate(ids, rles, sample_ids, sizes, train_had_masks, order, path=path)
+
+
+def _long_table(path: Path) -> tuple[list[str], list[str], list[str]] | None:
+    """The ids, classes and RLE cells of a long submission (one row per frame and class), or ``None``."""
+    try:
+        table = io.read_csv(path, ())
+        dialect = long_rle.detect_format(list(table.columns), path=path)
+    except DataError as error:
+        raise SubmissionError(str(error)) from error
+    if dialect is None:
+        return None
+    strip = [value.strip() for value in table[dialect.class_column]]
+    return table[dialect.id_column].tolist(), strip, table[dialect.rle_column].tolist()
+
+
+def _sample_pairs(path: Path) -> list[tuple[str, str]]:
+    """The (id, class) pairs of a long sample submission, in order.
+
+    Raises:
+        DataError: If it is not a long table (one row per frame and class) or lists a pair twice.
+    """
+    table = io.read_csv(path, ())
+    dialect = long_rle.detect_format(list(table.columns), path=path)
+    if dialect is None:
+        raise DataError(f"{path}: not a sample of one row per frame and class (id,class,rle); give the long sample submission")
+    pairs = list(
+        zip((value.strip() for value in table[dialect.id_column]), (value.strip() for value in table[dialect.class_column]), strict=True)
+    )
+    repeated = _repeated(pairs)
+    if repeated:
+        raise DataError(f"{path}: {len(repeated)} (id, class) pair(s) listed more than once ({_first(repeated)}); keep one row per pair")
+    return pairs
+
+
+def validate_long(
+    ids: Sequence[str],
+    classes: Sequence[str],
+    rles: Sequence[str],
+    sample_pairs: Sequence[tuple[str, str]] | None = None,
+    sizes: Sizes = None,
+    train_had_masks: Mapping[str, bool] | None = None,
+    order: str = "F",
+    *,
+    path: Path | None = None,
+) -> SubmissionReport:
+    """Check a long submission: one row per frame and class (several structures per frame).
+
+    Every class's rows are checked as :func:`validate` checks a submission of one structure (each id once
+    against the sample's ids of that class, valid RLE within its frame, degenerate output), and each
+    finding names its class; classes the sample does not list are problems too.
+
+    Args:
+        ids: The frame id of each row.
+        classes: The class of each row.
+        rles: The RLE of each row; ``""`` is the empty mask.
+        sample_pairs: The (id, class) pairs the submission must list, each exactly once.
+        sizes: ``(height, width)`` of every frame, or a mapping from id to it.
+        train_had_masks: Whether the training data had masks, per class.
+        order: RLE pixel order.
+        path: The file the rows come from or go to, kept for messages.
+
+    Returns:
+        The report; ``rows`` and ``empty`` count (id, class) rows.
+
+    Raises:
+        ValueError: If ``ids``, ``classes`` and ``rles`` differ in length.
+    """
+    if not len(ids) == len(classes) == len(rles):
+        raise ValueError(f"{len(ids)} ids, {len(classes)} classes and {len(rles)} RLE strings; give one class and RLE per id")
+    wanted = list(dict.fromkeys(label for _, label in sample_pairs)) if sample_pairs is not None else []
+    found = list(dict.fromkeys(classes))
+    problems, degenerate, notes = [], [], []
+    extra = [label for label in found if sample_pairs is not None and label not in wanted]
+    if extra:
+        problems.append(f"{len(extra)} class(es) not in the sample submission ({_first(extra)}); drop their rows")
+    rows = empty = 0
+    bounds_checked = True
+    for label in wanted + [label for label in found if label not in wanted]:
+        chosen = [index for index, value in enumerate(classes) if value == label]
+        sample_ids = [sample_id for sample_id, value in sample_pairs if value == label] if sample_pairs is not None else None
+        had_masks = None if train_had_masks is None else train_had_masks.get(label)
+        report = validate([ids[i] for i in chosen], [rles[i] for i in chosen], sample_ids, sizes, had_masks, order)
+        problems += [f"class {label!r}: {problem}" for problem in report.problems]
+        degenerate += [f"class {label!r}: {finding}" for finding in report.degenerate]
+        notes += [f"class {label!r}: {note}" for note in report.notes]
+        rows, empty, bounds_checked = rows + report.rows, empty + report.empty, bounds_checked and report.bounds_checked
+    return SubmissionReport(rows, empty, problems, degenerate, bounds_checked and bool(ids), notes, path)
 
 
 def write_submission(path: Path, ids: Sequence[str], rles: Sequence[str], header: tuple[str, str] = ("img", "pixels")) -> None:

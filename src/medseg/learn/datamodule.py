@@ -41,7 +41,8 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             self._reseed_for_worker()
             image, mask = transforms.apply(self.transform, image, mask)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(mask))[None]
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        return torch.from_numpy(np.ascontiguousarray(image))[None], mask[None] if mask.dim() == 2 else mask
 
     def _reseed_for_worker(self) -> None:
         info = torch.utils.data.get_worker_info()

@@ -17,7 +17,9 @@ region term that ``loss.name`` picks:
 So ``dice_weight`` weighs whichever region term is chosen, and the same BCE term is added to all of
 them; set ``bce_weight=0`` for the named loss alone (e.g. pure focal), or ``dice_weight=0`` for pure BCE.
 A term whose weight is 0 is not computed. A model with a presence head adds
-``presence_weight * BCE(presence logit, mask is not empty)``.
+``presence_weight * BCE(presence logit, mask is not empty)``. With several structures (multi-label, one
+sigmoid channel each) every term is computed per structure and the structures averaged, equally or with
+``loss.class_weights``; with one structure the loss is exactly the formula above.
 
 The loss is computed in float32 with autocast disabled, so bf16/fp16 logits from a mixed-precision
 forward pass give a float32 loss.
@@ -79,30 +81,46 @@ class CombinedLoss(nn.Module):
         term_weight: Weight of ``term``; at 0 the term is not computed.
         bce_weight: Weight of binary cross-entropy on the logits; at 0 it is not computed.
         presence_weight: Weight of the presence head's binary cross-entropy.
+        class_weights: With several structures, the weight of each one's terms (``None``: equal); each
+            term is computed per structure's channel and the channels averaged with these weights.
 
     Shape:
-        - outputs: logits (N, 1, H, W), any floating dtype, or (logits, presence logits (N, 1)).
-        - target: (N, 1, H, W), values in {0, 1}.
+        - outputs: logits (N, C, H, W), any floating dtype, or (logits, presence logits (N, C)).
+        - target: (N, C, H, W), values in {0, 1}.
         - output: float32 scalar.
     """
 
-    def __init__(self, term: nn.Module, term_weight: float, bce_weight: float, presence_weight: float = 0.0) -> None:
+    def __init__(
+        self, term: nn.Module, term_weight: float, bce_weight: float, presence_weight: float = 0.0, class_weights: list[float] | None = None
+    ) -> None:
         super().__init__()
         self.term = term
         self.term_weight = float(term_weight)
         self.bce_weight = float(bce_weight)
         self.presence_weight = float(presence_weight)
+        self.class_weights = None if class_weights is None else [float(weight) for weight in class_weights]
 
     def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         logits, presence = split_outputs(outputs)
-        loss = self._pixel_loss(logits, target)
+        weights = self._channel_weights(logits)
+        loss = self._pixel_loss(logits, target, weights)
         if presence is not None and self.presence_weight > 0:
-            present = target.flatten(1).amax(dim=1).to(device=presence.device, dtype=torch.float32)
+            present = target.flatten(2).amax(dim=2).to(device=presence.device, dtype=torch.float32).reshape(presence.shape)
             with torch.autocast(device_type=presence.device.type, enabled=False):
-                loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(presence.float(), present)
+                loss = loss + self.presence_weight * _bce(presence.float(), present, weights, channel_dim=-1)
         return loss
 
-    def _pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _channel_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The weight of each structure's channel, normalised to sum to one."""
+        channels = logits.shape[1]
+        if self.class_weights is None:
+            return logits.new_full((channels,), 1.0 / channels, dtype=torch.float32)
+        if len(self.class_weights) != channels:
+            raise ValueError(f"loss.class_weights has {len(self.class_weights)} weights for {channels} structures; give one per structure")
+        weights = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
+        return weights / weights.sum()
+
+    def _pixel_loss(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -110,10 +128,24 @@ class CombinedLoss(nn.Module):
             target = target.to(device=logits.device, dtype=torch.float32)
             loss = logits.new_zeros(())
             if self.term_weight > 0:
-                loss = loss + self.term_weight * self.term(logits, target)
+                loss = loss + self.term_weight * self._term(logits, target, weights)
             if self.bce_weight > 0:
-                loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+                loss = loss + self.bce_weight * _bce(logits, target, weights, channel_dim=1)
             return loss
+
+    def _term(self, logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The region term: of the one structure as it is, else per structure's channel, weighted."""
+        if logits.shape[1] == 1:
+            return self.term(logits, target)
+        return (torch.stack([self.term(logits[:, c : c + 1], target[:, c : c + 1]) for c in range(logits.shape[1])]) * weights).sum()
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Binary cross-entropy on logits: the plain mean for one structure, else each structure's mean, weighted."""
+    if logits.dim() == 1 or logits.shape[channel_dim] == 1:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    per_element = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (per_element.movedim(channel_dim, 0).flatten(1).mean(1) * weights).sum()
 
 
 def create_loss(cfg: LossConfig) -> CombinedLoss:
@@ -132,7 +164,7 @@ def create_loss(cfg: LossConfig) -> CombinedLoss:
         raise UsageError("loss.dice_weight and loss.bce_weight are both 0, so nothing would be learned; set one above 0")
     if cfg.per_image_dice and cfg.name != "dice_bce":
         raise UsageError(f"loss.per_image_dice applies to loss.name=dice_bce only (got {cfg.name}); unset it or change the name")
-    return CombinedLoss(_region_term(cfg), cfg.dice_weight, cfg.bce_weight, cfg.presence_weight)
+    return CombinedLoss(_region_term(cfg), cfg.dice_weight, cfg.bce_weight, cfg.presence_weight, cfg.class_weights)
 
 
 def _region_term(cfg: LossConfig) -> nn.Module:

@@ -1,7 +1,7 @@
 """Model factory: an smp architecture and encoder, one input channel, one logit per pixel.
 
 :func:`create_model` builds any ``segmentation_models_pytorch`` architecture of :data:`ARCHITECTURES`
-with any smp encoder (or ``tu-<timm model>``), ``in_channels=1``, ``classes=1`` and no activation, and
+with any smp encoder (or ``tu-<timm model>``), ``in_channels=1``, one class per structure and no activation, and
 puts a dropout module in front of the segmentation head (smp has no ``decoder_dropout``): the head is
 ``nn.Sequential(dropout, smp_head)``, so its state-dict keys are ``segmentation_head.1.*`` whatever the
 dropout rate (``nn.Identity`` stands in for a rate of 0).
@@ -67,12 +67,12 @@ def create_model(cfg: ModelConfig) -> tuple[nn.Module, EncoderWeights]:
     """Build the segmentation network a model configuration describes.
 
     Args:
-        cfg: Architecture, encoder, encoder weights, dropout rate and presence head.
+        cfg: Architecture, encoder, encoder weights, dropout rate, presence head and number of structures.
 
     Returns:
-        The model, which maps a ``(N, 1, H, W)`` float batch to ``(N, 1, H, W)`` logits (and, with a
-        presence head, ``(N, 1)`` presence logits: see :func:`split_outputs`), and how its encoder was
-        initialised.
+        The model, which maps a ``(N, 1, H, W)`` float batch to ``(N, C, H, W)`` logits, one channel per
+        structure (and, with a presence head, ``(N, C)`` presence logits: see :func:`split_outputs`), and how
+        its encoder was initialised.
 
     Raises:
         UsageError: On an unknown architecture, encoder or weights option, an architecture that does not
@@ -110,11 +110,12 @@ def split_outputs(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> 
     """The pixel logits and, for a model with a presence head, the presence logits of a forward pass.
 
     Shape:
-        outputs: (N, 1, H, W), or that and (N, 1). Returns: (N, 1, H, W) and (N,) or None.
+        outputs: (N, C, H, W), or that and (N, C). Returns: (N, C, H, W) and, for one structure (N,), for
+        several (N, C), or None.
     """
     if isinstance(outputs, (tuple, list)):
         logits, presence = outputs
-        return logits, presence.reshape(-1)
+        return logits, presence.reshape(presence.shape[0], -1).squeeze(1)  # (N,) for one structure; traced, so ONNX keeps the batch dynamic
     return outputs, None
 
 
@@ -151,9 +152,9 @@ def _build(arch: str, cfg: ModelConfig, **weights: object) -> nn.Module:
     """
     options = {"encoder_weights": None, **weights}
     if cfg.presence_head:
-        options["aux_params"] = {"classes": 1, "pooling": "avg", "dropout": cfg.presence_dropout or None, "activation": None}
+        options["aux_params"] = {"classes": cfg.structures, "pooling": "avg", "dropout": cfg.presence_dropout or None, "activation": None}
     try:
-        model = smp.create_model(arch, encoder_name=cfg.encoder, in_channels=1, classes=1, activation=None, **options)
+        model = smp.create_model(arch, encoder_name=cfg.encoder, in_channels=1, classes=cfg.structures, activation=None, **options)
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {_one_line(error)}") from error
     dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()

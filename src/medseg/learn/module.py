@@ -31,18 +31,21 @@ def default_masks(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> 
     and, with a presence head, only in frames whose presence probability is above 0.5.
 
     Shape:
-        Returns: (N, 1, H, W) bool.
+        Returns: (N, C, H, W) bool, one channel per structure.
     """
     logits, presence = split_outputs(outputs)
     masks = logits >= 0
-    return masks if presence is None else masks & (presence > 0).reshape(-1, 1, 1, 1)
+    return masks if presence is None else masks & (presence > 0).reshape(masks.shape[0], -1, 1, 1)
 
 
 class SegmentationModule(L.LightningModule):
     """Trains an injected segmentation model on logits with the configured loss.
 
+    The validation score is the competition score at the untuned setting: the mean Dice over every
+    (frame, structure) pair, an empty prediction on an empty truth scoring 1.
+
     Args:
-        model: Maps (N, 1, H, W) float frames to (N, 1, H, W) logits.
+        model: Maps (N, 1, H, W) float frames to (N, C, H, W) logits, one channel per structure.
         config: Run configuration (loss, optimiser, channels-last, compile).
     """
 
@@ -100,7 +103,7 @@ class SegmentationModule(L.LightningModule):
         loss = self.loss_fn(outputs, masks)
         self._check_finite(loss, "validation")
         self.log("val_loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True, prog_bar=True)
-        self.val_counts.append(metrics.confusion_counts_torch(default_masks(outputs), masks > 0.5))
+        self.val_counts.append(metrics.confusion_counts_torch(default_masks(outputs).flatten(0, 1), (masks > 0.5).flatten(0, 1)))
 
     def on_validation_epoch_end(self) -> None:
         if not self.val_counts:

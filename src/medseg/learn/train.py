@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from medseg import __version__, runs
 from medseg.config import Config, read_run_config, save_config
 from medseg.data import splits
-from medseg.data.datasets import Dataset, load_dataset, require_clean
+from medseg.data.datasets import Dataset, load_dataset, require_clean, require_one_structure
 from medseg.data.inspector import FrameFacts, summarize
 from medseg.data.samples import Sample, load_samples
 from medseg.errors import UsageError
@@ -71,7 +71,8 @@ def train_run(
     else:
         config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
         _check_same_data(data, plan, run)
-    dataset = require_clean(load_dataset(data, config.data))
+    dataset = require_one_structure(require_clean(load_dataset(data, config.data)), "train")
+    _check_structures(config, max(1, len(dataset.classes)))
     samples = load_samples(dataset.train, config.data)
     if not fresh:
         split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
@@ -100,6 +101,22 @@ def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> ru
     if not 0 <= chosen < config.split.n_folds:
         raise UsageError(f"--fold {chosen}: choose a fold from 0 to {config.split.n_folds - 1}")
     return _new_plan(data, config.split.n_folds, [chosen], several=False)
+
+
+def _check_structures(config: Config, structures: int) -> None:
+    """The model's output channels and the loss's class weights must fit the data's structures.
+
+    Raises:
+        UsageError: Naming the key to drop or fix.
+    """
+    if config.model.structures != structures:
+        raise UsageError(
+            f"model.structures={config.model.structures} but the data has {structures} structure(s); "
+            "the data sets it: drop --set model.structures"
+        )
+    weights = config.loss.class_weights
+    if weights is not None and len(weights) != structures:
+        raise UsageError(f"loss.class_weights has {len(weights)} weight(s) for {structures} structure(s); give one per structure")
 
 
 def _new_plan(data: Path, n_folds: int, folds: list[int], several: bool) -> runs.RunPlan:

@@ -16,7 +16,7 @@ import numpy as np
 
 from medseg import runs
 from medseg.config import DataOptions
-from medseg.data.datasets import load_dataset, require_clean
+from medseg.data.datasets import load_dataset, require_clean, require_one_structure
 from medseg.errors import UsageError
 from medseg.files import atomic_write
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
@@ -58,7 +58,7 @@ def evaluate_run(
     """
     run = open_run(path)
     out = Path(out) if out else run.path / EVALUATION_DIR / Path(data).resolve().name
-    dataset = require_clean(load_dataset(data, options or run.config.data))  # the inputs before the outputs
+    dataset = require_one_structure(require_clean(load_dataset(data, options or run.config.data)), "evaluate")  # inputs first
     if (out / SUMMARY_FILE).exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
     out_of_fold = Path(data).resolve() == run.data
