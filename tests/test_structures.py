@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, set_args
 from medseg import runs
 from medseg.cli import main
 from medseg.config import DataOptions, LossConfig, load_config, parse_classes
@@ -26,6 +26,7 @@ from medseg.data.datasets import load_dataset, read_sample, sample_data_path, st
 from medseg.data.long_rle import LONG_FORMATS, detect_format, read_long_table, write_long_table
 from medseg.data.samples import load_samples
 from medseg.errors import UsageError
+from medseg.infer import submission as checker
 from medseg.learn.fit import fit_fold
 from medseg.learn.losses import create_loss
 from medseg.learn.models import create_model, split_outputs
@@ -190,11 +191,45 @@ def test_contradicting_near_duplicates_are_found_per_class(class_index, tmp_path
     assert vessel.any()
 
 
-def test_training_several_structures_is_refused_in_one_line(class_index, tmp_path, capsys):
-    code = main(["train", str(class_index), "--classes", "nerve=1,vessel=2", "--out", str(tmp_path / "run"), "--preset", "cpu"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "several structures (nerve, vessel)" in err and "--mask-value" in err
-    assert not (tmp_path / "run").exists()
+def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_order(class_index, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(class_index), "--classes", "nerve=1,vessel=2", "--out", str(run), "--preset", "cpu", "--folds", "2", "--quiet"]
+    assert main([*args, *set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")]) == 0
+    plan = runs.RunPlan.read(run / runs.RUN_FILE)
+    assert plan.classes == ["nerve", "vessel"] and plan.class_labels == {"nerve": "nerve", "vessel": "vessel"}
+    assert runs.read_run_config(run / runs.CONFIG_FILE).model.structures == 2
+    assert main(["tune", str(run), "--quiet", "--no-report"]) == 0
+    tuning = runs.StructuresTuning.read(run / runs.POSTPROCESS_FILE)
+    assert list(tuning.classes) == ["nerve", "vessel"] and tuning.frames == len(FRAMES)
+    assert tuning.score_after == pytest.approx(np.mean([block.score_after for block in tuning.classes.values()]))
+    test = tmp_path / "test"
+    test.mkdir()
+    for name in FRAMES[:3]:
+        shutil.copyfile(class_index / "images" / f"{name}.png", test / f"{name}.png")
+    pairs = [(name, label) for label in ("vessel", "nerve") for name in reversed(FRAMES[:3])]  # an order of its own
+    write_long_table(tmp_path / "sample.csv", [(name, label, "") for name, label in pairs], ("ImageId", "ClassId", "EncodedPixels"))
+    out = tmp_path / "submission.csv"
+    command = [
+        "predict",
+        str(run),
+        str(test),
+        "--out",
+        str(out),
+        "--sample",
+        str(tmp_path / "sample.csv"),
+        "--masks-dir",
+        str(tmp_path / "masks"),
+    ]
+    assert main([*command, "--allow-degenerate", "--quiet"]) == 0
+    written = read_long_table(out, detect_format(["ImageId", "ClassId", "EncodedPixels"]))
+    assert list(written.row_numbers) == pairs  # every (id, class) once, in the sample's order
+    report = checker.validate_file(out, sample=tmp_path / "sample.csv")
+    assert not report.problems and report.rows == 6
+    assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["nerve", "vessel"]
+    capsys.readouterr()
+    for stage in (["evaluate", str(run), str(class_index)], ["report", str(run)], ["export", str(run), "--onnx", str(tmp_path / "m.onnx")]):
+        assert main(stage) == 2
+        assert "a run of several structures (nerve, vessel)" in capsys.readouterr().err
 
 
 def test_the_kaggle_layout_refuses_classes(shared_data):
@@ -283,8 +318,6 @@ def test_the_checker_refuses_a_long_submission_missing_one_pair(class_index, tmp
 def test_the_checker_refuses_an_all_full_class(class_index, tmp_path, capsys):
     submission, sample = long_submission(tmp_path, class_index, full="vessel")
     frames = {name: io.read_mask_values(class_index / "masks" / f"{name}.png").shape for name in FRAMES}
-    from medseg.infer import submission as checker
-
     report = checker.validate_file(submission, sample=sample, sizes=frames)
     assert report.degenerate[0] == "class 'vessel': every mask is full or nearly full (6 of 6 cover >= 90% of their frame)"
     assert all(finding.startswith("class 'vessel': ") for finding in report.degenerate) and not report.problems

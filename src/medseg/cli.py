@@ -26,7 +26,7 @@ from medseg.config import LAYOUTS, PRESETS, DataOptions, read_run_config
 from medseg.data.datasets import load_dataset
 from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import MedsegError, UsageError
-from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, Tuning, installation_versions
+from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, RUN_FILE, RunPlan, StructuresTuning, Tuning, installation_versions
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -298,8 +298,16 @@ def train_command(
     return 0
 
 
+def _setting(tuning: Tuning) -> str:
+    presence = f", presence above {tuning.presence_threshold:.2f}" if tuning.presence_head else ""
+    return f"threshold {tuning.threshold:.2f}, minimum area {tuning.min_area} px{presence}"
+
+
 def _report(run: Path, skip: bool, quiet: bool) -> None:
     if skip:
+        return
+    if RunPlan.read(Path(run) / RUN_FILE).classes:
+        _say(quiet)("report: not written, the report shows runs of one structure so far")
         return
     from medseg.report.page import build_report
 
@@ -337,14 +345,18 @@ def tune_command(
     return 0
 
 
-def _print_tuning(tuning: Tuning, run: Path) -> None:
-    presence = f", presence above {tuning.presence_threshold:.2f}" if tuning.presence_head else ""
-    untuned = ", presence above 0.5" if tuning.presence_head else ""
-    stdout.print(
-        f"threshold {tuning.threshold:.2f}, minimum area {tuning.min_area} px{presence}: score {tuning.score_after:.4f} "
-        f"on {tuning.frames} {'out-of-fold' if tuning.out_of_fold else 'validation'} frames "
-        f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f})"
-    )
+def _print_tuning(tuning: Tuning | StructuresTuning, run: Path) -> None:
+    frames = f"{tuning.frames} {'out-of-fold' if tuning.out_of_fold else 'validation'} frames"
+    if isinstance(tuning, StructuresTuning):
+        for name, block in tuning.classes.items():
+            stdout.print(f"{name}: {_setting(block)}: score {block.score_after:.4f} (untuned {block.score_before:.4f})")
+        stdout.print(f"mean over (frame, structure) on {frames}: {tuning.score_after:.4f} (untuned {tuning.score_before:.4f})")
+    else:
+        untuned = ", presence above 0.5" if tuning.presence_head else ""
+        stdout.print(
+            f"{_setting(tuning)}: score {tuning.score_after:.4f} on {frames} "
+            f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f})"
+        )
     stdout.print(f"written: {Path(run) / POSTPROCESS_FILE}")
 
 

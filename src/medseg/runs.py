@@ -115,6 +115,10 @@ class RunPlan(RunFile):
         several: Whether each fold has its own ``fold_K/`` (else the one run keeps its files at the top).
         train_non_empty: Training frames with a structure (``None`` in runs written before it was recorded).
         medseg: The medseg version that started the run.
+        classes: The structures of a run with several per frame, in channel order; empty for one.
+        class_non_empty: With several structures, the training frames that have each.
+        class_labels: Each structure's label in a long RLE table's class column (a submission writes it back);
+            the structure's name for the other layouts.
     """
 
     data: str
@@ -123,6 +127,9 @@ class RunPlan(RunFile):
     several: bool
     train_non_empty: int | None = None
     medseg: str | None = None
+    classes: list[str] = []
+    class_non_empty: dict[str, int] = {}
+    class_labels: dict[str, str] = {}
 
 
 class FoldResult(RunFile):
@@ -236,6 +243,27 @@ class Tuning(RunFile):
         return bool(self.scores)
 
 
+class StructuresTuning(RunFile):
+    """``postprocess.json`` of a run with several structures: each one's :class:`Tuning`, and the scores over
+    every (frame, structure) pair.
+
+    Attributes:
+        classes: Each structure's tuning, in channel order.
+        score_before: Mean score over (frame, structure) pairs of the untuned setting.
+        score_after: The same with each structure's chosen setting.
+        frames: Frames tuned on.
+        out_of_fold: Whether each frame was predicted by the model that did not train on it.
+        tta: Test-time augmentation of the predictions.
+    """
+
+    classes: dict[str, Tuning]
+    score_before: float
+    score_after: float
+    frames: int
+    out_of_fold: bool
+    tta: str
+
+
 @dataclass(frozen=True)
 class FoldDir:
     """Where one (sub-)run of a run folder keeps its files.
@@ -309,10 +337,30 @@ class Run:
         """The data folder the run was trained on."""
         return Path(self.plan.data)
 
-    def tuning(self) -> Tuning | None:
-        """The tuned post-processing, or ``None`` before ``medseg tune``."""
+    @property
+    def classes(self) -> list[str]:
+        """The structures of a run with several per frame, in channel order; empty for one."""
+        return self.plan.classes
+
+    def tuning(self) -> Tuning | StructuresTuning | None:
+        """The tuned post-processing (one per structure when there are several), or ``None`` before ``medseg tune``."""
         path = self.path / POSTPROCESS_FILE
-        return Tuning.read(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return StructuresTuning.read(path) if self.classes else Tuning.read(path)
+
+    def require_one_structure(self, command: str) -> Run:
+        """Return the run if it segments one structure.
+
+        Raises:
+            UsageError: For a run of several structures, which ``command`` does not take yet.
+        """
+        if self.classes:
+            raise UsageError(
+                f"{self.path}: a run of several structures ({', '.join(self.classes)}); medseg {command} takes runs of one structure "
+                "so far (train, tune and predict take several)"
+            )
+        return self
 
     def versions(self) -> Versions:
         """The software and hardware it trained with."""

@@ -149,9 +149,7 @@ def require_clean(dataset: Dataset) -> Dataset:
 
 
 def require_one_structure(dataset: Dataset, command: str) -> Dataset:
-    """Return the data set if it has one structure per frame.
-
-    Several structures are read and inspected; training, tuning and prediction take one structure so far.
+    """Return the data set if it has one structure per frame, for the stages that take one so far (evaluate).
 
     Raises:
         UsageError: Naming the structures and how to pick one.

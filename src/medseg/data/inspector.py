@@ -124,7 +124,7 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
         if not record.has_mask:
             return facts  # the loader reported the missing mask
         if is_multi_structure(record, options):
-            return _examine_structures(facts, structure_names(record, options), structure_masks(record, options, image.shape))
+            return structure_facts(facts, structure_names(record, options), structure_masks(record, options, image.shape))
         mask = mask_of(record, options, image.shape)
     except FileError as error:
         facts.problems.append(Problem(error.kind, error.path, error.reason))
@@ -134,8 +134,12 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
     return facts
 
 
-def _examine_structures(facts: FrameFacts, names: list[str], masks: np.ndarray) -> FrameFacts:
-    """The facts of a frame with several structures: each one's area and thumbnail, and their overlaps."""
+def structure_facts(facts: FrameFacts, names: list[str], masks: np.ndarray) -> FrameFacts:
+    """Fill in the facts of a frame with several structures: each one's area and thumbnail, and their overlaps.
+
+    Shape:
+        masks: (C, H, W) bool, in the order of ``names``.
+    """
     facts.class_areas = {name: int(np.count_nonzero(mask)) for name, mask in zip(names, masks, strict=True)}
     facts.class_thumbs = {name: mask_thumbnail(mask) if facts.class_areas[name] else None for name, mask in zip(names, masks, strict=True)}
     facts.overlaps = {

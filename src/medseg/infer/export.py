@@ -66,7 +66,7 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     Raises:
         UsageError: If the files exist and ``force`` is not given.
     """
-    run = open_run(run_path)  # before the outputs: a mistyped run is told before an existing file is
+    run = open_run(run_path).require_one_structure("export")  # before the outputs: a mistyped run is told before an existing file is
     out = Path(out)
     meta_out = metadata_path(out)
     if not force and (out.exists() or meta_out.exists()):

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medseg.data import io, rle
+from medseg.data import io, long_rle, rle
 from medseg.data.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
 from medseg.devices import device_for
 from medseg.errors import UsageError
@@ -23,7 +23,7 @@ from medseg.files import atomic_write
 from medseg.infer import submission
 from medseg.infer.export import OnnxEnsemble, export_onnx
 from medseg.infer.predict import load_fold_model, predict_frames, read_postprocess
-from medseg.runs import ONNX_FILE, open_run
+from medseg.runs import ONNX_FILE, Run, open_run
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,13 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     folder, sample_path = _locate(request)
     _refuse_overwrite(request)  # after the inputs: a typo in them is told before an existing output is
     records = _frames(folder, on_message)
-    sample_ids = submission.read_sample_ids(sample_path) if sample_path else None
+    sample_pairs = submission.read_sample_pairs(sample_path) if sample_path and run.classes else None
+    sample_ids = list(dict.fromkeys(i for i, _ in sample_pairs)) if sample_pairs else _sample_ids(sample_path, run)
     if sample_ids is not None:
-        on_message(f"rows follow {sample_path} ({len(sample_ids)} ids)")
+        on_message(f"rows follow {sample_path} ({len(sample_pairs or sample_ids)} rows)")
         records = _in_sample_order(records, sample_ids, sample_path)
     post = read_postprocess(run)
-    if not post.tuned:
+    if not any(rule.tuned for rule in (post if isinstance(post, list) else [post])):
         on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
     frames = [io.read_image(record.image_path) for record in records]
     models = _engine(request, run, on_message)
@@ -92,8 +93,14 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         if request.save_probs:
             probs.append(prediction.probs.astype(np.float16))
     ids = [record.id for record in records]
-    written = _write_outputs(request, run, ids, masks, probs, sample_ids, on_message)
-    return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": vars(post)}
+    header = submission.long_header(sample_path) if sample_pairs else ("id", "class", "rle")
+    written = _write_outputs(request, run, ids, masks, probs, (sample_pairs, header) if run.classes else sample_ids, on_message)
+    used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
+    return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
+
+
+def _sample_ids(sample_path: Path | None, run: Run) -> list[str] | None:
+    return submission.read_sample_ids(sample_path) if sample_path and not run.classes else None
 
 
 def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
@@ -160,10 +167,14 @@ def _in_sample_order(records: list[Record], sample_ids: list[str], sample_path: 
 
 
 def _write_outputs(
-    request: PredictRequest, run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample_ids, on_message
+    request: PredictRequest, run: Run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample, on_message
 ) -> list[str]:
     written = []
-    if request.out is not None:
+    if request.out is not None and run.classes:
+        _write_long_submission(request, run, ids, masks, *sample, on_message)
+        written.append(str(request.out))
+    elif request.out is not None:
+        sample_ids = sample
         rles = [rle.encode(mask) for mask in masks]
         sizes = {i: mask.shape for i, mask in zip(ids, masks)}
         had_masks = run.plan.train_non_empty
@@ -173,7 +184,11 @@ def _write_outputs(
         submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
         submission.write_submission(request.out, ids, rles)
         written.append(str(request.out))
-    if request.masks_dir is not None:
+    if request.masks_dir is not None and run.classes:
+        for index, name in enumerate(run.classes):
+            _write_masks(Path(request.masks_dir) / name, ids, [mask[index] for mask in masks])
+        written.append(str(request.masks_dir))
+    elif request.masks_dir is not None:
         _write_masks(Path(request.masks_dir), ids, masks)
         written.append(str(request.masks_dir))
     if request.save_probs:
@@ -182,6 +197,34 @@ def _write_outputs(
             np.savez_compressed(stream, ids=np.array(ids), **{f"p{index}": prob for index, prob in enumerate(probs)})
         written.append(str(target))
     return written
+
+
+def _write_long_submission(
+    request: PredictRequest,
+    run: Run,
+    ids: list[str],
+    masks: list[np.ndarray],
+    sample_pairs: list[tuple[str, str]] | None,
+    header: tuple[str, str, str],
+    on_message: Callable[[str], None],
+) -> None:
+    """One row per frame and structure, in the sample's order (else frame by frame, structures in channel order),
+    each structure named by its label in the training data (its class column), checked, then written."""
+    label_of = {name: run.plan.class_labels.get(name, name) for name in run.classes}
+    channel_of = {label_of[name]: index for index, name in enumerate(run.classes)}
+    by_id = dict(zip(ids, masks, strict=True))
+    pairs = sample_pairs or [(sample_id, label_of[name]) for sample_id in ids for name in run.classes]
+    unknown = sorted({label for _, label in pairs if label not in channel_of})
+    if unknown:
+        raise UsageError(
+            f"{request.sample or 'the sample'}: class(es) {', '.join(unknown)} are not structures of {run.path} ({', '.join(channel_of)})"
+        )
+    rows = [(sample_id, label, rle.encode(by_id[sample_id][channel_of[label]])) for sample_id, label in pairs]
+    had_masks = {label_of[name]: count > 0 for name, count in run.plan.class_non_empty.items()}
+    sizes = {sample_id: mask.shape[1:] for sample_id, mask in by_id.items()}
+    report = submission.validate_long(*map(list, zip(*rows, strict=True)), sample_pairs, sizes, had_masks or None, path=request.out)
+    submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
+    long_rle.write_long_table(request.out, rows, header)
 
 
 def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray]) -> None:

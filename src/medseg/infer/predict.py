@@ -23,7 +23,7 @@ from medseg.data import transforms
 from medseg.data.intensity import normalise
 from medseg.errors import UsageError
 from medseg.learn.models import create_model, split_outputs
-from medseg.runs import CONFIG_FILE, FoldDir, Run
+from medseg.runs import CONFIG_FILE, FoldDir, Run, StructuresTuning
 
 TTA_MODES = ("none", "hflip", "hvflip")
 DEFAULT_THRESHOLD = 0.5
@@ -63,16 +63,39 @@ class Prediction:
     """The ensemble's output for one frame.
 
     Attributes:
-        probs: Probability map at the frame's size, ``float32`` in [0, 1].
-        presence: Presence probability, ``nan`` for models without a presence head.
+        probs: Probability map at the frame's size, ``float32`` in [0, 1]; one per structure when there are several.
+        presence: Presence probability (one per structure when there are several), ``nan`` for models without
+            a presence head.
+
+    Shape:
+        probs: (H, W), or (C, H, W) for several structures. presence: a number, or (C,).
     """
 
     probs: np.ndarray
-    presence: float = math.nan
+    presence: float | np.ndarray = math.nan
 
-    def mask(self, post: PostProcess) -> np.ndarray:
-        """The post-processed mask."""
-        return post.apply(self.probs, self.presence)
+    @property
+    def structures(self) -> int:
+        """How many structures the prediction holds."""
+        return 1 if self.probs.ndim == 2 else len(self.probs)
+
+    def mask(self, post: PostProcess | Sequence[PostProcess]) -> np.ndarray:
+        """The post-processed mask; with several structures each is post-processed with its own setting.
+
+        Shape:
+            Returns: like ``probs``.
+        """
+        if self.probs.ndim == 2:
+            return post.apply(self.probs, float(self.presence))
+        posts = list(post) if isinstance(post, Sequence) else [post] * self.structures
+        presence = np.broadcast_to(np.asarray(self.presence, dtype=np.float64), (self.structures,))
+        return np.stack([rule.apply(probs, float(value)) for rule, probs, value in zip(posts, self.probs, presence, strict=True)])
+
+    def structure(self, index: int) -> Prediction:
+        """The prediction of one structure alone."""
+        if self.probs.ndim == 2:
+            return self
+        return Prediction(self.probs[index], float(np.broadcast_to(np.asarray(self.presence, dtype=np.float64), (self.structures,))[index]))
 
 
 def default_postprocess(presence_head: bool) -> PostProcess:
@@ -80,12 +103,16 @@ def default_postprocess(presence_head: bool) -> PostProcess:
     return PostProcess(presence_threshold=DEFAULT_THRESHOLD if presence_head else 0.0)
 
 
-def read_postprocess(run: Run) -> PostProcess:
-    """The tuned post-processing of a run, or the untuned setting (:func:`default_postprocess`)."""
+def read_postprocess(run: Run) -> PostProcess | list[PostProcess]:
+    """The tuned post-processing of a run (one per structure for a run of several), or the untuned setting
+    (:func:`default_postprocess`)."""
     tuning = run.tuning()
     if tuning is None:
-        return default_postprocess(run.config.model.presence_head)
-    return PostProcess(tuning.threshold, tuning.min_area, tuning.presence_threshold, tuned=True)
+        untuned = default_postprocess(run.config.model.presence_head)
+        return [untuned] * len(run.classes) if run.classes else untuned
+    blocks = list(tuning.classes.values()) if isinstance(tuning, StructuresTuning) else [tuning]
+    posts = [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
+    return posts if run.classes else posts[0]
 
 
 def load_fold_model(run: Run, fold: FoldDir, device: torch.device) -> torch.nn.Module:
@@ -150,9 +177,14 @@ def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: s
         batch = np.stack([transforms.apply(resize, frame)[0] for frame in chunk])[:, None]
         probs, presence = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta)
         probs = probs.float().cpu().numpy()
-        presence = presence.float().cpu().numpy() if presence is not None else np.full(len(chunk), np.nan)
-        for frame, prob, present in zip(chunk, probs, presence):
-            yield Prediction(transforms.resize_back(prob[0], frame.shape), float(present))
+        channels = probs.shape[1]
+        absent = np.full((len(chunk),) if channels == 1 else (len(chunk), channels), np.nan)
+        presence = presence.float().cpu().numpy() if presence is not None else absent
+        for frame, prob, present in zip(chunk, probs, presence, strict=True):
+            if channels == 1:
+                yield Prediction(transforms.resize_back(prob[0], frame.shape), float(present))
+            else:
+                yield Prediction(np.stack([transforms.resize_back(channel, frame.shape) for channel in prob]), present.astype(np.float64))
 
 
 class TorchEnsemble:
@@ -179,7 +211,7 @@ def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tens
     """The mean sigmoid of several models' outputs: probabilities, and presence probabilities or None.
 
     Shape:
-        Returns: (N, 1, H, W) and (N,) or None.
+        Returns: (N, C, H, W), one channel per structure, and (N,) or (N, C) or None.
     """
     pairs = [split_outputs(output) for output in outputs]
     probs = torch.stack([torch.sigmoid(logits).float() for logits, _ in pairs]).mean(dim=0)
@@ -193,15 +225,16 @@ def flip_averaged(prob_fn: ProbFn, images: torch.Tensor, tta: str) -> Probabilit
     """Mean probability over the flips of a ``uint8`` batch, each flipped back, and mean presence probability.
 
     Shape:
-        images: (N, 1, H, W). Returns: (N, 1, H, W) and (N,) or None.
+        images: (N, 1, H, W). Returns: (N, C, H, W), one channel per structure, and (N,) or (N, C) or None.
     """
     inputs = normalise(images)
     flips = {"none": [()], "hflip": [(), (3,)], "hvflip": [(), (3,), (2,)]}[tta]
-    total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    total: torch.Tensor | None = None
     presence_total: torch.Tensor | None = None
     for dims in flips:
         probs, presence = prob_fn(torch.flip(inputs, dims) if dims else inputs)
-        total += torch.flip(probs, dims) if dims else probs
+        probs = (torch.flip(probs, dims) if dims else probs).float()
+        total = probs if total is None else total + probs
         if presence is not None:
             presence_total = presence.float() if presence_total is None else presence_total + presence.float()
     return total / len(flips), None if presence_total is None else presence_total / len(flips)

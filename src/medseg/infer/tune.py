@@ -23,7 +23,7 @@ from medseg.errors import UsageError
 from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import PostProcess, default_postprocess
 from medseg.learn import metrics
-from medseg.runs import POSTPROCESS_FILE, Run, Tuning, open_run
+from medseg.runs import POSTPROCESS_FILE, Run, StructuresTuning, Tuning, open_run
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12500, 15000])
@@ -49,7 +49,13 @@ class OofPredictions:
 
 
 def oof_predictions(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> OofPredictions:
-    """Counts at every threshold and presence of every validation frame, each predicted by its own fold's model.
+    """Counts at every threshold and presence of every validation frame of a one-structure run, each predicted
+    by its own fold's model (:func:`oof_by_structure` for runs of several structures)."""
+    return oof_by_structure(run, thresholds, tta, on_message)[0]
+
+
+def oof_by_structure(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> list[OofPredictions]:
+    """:class:`OofPredictions` of every structure (one for a one-structure run), from one pass over the frames.
 
     Args:
         run: The trained run.
@@ -58,12 +64,21 @@ def oof_predictions(run: Run, thresholds: np.ndarray, tta: str, on_message: Call
         on_message: Receives one line per fold.
     """
     dataset = load_dataset(run.data, run.config.data)
-    ids, counts, presence = [], [], []
+    structures = max(1, len(run.classes))
+    ids: list[str] = []
+    counts: list[list[np.ndarray]] = [[] for _ in range(structures)]
+    presence: list[list[float]] = [[] for _ in range(structures)]
     for frame in held_out_frames(run, dataset, out_of_fold=True, tta=tta, on_message=on_message):
         ids.append(frame.id)
-        counts.append(metrics.sweep_counts([frame.prediction.probs], [frame.truth], thresholds))
-        presence.append(frame.prediction.presence)
-    return OofPredictions(ids, np.concatenate(counts, axis=1), np.array(presence, dtype=np.float64))
+        truths = frame.truth if frame.truth.ndim == 3 else frame.truth[None]
+        for index in range(structures):
+            part = frame.prediction.structure(index)
+            counts[index].append(metrics.sweep_counts([part.probs], [truths[index]], thresholds))
+            presence[index].append(part.presence)
+    return [
+        OofPredictions(ids, np.concatenate(found, axis=1), np.array(values, dtype=np.float64))
+        for found, values in zip(counts, presence, strict=True)
+    ]
 
 
 def score_grid(
@@ -166,8 +181,11 @@ def tune_run(
     on_message: Callable[[str], None] = print,
     force: bool = False,
     presence_thresholds: np.ndarray = PRESENCE_THRESHOLDS,
-) -> Tuning:
-    """Tune a run's post-processing and write ``RUN/postprocess.json``.
+) -> Tuning | StructuresTuning:
+    """Tune a run's post-processing (each structure's, for a run of several) and write ``RUN/postprocess.json``.
+
+    Each structure's setting only changes the scores of its own (frame, structure) pairs, so choosing each
+    one's best setting maximises their mean, the score of several structures.
 
     Args:
         path: The run folder.
@@ -181,18 +199,45 @@ def tune_run(
     Returns:
         What was written: the chosen values, the score before (the untuned setting) and after, the
         (threshold x minimum area) grid at the chosen presence threshold, and the best score per presence
-        threshold.
+        threshold; for several structures one such block each, and the mean scores over (frame, structure).
     """
     run = open_run(path)
     if (run.path / POSTPROCESS_FILE).is_file() and not force:
         raise UsageError(f"{run.path / POSTPROCESS_FILE}: the run is tuned already; use --force to tune it again")
     has_presence = run.config.model.presence_head
     thresholds, min_areas, presence_thresholds = grids(has_presence, thresholds, min_areas, presence_thresholds)
-    oof = oof_predictions(run, thresholds, tta, on_message)
+    per_structure = oof_by_structure(run, thresholds, tta, on_message)
+    out_of_fold = len(run.folds) > 1
+    tunings = [tune_structure(oof, has_presence, thresholds, min_areas, presence_thresholds, tta, out_of_fold) for oof in per_structure]
+    if not run.classes:
+        result: Tuning | StructuresTuning = tunings[0]
+    else:
+        result = StructuresTuning(
+            classes=dict(zip(run.classes, tunings, strict=True)),
+            score_before=float(np.mean([tuning.score_before for tuning in tunings])),
+            score_after=float(np.mean([tuning.score_after for tuning in tunings])),
+            frames=len(per_structure[0].ids),
+            out_of_fold=out_of_fold,
+            tta=tta,
+        )
+    result.write(run.path / POSTPROCESS_FILE)
+    return result
+
+
+def tune_structure(
+    oof: OofPredictions,
+    has_presence: bool,
+    thresholds: np.ndarray,
+    min_areas: np.ndarray,
+    presence_thresholds: np.ndarray,
+    tta: str,
+    out_of_fold: bool,
+) -> Tuning:
+    """The best setting of one structure on its out-of-fold predictions, with the grid that chose it."""
     cube = score_cube(oof, min_areas, presence_thresholds)
     chosen = best_point(cube, thresholds, min_areas, presence_thresholds)
     depth = int(np.flatnonzero(presence_thresholds == chosen.presence_threshold)[0])
-    tuning = Tuning(
+    return Tuning(
         threshold=chosen.threshold,
         min_area=chosen.min_area,
         presence_threshold=chosen.presence_threshold,
@@ -200,7 +245,7 @@ def tune_run(
         score_before=score_at(cube, default_postprocess(has_presence), thresholds, min_areas, presence_thresholds),
         score_after=float(cube.max()),
         frames=len(oof.ids),
-        out_of_fold=len(run.folds) > 1,
+        out_of_fold=out_of_fold,
         tta=tta,
         thresholds=thresholds.tolist(),
         min_areas=min_areas.tolist(),
@@ -208,8 +253,6 @@ def tune_run(
         presence_thresholds=presence_thresholds.tolist(),
         presence_scores=np.round(cube.max(axis=(1, 2)), 6).tolist(),
     )
-    tuning.write(run.path / POSTPROCESS_FILE)
-    return tuning
 
 
 def score_at(cube: np.ndarray, post: PostProcess, thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray) -> float:

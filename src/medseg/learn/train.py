@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from medseg import __version__, runs
 from medseg.config import Config, read_run_config, save_config
 from medseg.data import splits
-from medseg.data.datasets import Dataset, load_dataset, require_clean, require_one_structure
-from medseg.data.inspector import FrameFacts, summarize
+from medseg.data.datasets import Dataset, load_dataset, require_clean
+from medseg.data.inspector import FrameFacts, structure_facts, summarize
 from medseg.data.samples import Sample, load_samples
 from medseg.errors import UsageError
 from medseg.learn.fit import fit_fold, is_ddp_child
@@ -71,20 +71,50 @@ def train_run(
     else:
         config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
         _check_same_data(data, plan, run)
-    dataset = require_one_structure(require_clean(load_dataset(data, config.data)), "train")
-    _check_structures(config, max(1, len(dataset.classes)))
+    dataset = require_clean(load_dataset(data, config.data))
+    structures = max(1, len(dataset.classes))
+    config = _with_structures(config, structures) if fresh else config
+    _check_structures(config, structures)
     samples = load_samples(dataset.train, config.data)
     if not fresh:
         split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
-    areas = {record.id: int(np.count_nonzero(samples[record.id][1])) for record in dataset.train}
-    empty = {i: area == 0 for i, area in areas.items()}
-    split = _new_split(dataset, empty, config)
+    facts = _frame_facts(dataset, samples)
+    empty = {item.record.id: item.area == 0 for item in facts}
+    split = _new_split(dataset, facts, config)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _save_split(run, split, dataset, empty)
-    plan = plan.model_copy(update={"train_non_empty": sum(not value for value in empty.values())})
-    _write_run_files(run, config, plan, dataset, samples, areas)
+    plan = plan.model_copy(update={"train_non_empty": sum(not value for value in empty.values()), **_structure_plan(dataset, facts)})
+    _write_run_files(run, config, plan, dataset, facts)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+
+
+def _with_structures(config: Config, structures: int) -> Config:
+    """The configuration with one output channel per structure of the data (``model.structures``)."""
+    if config.model.structures not in (1, structures):
+        return config  # _check_structures names the contradiction
+    return config.model_copy(update={"model": config.model.model_copy(update={"structures": structures})})
+
+
+def _frame_facts(dataset: Dataset, samples: dict[str, Sample]) -> list[FrameFacts]:
+    """Each training frame's size and mask area (and, with several structures, each one's area and their overlaps)."""
+    facts = []
+    for record in dataset.train:
+        image, mask = samples[record.id]
+        if dataset.classes:
+            facts.append(structure_facts(FrameFacts(record, size=image.shape), list(dataset.classes), mask.astype(bool)))
+        else:
+            facts.append(FrameFacts(record, size=image.shape, area=int(np.count_nonzero(mask))))
+    return facts
+
+
+def _structure_plan(dataset: Dataset, facts: list[FrameFacts]) -> dict:
+    if not dataset.classes:
+        return {}
+    with_it = {name: sum(1 for item in facts if item.class_areas[name]) for name in dataset.classes}
+    named = dataset.options.classes if dataset.layout == "rle-csv" and dataset.options.classes else {}
+    labels = {name: str(named.get(name, name)) for name in dataset.classes}
+    return {"classes": list(dataset.classes), "class_non_empty": with_it, "class_labels": labels}
 
 
 def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> runs.RunPlan:
@@ -128,10 +158,15 @@ def _check_same_data(data: Path, plan: runs.RunPlan, run: Path) -> None:
         raise UsageError(f"{run} was trained on {plan.data}, not {Path(data).resolve()}; resume it with the same DATA")
 
 
-def _new_split(dataset: Dataset, empty: dict[str, bool], config: Config) -> splits.Split:
-    ids = [record.id for record in dataset.train]
-    subjects = [record.subject for record in dataset.train]
-    return splits.grouped_kfold(ids, subjects, [empty[i] for i in ids], n_folds=config.split.n_folds, seed=config.split.seed)
+def _new_split(dataset: Dataset, facts: list[FrameFacts], config: Config) -> splits.Split:
+    """The subject-grouped split, balanced for empty frames (with several structures: each one's emptiness pattern)."""
+    ids = [item.record.id for item in facts]
+    subjects = [item.record.subject for item in facts]
+    if dataset.classes:
+        flags = [[item.class_areas[name] == 0 for name in dataset.classes] for item in facts]
+    else:
+        flags = [item.area == 0 for item in facts]
+    return splits.grouped_kfold(ids, subjects, flags, n_folds=config.split.n_folds, seed=config.split.seed)
 
 
 def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[str, bool]) -> None:
@@ -142,10 +177,7 @@ def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[st
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
 
 
-def _write_run_files(
-    run: Path, config: Config, plan: runs.RunPlan, dataset: Dataset, samples: dict[str, Sample], areas: dict[str, int]
-) -> None:
-    facts = [FrameFacts(record, size=samples[record.id][0].shape, area=areas[record.id]) for record in dataset.train]
+def _write_run_files(run: Path, config: Config, plan: runs.RunPlan, dataset: Dataset, facts: list[FrameFacts]) -> None:
     runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(dataset, facts))
     save_config(config, run / runs.CONFIG_FILE)
     plan.write(run / runs.RUN_FILE)

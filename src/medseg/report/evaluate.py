@@ -56,7 +56,7 @@ def evaluate_run(
         UsageError: If outputs exist and ``force`` is not given.
         DataError: If the data set has problems.
     """
-    run = open_run(path)
+    run = open_run(path).require_one_structure("evaluate")
     out = Path(out) if out else run.path / EVALUATION_DIR / Path(data).resolve().name
     dataset = require_one_structure(require_clean(load_dataset(data, options or run.config.data)), "evaluate")  # inputs first
     if (out / SUMMARY_FILE).exists() and not force:

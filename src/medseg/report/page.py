@@ -126,7 +126,7 @@ def build_report(path: Path, tta: str = "hflip", on_message: Callable[[str], Non
     Returns:
         The HTML file.
     """
-    data = gather(open_run(path), tta, on_message)
+    data = gather(open_run(path).require_one_structure("report"), tta, on_message)
     figures = [
         *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
         *tuning_figures(data.tuned),
