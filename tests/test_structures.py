@@ -27,6 +27,8 @@ from medseg.data.long_rle import LONG_FORMATS, detect_format, read_long_table, w
 from medseg.data.samples import load_samples
 from medseg.errors import UsageError
 from medseg.infer import submission as checker
+from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.predict import load_fold_model, predict_frames
 from medseg.learn.fit import fit_fold
 from medseg.learn.losses import create_loss
 from medseg.learn.models import create_model, split_outputs
@@ -35,16 +37,29 @@ FRAMES = ("0000", "0001", "0002", "0003", "0012", "0025")  # 0012 and 0025 have 
 CLASSES = {"nerve": 1, "vessel": 2}
 
 
-@pytest.fixture
-def class_index(tmp_path, shared_data) -> Path:
+def make_class_index(root: Path, shared_data: Path) -> Path:
     """A folders-layout copy of six usgra-seg frames with their class-index masks."""
-    root = tmp_path / "class-index"
     for folder in ("images", "masks"):
         (root / folder).mkdir(parents=True)
     for name in FRAMES:
         for folder in ("images", "masks"):
             shutil.copyfile(shared_data / "usgra-seg" / folder / f"{name}.png", root / folder / f"{name}.png")
     return root
+
+
+@pytest.fixture
+def class_index(tmp_path, shared_data) -> Path:
+    return make_class_index(tmp_path / "class-index", shared_data)
+
+
+@pytest.fixture(scope="module")
+def two_structure_run(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+    """A tiny two-structure run (nerve, vessel) trained on two folds through the command line, and its data."""
+    data = make_class_index(tmp_path_factory.mktemp("two") / "class-index", shared_data)
+    run = data.parent / "run"
+    args = ["train", str(data), "--classes", "nerve=1,vessel=2", "--out", str(run), "--preset", "cpu", "--folds", "2", "--quiet"]
+    assert main([*args, *set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")]) == 0
+    return run, data
 
 
 def truth(class_index: Path, name: str) -> np.ndarray:
@@ -191,10 +206,10 @@ def test_contradicting_near_duplicates_are_found_per_class(class_index, tmp_path
     assert vessel.any()
 
 
-def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_order(class_index, tmp_path, capsys):
+def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_order(two_structure_run, tmp_path, capsys):
+    trained, class_index = two_structure_run
     run = tmp_path / "run"
-    args = ["train", str(class_index), "--classes", "nerve=1,vessel=2", "--out", str(run), "--preset", "cpu", "--folds", "2", "--quiet"]
-    assert main([*args, *set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")]) == 0
+    shutil.copytree(trained, run)
     plan = runs.RunPlan.read(run / runs.RUN_FILE)
     assert plan.classes == ["nerve", "vessel"] and plan.class_labels == {"nerve": "nerve", "vessel": "vessel"}
     assert runs.read_run_config(run / runs.CONFIG_FILE).model.structures == 2
@@ -227,9 +242,25 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
     assert not report.problems and report.rows == 6
     assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["nerve", "vessel"]
     capsys.readouterr()
-    for stage in (["evaluate", str(run), str(class_index)], ["report", str(run)], ["export", str(run), "--onnx", str(tmp_path / "m.onnx")]):
+    for stage in (["evaluate", str(run), str(class_index)], ["report", str(run)]):
         assert main(stage) == 2
         assert "a run of several structures (nerve, vessel)" in capsys.readouterr().err
+
+
+def test_onnx_export_of_two_structures_matches_torch_per_structure(two_structure_run, tmp_path):
+    run_path, class_index = two_structure_run
+    model, settings = export_onnx(run_path, tmp_path / "model.onnx")
+    meta = json.loads(settings.read_text())
+    assert meta["classes"] == ["nerve", "vessel"] and set(meta["postprocess"]["classes"]) == {"nerve", "vessel"}
+    run = runs.open_run(run_path)
+    frames = [io.read_image(class_index / "images" / f"{name}.png") for name in FRAMES[:3]]
+    torch_models = [load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]
+    for ours, theirs in zip(
+        predict_frames(torch_models, frames, run.config), predict_frames(OnnxEnsemble(model), frames, run.config), strict=True
+    ):
+        assert ours.probs.shape == theirs.probs.shape == (2, *frames[0].shape)
+        np.testing.assert_allclose(ours.probs, theirs.probs, atol=1e-3)
+        np.testing.assert_allclose(ours.presence, theirs.presence, atol=1e-3)
 
 
 def test_the_kaggle_layout_refuses_classes(shared_data):

@@ -2,9 +2,10 @@
 
 The model takes normalised frames (``uint8 / 255``, minus the gray mean, over the gray std; the values are
 in the JSON written beside it) at the run's input size and returns the mean sigmoid of the fold models:
-probabilities (output ``probability``), and, for models with a presence head, the mean presence
-probability per frame (output ``presence``). Resizing, flip TTA, resizing back and the threshold and minimum area stay outside the
-graph, as in :mod:`medseg.infer.predict`, whose code runs them for both engines.
+probabilities (output ``probability``, one channel per structure), and, for models with a presence head,
+the mean presence probability per frame and structure (output ``presence``). Resizing, flip TTA, resizing
+back and the threshold and minimum area stay outside the graph, as in :mod:`medseg.infer.predict`, whose
+code runs them for both engines.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from medseg import __version__, runs
 from medseg.data.intensity import GRAY_MEAN, GRAY_STD
 from medseg.errors import UsageError
-from medseg.infer.predict import Probabilities, load_fold_model, mean_sigmoid, read_postprocess
+from medseg.infer.predict import PostProcess, Probabilities, load_fold_model, mean_sigmoid, read_postprocess
 from medseg.runs import open_run
 
 OPSET = 17
@@ -66,7 +67,7 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     Raises:
         UsageError: If the files exist and ``force`` is not given.
     """
-    run = open_run(run_path).require_one_structure("export")  # before the outputs: a mistyped run is told before an existing file is
+    run = open_run(run_path)  # before the outputs: a mistyped run is told before an existing file is
     out = Path(out)
     meta_out = metadata_path(out)
     if not force and (out.exists() or meta_out.exists()):
@@ -76,10 +77,12 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     outputs = OUTPUTS if run.config.model.presence_head else OUTPUTS[:1]
     export_graph(graph, example, out, opset, outputs)
     post = read_postprocess(run)
+    channels = "C, " if run.classes else ""
     meta = {
         "medseg": __version__,
         "run": str(run.path.resolve()),
         "folds": [fold.fold for fold in run.folds],
+        "classes": run.classes or None,
         "opset": opset,
         "input": {
             "name": "image",
@@ -88,23 +91,34 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
             "mean": GRAY_MEAN,
             "std": GRAY_STD,
         },
-        "output": {"name": "probability", "meaning": "mean sigmoid of the fold models, at the input size"},
-        "presence": {"name": "presence", "meaning": "mean presence probability of the fold models, shape [batch]"}
+        "output": {
+            "name": "probability",
+            "meaning": f"mean sigmoid of the fold models, at the input size, shape [batch, {channels}H, W]"
+            + (" (one channel per class, in the order of classes)" if run.classes else ""),
+        },
+        "presence": {
+            "name": "presence",
+            "meaning": f"mean presence probability of the fold models, shape [batch{', C' if run.classes else ''}]",
+        }
         if len(outputs) > 1
         else None,
         "postprocess": {
-            "threshold": post.threshold,
-            "min_area": post.min_area,
-            "presence_threshold": post.presence_threshold,
-            "tuned": post.tuned,
+            **(
+                {"classes": {name: _setting(rule) for name, rule in zip(run.classes, post, strict=True)}} if run.classes else _setting(post)
+            ),
             "area_at": "original frame size",
-            "rule": "mask = probability >= threshold; empty when its area < min_area or presence <= presence_threshold (if > 0)",
+            "rule": "mask = probability >= threshold; empty when its area < min_area or presence <= presence_threshold (if > 0)"
+            + (", for each class with its own setting" if run.classes else ""),
         },
         "tta": "not in the graph: average the probabilities of flipped inputs, flipped back",
         "rle": "Kaggle: 1-indexed starts, pixels numbered top to bottom, then left to right",
     }
     runs.write_json(meta_out, meta)
     return out, meta_out
+
+
+def _setting(post: PostProcess) -> dict:
+    return {"threshold": post.threshold, "min_area": post.min_area, "presence_threshold": post.presence_threshold, "tuned": post.tuned}
 
 
 def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int = OPSET, outputs: tuple[str, ...] = OUTPUTS[:1]) -> None:
@@ -123,6 +137,7 @@ def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*squeeze operation on dimension 1.*")  # split_outputs keeps (N, C) for C > 1
             torch.onnx.export(
                 graph,
                 (example,),
