@@ -241,10 +241,17 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
     report = checker.validate_file(out, sample=tmp_path / "sample.csv")
     assert not report.problems and report.rows == 6
     assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["nerve", "vessel"]
+    assert main(["evaluate", str(run), str(class_index), "--out", str(tmp_path / "evaluation"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
+    assert summary["n_images"] == 2 * len(FRAMES) and set(summary["classes"]) == {"nerve", "vessel"}
+    assert summary["score"] == pytest.approx(tuning.score_after)  # the same out-of-fold pairs and settings as tune's
+    for name in ("nerve", "vessel"):
+        assert summary["classes"][name]["score"] == pytest.approx(tuning.classes[name].score_after)
+    per_pair = (tmp_path / "evaluation" / "per_image.csv").read_text().splitlines()
+    assert per_pair[0].startswith("id,class,fold,") and len(per_pair) == 1 + 2 * len(FRAMES)
     capsys.readouterr()
-    for stage in (["evaluate", str(run), str(class_index)], ["report", str(run)]):
-        assert main(stage) == 2
-        assert "a run of several structures (nerve, vessel)" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 2
+    assert "a run of several structures (nerve, vessel)" in capsys.readouterr().err
 
 
 def test_onnx_export_of_two_structures_matches_torch_per_structure(two_structure_run, tmp_path):

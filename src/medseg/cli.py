@@ -516,12 +516,22 @@ def print_evaluation(summary: dict) -> None:
         ("IoU", _number(summary["iou"])),
         ("presence precision / recall", f"{_number(summary['presence_precision'])} / {_number(summary['presence_recall'])}"),
         ("false positives on empty frames", f"{summary['presence_empty_false_positives']} of {summary['n_empty_truth']}"),
-        ("post-processing", f"threshold {post['threshold']:.2f}, min area {post['min_area']} px{'' if post['tuned'] else ' (not tuned)'}"),
     ]
+    if "classes" in summary:
+        rows[0] = ("(frame, structure) pairs (empty truth)", rows[0][1])
+        for name, facts in summary["classes"].items():
+            rows.append((f"{name}: score / Dice on non-empty", f"{_number(facts['score'])} / {_number(facts['dice_nonempty'])}"))
+            rows.append((f"{name}: post-processing", _post_text(post[name])))
+    else:
+        rows.append(("post-processing", _post_text(post)))
     for label, value in rows:
         table.add_row(label, value)
     stdout.print(table)
     stdout.print(f"written: {summary['out']}/per_image.csv, summary.json")
+
+
+def _post_text(post: dict) -> str:
+    return f"threshold {post['threshold']:.2f}, min area {post['min_area']} px{'' if post['tuned'] else ' (not tuned)'}"
 
 
 def _number(value: float | None) -> str:

@@ -358,7 +358,7 @@ class Run:
         if self.classes:
             raise UsageError(
                 f"{self.path}: a run of several structures ({', '.join(self.classes)}); medseg {command} takes runs of one structure "
-                "so far (train, tune, predict and export take several)"
+                "so far (train, tune, predict, evaluate and export take several)"
             )
         return self
 

@@ -148,20 +148,6 @@ def require_clean(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def require_one_structure(dataset: Dataset, command: str) -> Dataset:
-    """Return the data set if it has one structure per frame, for the stages that take one so far (evaluate).
-
-    Raises:
-        UsageError: Naming the structures and how to pick one.
-    """
-    if dataset.classes:
-        raise UsageError(
-            f"{dataset.root}: read as several structures ({', '.join(dataset.classes)}); medseg {command} takes one structure "
-            "per frame so far (of class-index masks, pick one with --mask-value V instead of --classes)"
-        )
-    return dataset
-
-
 def detect_layout(root: Path) -> str:
     """Tell the layout of a data folder from what it contains.
 

@@ -2,7 +2,8 @@
 
 On a data set other than the run's own, every frame is predicted by the ensemble of the run's fold models.
 On the run's own training data only held-out frames are scored, each by the model that did not see it
-(out-of-fold), so that the figures are never in-sample.
+(out-of-fold), so that the figures are never in-sample. A run of several structures is scored per (frame,
+structure): one row each in ``per_image.csv`` and a summary per structure beside the overall one.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import numpy as np
 
 from medseg import runs
 from medseg.config import DataOptions
-from medseg.data.datasets import load_dataset, require_clean, require_one_structure
+from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.errors import UsageError
 from medseg.files import atomic_write
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
 from medseg.infer.predict import PostProcess, read_postprocess
 from medseg.learn import metrics
-from medseg.runs import EVALUATION_DIR, open_run
+from medseg.runs import EVALUATION_DIR, Run, open_run
 
 PER_IMAGE_FILE = "per_image.csv"
 SUMMARY_FILE = "summary.json"
 PER_IMAGE_COLUMNS = ("id", "fold", "truth_area", "pred_area", "dice", "iou", "truth_empty", "pred_empty")
+PER_STRUCTURE_COLUMNS = ("id", "class", *PER_IMAGE_COLUMNS[1:])  # a run of several structures: one row per frame and structure
 
 
 def evaluate_run(
@@ -56,53 +58,83 @@ def evaluate_run(
         UsageError: If outputs exist and ``force`` is not given.
         DataError: If the data set has problems.
     """
-    run = open_run(path).require_one_structure("evaluate")
+    run = open_run(path)
     out = Path(out) if out else run.path / EVALUATION_DIR / Path(data).resolve().name
-    dataset = require_one_structure(require_clean(load_dataset(data, options or run.config.data)), "evaluate")  # inputs first
+    dataset = _same_structures(require_clean(load_dataset(data, options or run.config.data)), run)  # the inputs before the outputs
     if (out / SUMMARY_FILE).exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
     out_of_fold = Path(data).resolve() == run.data
     post = read_postprocess(run)
-    rows, counts = score_frames(held_out_frames(run, dataset, out_of_fold, tta, on_message), post)
+    rows, counts = score_frames(held_out_frames(run, dataset, out_of_fold, tta, on_message), post, classes=run.classes)
     summary = {
         "data": str(Path(data).resolve()),
         "mode": "out-of-fold (held-out frames of the run's own data)" if out_of_fold else "ensemble of all folds",
-        "postprocess": vars(post),
+        "postprocess": {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post),
         "tta": tta,
         **metrics.summary(counts),
+        **(_per_structure(rows, counts, run.classes) if run.classes else {}),
     }
-    _write(out, rows, summary)
+    _write(out, rows, summary, PER_STRUCTURE_COLUMNS if run.classes else PER_IMAGE_COLUMNS)
     summary["out"] = str(out)
     return summary
 
 
+def _same_structures(dataset: Dataset, run: Run) -> Dataset:
+    """The data set, if it has the run's structures (in its order).
+
+    Raises:
+        UsageError: Naming both lists and the flag that reads the data so.
+    """
+    if list(dataset.classes) != run.classes:
+        found = ", ".join(dataset.classes) or "one structure"
+        wanted = ", ".join(run.classes) or "one structure"
+        raise UsageError(
+            f"{dataset.root}: read as {found}, but {run.path} segments {wanted}; read it with the run's --classes (or --mask-value)"
+        )
+    return dataset
+
+
 def score_frames(
-    frames: Iterable[HeldOutFrame], post: PostProcess, observe: Callable[[HeldOutFrame, dict], None] | None = None
+    frames: Iterable[HeldOutFrame],
+    post: PostProcess | list[PostProcess],
+    observe: Callable[[HeldOutFrame, dict], None] | None = None,
+    classes: list[str] | None = None,
 ) -> tuple[list[dict], np.ndarray]:
-    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the post-processing.
+    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the post-processing; with
+    several structures one row and one count per (frame, structure).
 
     Args:
         frames: Held-out predictions (:func:`medseg.infer.heldout.held_out_frames`).
-        post: The post-processing that turns probabilities into masks.
+        post: The post-processing that turns probabilities into masks (one per structure for several).
         observe: Called with each frame and its row as it is scored (the report keeps its gallery so).
+        classes: The structures' names, for a run of several.
 
     Shape:
-        Returns: rows, and counts (N, 3).
+        Returns: rows, and counts (N, 3), or (N * C, 3) frame by frame.
     """
     rows, counts = [], []
     for frame in frames:
-        count = metrics.confusion_counts(frame.prediction.mask(post)[None], frame.truth[None])
-        counts.append(count[0])
-        rows.append(_row(frame.id, frame.fold, count))
-        if observe is not None:
-            observe(frame, rows[-1])
+        masks, truths = frame.prediction.mask(post), frame.truth
+        for name, mask, truth in zip(classes or [None], masks if classes else [masks], truths if classes else [truths], strict=True):
+            count = metrics.confusion_counts(mask[None], truth[None])
+            counts.append(count[0])
+            rows.append(_row(frame.id, frame.fold, count, name))
+            if observe is not None:
+                observe(frame, rows[-1])
     return rows, np.array(counts, dtype=np.int64).reshape(-1, 3)
 
 
-def _row(sample_id: str, fold: int | None, count: np.ndarray) -> dict:
+def _per_structure(rows: list[dict], counts: np.ndarray, classes: list[str]) -> dict:
+    """Each structure's summary, from the (frame, structure) counts."""
+    names = np.array([row["class"] for row in rows])
+    return {"classes": {name: metrics.summary(counts[names == name]) for name in classes}}
+
+
+def _row(sample_id: str, fold: int | None, count: np.ndarray, structure: str | None = None) -> dict:
     tp, fp, fn = (int(v) for v in count[0])
     return {
         "id": sample_id,
+        **({"class": structure} if structure is not None else {}),
         "fold": "" if fold is None else fold,
         "truth_area": tp + fn,
         "pred_area": tp + fp,
@@ -113,9 +145,9 @@ def _row(sample_id: str, fold: int | None, count: np.ndarray) -> dict:
     }
 
 
-def _write(out: Path, rows: list[dict], summary: dict) -> None:
+def _write(out: Path, rows: list[dict], summary: dict, columns: tuple[str, ...]) -> None:
     buffer = text_io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_write(out / PER_IMAGE_FILE) as stream:
