@@ -249,9 +249,11 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
         assert summary["classes"][name]["score"] == pytest.approx(tuning.classes[name].score_after)
     per_pair = (tmp_path / "evaluation" / "per_image.csv").read_text().splitlines()
     assert per_pair[0].startswith("id,class,fold,") and len(per_pair) == 1 + 2 * len(FRAMES)
-    capsys.readouterr()
-    assert main(["report", str(run)]) == 2
-    assert "a run of several structures (nerve, vessel)" in capsys.readouterr().err
+    assert main(["report", str(run), "--quiet"]) == 0
+    page = (run / "report.html").read_text()
+    assert "<h3>nerve</h3>" in page and "<h3>vessel</h3>" in page and "true outline solid, predicted outline dashed" in page
+    figures = {path.name for path in (run / "report").iterdir()}
+    assert {"tuning_nerve.png", "tuning_vessel.png"} <= figures and any(name.startswith("gallery_worst_") for name in figures)
 
 
 def test_onnx_export_of_two_structures_matches_torch_per_structure(two_structure_run, tmp_path):

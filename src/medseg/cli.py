@@ -26,7 +26,7 @@ from medseg.config import LAYOUTS, PRESETS, DataOptions, read_run_config
 from medseg.data.datasets import load_dataset
 from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import MedsegError, UsageError
-from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, RUN_FILE, RunPlan, StructuresTuning, Tuning, installation_versions
+from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, StructuresTuning, Tuning, installation_versions
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -305,9 +305,6 @@ def _setting(tuning: Tuning) -> str:
 
 def _report(run: Path, skip: bool, quiet: bool) -> None:
     if skip:
-        return
-    if RunPlan.read(Path(run) / RUN_FILE).classes:
-        _say(quiet)("report: not written, the report shows runs of one structure so far")
         return
     from medseg.report.page import build_report
 

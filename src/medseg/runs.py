@@ -349,19 +349,6 @@ class Run:
             return None
         return StructuresTuning.read(path) if self.classes else Tuning.read(path)
 
-    def require_one_structure(self, command: str) -> Run:
-        """Return the run if it segments one structure.
-
-        Raises:
-            UsageError: For a run of several structures, which ``command`` does not take yet.
-        """
-        if self.classes:
-            raise UsageError(
-                f"{self.path}: a run of several structures ({', '.join(self.classes)}); medseg {command} takes runs of one structure "
-                "so far (train, tune, predict, evaluate and export take several)"
-            )
-        return self
-
     def versions(self) -> Versions:
         """The software and hardware it trained with."""
         return Versions.read(self.path / VERSIONS_FILE)

@@ -106,7 +106,8 @@ def score_frames(
     Args:
         frames: Held-out predictions (:func:`medseg.infer.heldout.held_out_frames`).
         post: The post-processing that turns probabilities into masks (one per structure for several).
-        observe: Called with each frame and its row as it is scored (the report keeps its gallery so).
+        observe: Called with each frame and its row as it is scored (the report keeps its gallery so); for
+            several structures with a row of the frame (its mean Dice, and its structures' rows under ``classes``).
         classes: The structures' names, for a run of several.
 
     Shape:
@@ -115,13 +116,20 @@ def score_frames(
     rows, counts = [], []
     for frame in frames:
         masks, truths = frame.prediction.mask(post), frame.truth
+        mine = []
         for name, mask, truth in zip(classes or [None], masks if classes else [masks], truths if classes else [truths], strict=True):
             count = metrics.confusion_counts(mask[None], truth[None])
             counts.append(count[0])
-            rows.append(_row(frame.id, frame.fold, count, name))
-            if observe is not None:
-                observe(frame, rows[-1])
+            mine.append(_row(frame.id, frame.fold, count, name))
+        rows += mine
+        if observe is not None:
+            observe(frame, _frame_row(mine) if classes else mine[0])
     return rows, np.array(counts, dtype=np.int64).reshape(-1, 3)
+
+
+def _frame_row(rows: list[dict]) -> dict:
+    """A frame's row when it has several structures: its mean Dice, and each structure's row."""
+    return {"id": rows[0]["id"], "fold": rows[0]["fold"], "dice": float(np.mean([row["dice"] for row in rows])), "classes": rows}
 
 
 def _per_structure(rows: list[dict], counts: np.ndarray, classes: list[str]) -> dict:

@@ -15,10 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from medseg.runs import Tuning
+from medseg.runs import StructuresTuning, Tuning
 
 TRUTH_COLOUR = "#22c55e"
 PREDICTION_COLOUR = "#f43f5e"
+STRUCTURE_COLOURS = ("#22c55e", "#3b82f6", "#f59e0b", "#ec4899", "#14b8a6", "#a855f7")  # one per structure, in channel order
 
 
 @dataclass
@@ -78,8 +79,15 @@ def training_figures(fold_metrics: dict[int, list[dict]], max_epochs: int) -> li
     return figures
 
 
-def tuning_figures(tuned: Tuning | None) -> list[Figure]:
-    """Score against threshold, minimum area and (with a presence head) presence threshold, the choice marked."""
+def tuning_figures(tuned: Tuning | StructuresTuning | None) -> list[Figure]:
+    """Score against threshold, minimum area and (with a presence head) presence threshold, the choice marked;
+    one figure per structure for a run of several."""
+    if isinstance(tuned, StructuresTuning):
+        return [figure for name, block in tuned.classes.items() for figure in _tuning_figure(block, name)]
+    return _tuning_figure(tuned)
+
+
+def _tuning_figure(tuned: Tuning | None, structure: str | None = None) -> list[Figure]:
     if tuned is None or not tuned.searched:
         return []
     thresholds, areas, scores = np.array(tuned.thresholds), np.array(tuned.min_areas), np.array(tuned.scores)
@@ -112,6 +120,9 @@ def tuning_figures(tuned: Tuning | None) -> list[Figure]:
         f"{', the best score at each presence threshold (right)' if presence else ''}; the red point is the choice. "
         f"Score before tuning {tuned.score_before:.3f}, after {tuned.score_after:.3f}."
     )
+    if structure is not None:
+        figure.suptitle(structure, fontsize=11)
+        return [Figure(f"tuning_{structure}.png", png(figure), f"{structure}: {caption}")]
     return [Figure("tuning.png", png(figure), caption)]
 
 
@@ -156,15 +167,28 @@ def evaluation_figures(rows: list[dict]) -> list[Figure]:
 
 
 def overlay(frame: np.ndarray, truth: np.ndarray, probs: np.ndarray, prediction: np.ndarray) -> plt.Figure:
-    """The frame with the true (green) and predicted (red) outlines, beside the probability heat map."""
+    """The frame with the true (green) and predicted (red) outlines, beside the probability heat map.
+
+    With several structures (masks of shape (C, H, W)) each structure has its colour (:data:`STRUCTURE_COLOURS`):
+    its true outline solid, its predicted outline dashed; the heat map shows the highest probability.
+    """
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 2.5))
     for axis in axes:
         axis.imshow(frame, cmap="gray", vmin=0, vmax=255)
         axis.set_axis_off()
-    if truth.any():
-        axes[0].contour(truth, levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.5)
-    if prediction.any():
-        axes[0].contour(prediction, levels=[0.5], colors=[PREDICTION_COLOUR], linewidths=1.5)
+    if truth.ndim == 3:
+        for index, (true, predicted) in enumerate(zip(truth, prediction, strict=True)):
+            colour = STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)]
+            if true.any():
+                axes[0].contour(true, levels=[0.5], colors=[colour], linewidths=1.5)
+            if predicted.any():
+                axes[0].contour(predicted, levels=[0.5], colors=[colour], linewidths=1.5, linestyles="dashed")
+        probs = probs.max(axis=0)
+    else:
+        if truth.any():
+            axes[0].contour(truth, levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.5)
+        if prediction.any():
+            axes[0].contour(prediction, levels=[0.5], colors=[PREDICTION_COLOUR], linewidths=1.5)
     heat = axes[1].imshow(np.ma.masked_less(probs, 0.05), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
     figure.colorbar(heat, ax=axes[1], fraction=0.04, pad=0.02)
     figure.subplots_adjust(wspace=0.02)

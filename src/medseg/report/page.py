@@ -26,6 +26,7 @@ from medseg.learn import metrics
 from medseg.report.evaluate import score_frames
 from medseg.report.figures import (
     PREDICTION_COLOUR,
+    STRUCTURE_COLOURS,
     TRUTH_COLOUR,
     Figure,
     evaluation_figures,
@@ -34,7 +35,19 @@ from medseg.report.figures import (
     training_figures,
     tuning_figures,
 )
-from medseg.runs import CONFIG_FILE, FIGURES_DIR, POSTPROCESS_FILE, REPORT_FILE, FoldResult, Run, Tuning, Versions, open_run, read_metrics
+from medseg.runs import (
+    CONFIG_FILE,
+    FIGURES_DIR,
+    POSTPROCESS_FILE,
+    REPORT_FILE,
+    FoldResult,
+    Run,
+    StructuresTuning,
+    Tuning,
+    Versions,
+    open_run,
+    read_metrics,
+)
 
 GALLERY_WORST = 12
 GALLERY_RANDOM = 12
@@ -108,7 +121,7 @@ class ReportData:
     rows: list[dict]
     counts: np.ndarray
     fold_metrics: dict[int, list[dict]]
-    tuned: Tuning | None
+    tuned: Tuning | StructuresTuning | None
     data_summary: dict | None
     versions: Versions
     worst: list[tuple[HeldOutFrame, dict]] = field(default_factory=list)
@@ -126,7 +139,7 @@ def build_report(path: Path, tta: str = "hflip", on_message: Callable[[str], Non
     Returns:
         The HTML file.
     """
-    data = gather(open_run(path).require_one_structure("report"), tta, on_message)
+    data = gather(open_run(path), tta, on_message)
     figures = [
         *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
         *tuning_figures(data.tuned),
@@ -147,7 +160,8 @@ def gather(run: Run, tta: str, on_message: Callable[[str], None]) -> ReportData:
     """Read the run's files and score its held-out frames, keeping the gallery's frames as they pass."""
     dataset = load_dataset(run.data, run.config.data)
     picker = GalleryPicker()
-    rows, counts = score_frames(held_out_frames(run, dataset, True, tta, on_message), read_postprocess(run), observe=picker.offer)
+    frames = held_out_frames(run, dataset, True, tta, on_message)
+    rows, counts = score_frames(frames, read_postprocess(run), observe=picker.offer, classes=run.classes)
     worst, lucky = picker.chosen()
     return ReportData(
         run=run,
@@ -168,7 +182,8 @@ def warnings_of(data: ReportData) -> list[str]:
     weights = data.versions.encoder_weights
     if weights is not None and weights.warning:
         found.append(weights.warning)
-    found += _degenerate_warnings(data.rows)
+    for name, rows in _rows_by_structure(data).items():
+        found += [f"{name}: {warning}" if name else warning for warning in _degenerate_warnings(rows)]
     for fold, rows in data.fold_metrics.items():
         losses = [float(row["val_loss"]) for row in rows]
         if len(losses) > RISING_EPOCHS and all(b > a for a, b in zip(losses[-RISING_EPOCHS - 1 :], losses[-RISING_EPOCHS:])):
@@ -194,6 +209,13 @@ def _degenerate_warnings(rows: list[dict]) -> list[str]:
     return []
 
 
+def _rows_by_structure(data: ReportData) -> dict[str, list[dict]]:
+    """The held-out rows of each structure (one group, named ``""``, for a run of one)."""
+    if not data.run.classes:
+        return {"": data.rows}
+    return {name: [row for row in data.rows if row["class"] == name] for name in data.run.classes}
+
+
 def fold_scores(data: ReportData) -> dict[int, float]:
     """Competition score of each fold's held-out frames."""
     by_fold: dict[int, list[float]] = {}
@@ -210,12 +232,21 @@ def gallery_figures(data: ReportData) -> list[Figure]:
         for frame, row in chosen:
             rank = len(figures)
             figure = overlay(frame.image, frame.truth, frame.prediction.probs, frame.prediction.mask(post))
-            caption = (
-                f"{row['id']} (fold {row['fold']}): score {float(row['dice']):.3f}, "
-                f"true area {row['truth_area']} px, predicted {row['pred_area']} px"
-            )
+            caption = _gallery_caption(row)
             figures.append(Figure(f"gallery_{label}_{rank:02d}_{row['id']}.png", png(figure), caption))
     return figures
+
+
+def _gallery_caption(row: dict) -> str:
+    """What an overlay shows: the frame's score and areas (each structure's, for several)."""
+    head = f"{row['id']} (fold {row['fold']}): score {float(row['dice']):.3f}"
+    if "classes" not in row:
+        return f"{head}, true area {row['truth_area']} px, predicted {row['pred_area']} px"
+    parts = [
+        f"{part['class']} {float(part['dice']):.3f} (true {part['truth_area']} px, predicted {part['pred_area']} px)"
+        for part in row["classes"]
+    ]
+    return f"{head} (mean over structures): {'; '.join(parts)}"
 
 
 def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> str:
@@ -236,13 +267,13 @@ def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> st
             "".join(_figure_html(f) for name, f in by_name.items() if name.startswith("training_")) or "<p>No epochs recorded.</p>",
         ),
         _section("folds", "Folds", _folds_html(data)),
-        _section("tuning", "Tuning", _tuning_html(data, by_name.get("tuning.png"))),
+        _section("tuning", "Tuning", _tuning_html(data, [figure for name, figure in by_name.items() if name.startswith("tuning")])),
         _section(
             "evaluation",
             "Held-out evaluation",
             _figure_html(by_name["evaluation.png"]) if "evaluation.png" in by_name else "<p>No held-out frames.</p>",
         ),
-        _section("gallery", "Where it fails", _gallery_html(gallery)),
+        _section("gallery", "Where it fails", _gallery_html(gallery, data.run.classes)),
     ]
     title = f"medseg report: {data.run.path.name}"
     return _PAGE.format(title=html.escape(title), body="\n".join(sections))
@@ -265,11 +296,32 @@ def _warnings_html(found: list[str]) -> str:
 
 
 def _headline_html(data: ReportData) -> str:
+    tiles = _tiles(
+        data.counts,
+        "held-out frames; predicting every frame" if not data.run.classes else "held-out (frame, structure) pairs; predicting every pair",
+    )
+    rows = [f'<div class="tiles">{tiles}</div>']
+    for name, indices in _structure_rows(data).items():
+        per_structure = _tiles(data.counts[indices], f"held-out frames, {name}; predicting every frame")
+        rows.append(f'<h3>{html.escape(name)}</h3><div class="tiles">{per_structure}</div>')
     summary = metrics.summary(data.counts) if len(data.counts) else {}
-    post = read_postprocess(data.run)
+    worst = sorted(data.rows, key=lambda row: float(row["dice"]))[:3]
+    failing = ", ".join(f"{row['id']}{' ' + row['class'] if 'class' in row else ''} ({float(row['dice']):.2f})" for row in worst)
+    unit = "(frame, structure) pairs" if data.run.classes else "frames"
+    text = (
+        f"<p>{summary.get('n_images', 0)} held-out {unit}, each predicted by the fold model that did not train on it; "
+        f"post-processing: {html.escape(_post_text(data))}. Worst {'pairs' if data.run.classes else 'frames'}: {html.escape(failing)} "
+        '(see <a href="#gallery">the gallery</a>).</p>'
+    )
+    return "".join(rows) + text
+
+
+def _tiles(counts: np.ndarray, scored: str) -> str:
+    """The four headline tiles of a set of (frame or frame-structure) counts; ``scored`` says what they count."""
+    summary = metrics.summary(counts) if len(counts) else {}
     empty_share = summary.get("n_empty_truth", 0) / max(summary.get("n_images", 1), 1)
     tiles = [
-        ("competition score", _fmt(summary.get("score")), f"held-out frames; predicting every frame empty would score {empty_share:.3f}"),
+        ("competition score", _fmt(summary.get("score")), f"{scored} empty would score {empty_share:.3f}"),
         ("Dice on frames with a structure", _fmt(summary.get("dice_nonempty")), "how well it is drawn where it exists"),
         (
             "presence precision / recall",
@@ -282,22 +334,29 @@ def _headline_html(data: ReportData) -> str:
             "masks drawn where there is none",
         ),
     ]
-    cards = "".join(
+    return "".join(
         f'<div class="tile"><div class="value">{html.escape(value)}</div><div class="label">{html.escape(label)}</div>'
         f'<div class="note">{html.escape(note)}</div></div>'
         for label, value, note in tiles
     )
-    worst = sorted(data.rows, key=lambda row: float(row["dice"]))[:3]
-    failing = ", ".join(f"{row['id']} ({float(row['dice']):.2f})" for row in worst)
-    text = (
-        f"<p>{summary.get('n_images', 0)} held-out frames, each predicted by the fold model that did not train on it; post-processing: "
-        f"threshold {post.threshold:.2f}, minimum area {post.min_area} px"
-        f"{f', presence above {post.presence_threshold:.2f}' if post.presence_threshold else ''}"
-        f"{' (tuned on these same frames, so the score is somewhat optimistic)' if post.tuned else ' (not tuned)'}. "
-        f"Worst frames: {html.escape(failing)} "
-        '(see <a href="#gallery">the gallery</a>).</p>'
-    )
-    return f'<div class="tiles">{cards}</div>{text}'
+
+
+def _structure_rows(data: ReportData) -> dict[str, np.ndarray]:
+    """The indices of each structure's rows (and counts); empty for a run of one structure."""
+    names = np.array([row.get("class", "") for row in data.rows])
+    return {name: np.flatnonzero(names == name) for name in data.run.classes}
+
+
+def _post_text(data: ReportData) -> str:
+    post = read_postprocess(data.run)
+    rules = list(zip(data.run.classes, post, strict=True)) if data.run.classes else [("", post)]
+    parts = [
+        f"{name + ': ' if name else ''}threshold {rule.threshold:.2f}, minimum area {rule.min_area} px"
+        f"{f', presence above {rule.presence_threshold:.2f}' if rule.presence_threshold else ''}"
+        for name, rule in rules
+    ]
+    tuned = rules[0][1].tuned
+    return "; ".join(parts) + (" (tuned on these same frames, so the score is somewhat optimistic)" if tuned else " (not tuned)")
 
 
 def _data_html(data: ReportData) -> str:
@@ -312,6 +371,8 @@ def _data_html(data: ReportData) -> str:
         ("subjects", summary["subjects"] if summary["subjects"] is not None else "unknown"),
         ("image sizes (WxH)", ", ".join(f"{size}: {count}" for size, count in summary["image_sizes"].items())),
         ("mask area min / median / max (px)", f"{area.get('min', '-')} / {area.get('median', '-')} / {area.get('max', '-')}"),
+        *((f"{name}: with / without", f"{facts['with']} / {facts['without']}") for name, facts in (summary.get("classes") or {}).items()),
+        *((f"frames where {pair} overlap", frames) for pair, frames in (summary.get("overlapping_frames") or {}).items()),
         ("encoder weights", data.versions.encoder_weights.used if data.versions.encoder_weights else "unknown"),
         ("trained with", _software(data.versions)),
     ]
@@ -328,11 +389,13 @@ def _folds_html(data: ReportData) -> str:
     )
 
 
-def _tuning_html(data: ReportData, figure: Figure | None) -> str:
-    if figure is not None:
-        return _figure_html(figure)
+def _tuning_html(data: ReportData, figures: list[Figure]) -> str:
+    if figures:
+        return "".join(_figure_html(figure) for figure in figures)
     if data.tuned is None:
         return "<p>Not tuned yet: run <code>medseg tune RUN</code>.</p>"
+    if isinstance(data.tuned, StructuresTuning):
+        return "<p>The tuning in postprocess.json records no search to show.</p>"
     return (
         f"<p>Post-processing set in {html.escape(POSTPROCESS_FILE)} without a search (threshold {data.tuned.threshold:.2f}, "
         f"minimum area {data.tuned.min_area} px): <code>medseg tune RUN --force</code> searches it.</p>"
@@ -353,14 +416,21 @@ def _ending(result: FoldResult | None) -> str:
     return f"{result.epochs} epochs{' (stopped early)' if result.stopped_early else ''}, best validation loss {_fmt(result.best_val_loss)}"
 
 
-def _gallery_html(gallery: list[Figure]) -> str:
+def _gallery_html(gallery: list[Figure], classes: list[str]) -> str:
     if not gallery:
         return "<p>No held-out frames.</p>"
-    legend = (
-        f'<p class="legend"><span style="color:{TRUTH_COLOUR}">green: true outline</span>, '
-        f'<span style="color:{PREDICTION_COLOUR}">red: predicted outline</span>; right: predicted probability. '
-        f"The worst {GALLERY_WORST} frames first, then {GALLERY_RANDOM} chosen at random.</p>"
-    )
+    if classes:
+        colours = ", ".join(
+            f'<span style="color:{STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)]}">{html.escape(name)}</span>'
+            for index, name in enumerate(classes)
+        )
+        outlines = f"{colours}: true outline solid, predicted outline dashed; right: the highest predicted probability."
+    else:
+        outlines = (
+            f'<span style="color:{TRUTH_COLOUR}">green: true outline</span>, '
+            f'<span style="color:{PREDICTION_COLOUR}">red: predicted outline</span>; right: predicted probability.'
+        )
+    legend = f'<p class="legend">{outlines} The worst {GALLERY_WORST} frames first, then {GALLERY_RANDOM} chosen at random.</p>'
     return legend + '<div class="gallery">' + "".join(_figure_html(figure) for figure in gallery) + "</div>"
 
 
