@@ -143,6 +143,17 @@ def test_kaggle_preset_trains_five_folds_of_disjoint_subjects_tuned_out_of_fold(
     assert tuned["out_of_fold"] and tuned["frames"] == 38
 
 
+def test_tune_reports_the_cross_fitted_score_that_the_accuracy_bench_computes(kaggle_run):
+    run = open_run(kaggle_run)
+    tuned = runs.Tuning.read(kaggle_run / runs.POSTPROCESS_FILE)
+    thresholds, min_areas, presence = np.array(tuned.thresholds), np.array(tuned.min_areas), np.array(tuned.presence_thresholds)
+    oof = oof_predictions(run, thresholds, tuned.tta, on_message=lambda line: None)
+    split = splits.load_split(kaggle_run / runs.SPLIT_FILE)
+    fold_of = {sample_id: fold for fold, members in enumerate(split.folds) for sample_id in members}
+    honest = metrics.dice_per_image(cross_fitted_counts(oof, fold_of, thresholds, min_areas, presence)).mean()
+    assert tuned.cross_fitted == pytest.approx(honest)
+
+
 def test_kaggle_preset_predicts_every_training_frame_out_of_fold_exactly_once(kaggle_run):
     run = open_run(kaggle_run)
     oof = oof_predictions(run, np.array([0.5]), "none", on_message=lambda line: None)

@@ -217,6 +217,7 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
     tuning = runs.StructuresTuning.read(run / runs.POSTPROCESS_FILE)
     assert list(tuning.classes) == ["nerve", "vessel"] and tuning.frames == len(FRAMES)
     assert tuning.score_after == pytest.approx(np.mean([block.score_after for block in tuning.classes.values()]))
+    assert tuning.cross_fitted == pytest.approx(np.mean([block.cross_fitted for block in tuning.classes.values()]))
     test = tmp_path / "test"
     test.mkdir()
     for name in FRAMES[:3]:

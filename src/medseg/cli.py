@@ -346,15 +346,22 @@ def _print_tuning(tuning: Tuning | StructuresTuning, run: Path) -> None:
     frames = f"{tuning.frames} {'out-of-fold' if tuning.out_of_fold else 'validation'} frames"
     if isinstance(tuning, StructuresTuning):
         for name, block in tuning.classes.items():
-            stdout.print(f"{name}: {_setting(block)}: score {block.score_after:.4f} (untuned {block.score_before:.4f})")
-        stdout.print(f"mean over (frame, structure) on {frames}: {tuning.score_after:.4f} (untuned {tuning.score_before:.4f})")
+            stdout.print(f"{name}: {_setting(block)}: score {block.score_after:.4f} (untuned {block.score_before:.4f}{_honest(block)})")
+        overall = f"{tuning.score_after:.4f} (untuned {tuning.score_before:.4f}{_honest(tuning)})"
+        stdout.print(f"mean over (frame, structure) on {frames}: {overall}")
     else:
         untuned = ", presence above 0.5" if tuning.presence_head else ""
         stdout.print(
             f"{_setting(tuning)}: score {tuning.score_after:.4f} on {frames} "
-            f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f})"
+            f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f}{_honest(tuning)})"
         )
     stdout.print(f"written: {Path(run) / POSTPROCESS_FILE}")
+
+
+def _honest(tuning: Tuning | StructuresTuning) -> str:
+    if tuning.cross_fitted is None:
+        return ""
+    return f"; cross-fitted, what to expect on new subjects: {tuning.cross_fitted:.4f}"
 
 
 @app.command("report")

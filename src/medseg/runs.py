@@ -209,6 +209,8 @@ class Tuning(RunFile):
         presence_head: Whether the model has a presence head.
         score_before: Score of the untuned setting on the tuning frames.
         score_after: Score of the chosen setting on the same frames.
+        cross_fitted: Each fold scored with the setting tuned on the other folds only: what to expect on new
+            subjects (runs of several folds; ``None`` otherwise, and in files written before it was kept).
         frames: Frames tuned on.
         out_of_fold: Whether each frame was predicted by the model that did not train on it.
         tta: Test-time augmentation of the predictions.
@@ -228,6 +230,7 @@ class Tuning(RunFile):
     presence_head: bool = False
     score_before: float | None = None
     score_after: float | None = None
+    cross_fitted: float | None = None
     frames: int | None = None
     out_of_fold: bool | None = None
     tta: str | None = None
@@ -251,6 +254,7 @@ class StructuresTuning(RunFile):
         classes: Each structure's tuning, in channel order.
         score_before: Mean score over (frame, structure) pairs of the untuned setting.
         score_after: The same with each structure's chosen setting.
+        cross_fitted: The mean of the structures' cross-fitted scores (runs of several folds).
         frames: Frames tuned on.
         out_of_fold: Whether each frame was predicted by the model that did not train on it.
         tta: Test-time augmentation of the predictions.
@@ -259,6 +263,7 @@ class StructuresTuning(RunFile):
     classes: dict[str, Tuning]
     score_before: float
     score_after: float
+    cross_fitted: float | None = None
     frames: int
     out_of_fold: bool
     tta: str

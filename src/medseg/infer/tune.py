@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data import splits
 from medseg.data.datasets import load_dataset
 from medseg.errors import UsageError
 from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import PostProcess, default_postprocess
 from medseg.learn import metrics
-from medseg.runs import POSTPROCESS_FILE, Run, StructuresTuning, Tuning, open_run
+from medseg.runs import POSTPROCESS_FILE, SPLIT_FILE, Run, StructuresTuning, Tuning, open_run
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12500, 15000])
@@ -208,7 +209,9 @@ def tune_run(
     thresholds, min_areas, presence_thresholds = grids(has_presence, thresholds, min_areas, presence_thresholds)
     per_structure = oof_by_structure(run, thresholds, tta, on_message)
     out_of_fold = len(run.folds) > 1
-    tunings = [tune_structure(oof, has_presence, thresholds, min_areas, presence_thresholds, tta, out_of_fold) for oof in per_structure]
+    fold_of = _fold_of(run) if out_of_fold else None
+    grid = (thresholds, min_areas, presence_thresholds)
+    tunings = [tune_structure(oof, has_presence, *grid, tta, out_of_fold, fold_of) for oof in per_structure]
     if not run.classes:
         result: Tuning | StructuresTuning = tunings[0]
     else:
@@ -216,6 +219,7 @@ def tune_run(
             classes=dict(zip(run.classes, tunings, strict=True)),
             score_before=float(np.mean([tuning.score_before for tuning in tunings])),
             score_after=float(np.mean([tuning.score_after for tuning in tunings])),
+            cross_fitted=float(np.mean([tuning.cross_fitted for tuning in tunings])) if fold_of else None,
             frames=len(per_structure[0].ids),
             out_of_fold=out_of_fold,
             tta=tta,
@@ -232,8 +236,10 @@ def tune_structure(
     presence_thresholds: np.ndarray,
     tta: str,
     out_of_fold: bool,
+    fold_of: dict[str, int] | None = None,
 ) -> Tuning:
-    """The best setting of one structure on its out-of-fold predictions, with the grid that chose it."""
+    """The best setting of one structure on its out-of-fold predictions, with the grid that chose it, and, given
+    each frame's fold, the cross-fitted score (:func:`cross_fitted_counts`)."""
     cube = score_cube(oof, min_areas, presence_thresholds)
     chosen = best_point(cube, thresholds, min_areas, presence_thresholds)
     depth = int(np.flatnonzero(presence_thresholds == chosen.presence_threshold)[0])
@@ -244,6 +250,7 @@ def tune_structure(
         presence_head=has_presence,
         score_before=score_at(cube, default_postprocess(has_presence), thresholds, min_areas, presence_thresholds),
         score_after=float(cube.max()),
+        cross_fitted=_cross_fitted_score(oof, fold_of, thresholds, min_areas, presence_thresholds) if fold_of else None,
         frames=len(oof.ids),
         out_of_fold=out_of_fold,
         tta=tta,
@@ -261,6 +268,18 @@ def score_at(cube: np.ndarray, post: PostProcess, thresholds: np.ndarray, min_ar
     row = int(np.flatnonzero(np.isclose(thresholds, post.threshold))[0])
     column = int(np.flatnonzero(min_areas == post.min_area)[0])
     return float(cube[depth, row, column])
+
+
+def _cross_fitted_score(
+    oof: OofPredictions, fold_of: dict[str, int], thresholds: np.ndarray, min_areas: np.ndarray, presence_thresholds: np.ndarray
+) -> float:
+    return float(metrics.dice_per_image(cross_fitted_counts(oof, fold_of, thresholds, min_areas, presence_thresholds)).mean())
+
+
+def _fold_of(run: Run) -> dict[str, int]:
+    """The validation fold of every frame of the run's split."""
+    split = splits.load_split(run.path / SPLIT_FILE)
+    return {sample_id: fold for fold, members in enumerate(split.folds) for sample_id in members}
 
 
 def cross_fitted_counts(
