@@ -384,7 +384,14 @@ def predict_command(
     images: Annotated[
         Path, typer.Argument(help="Folder of frames (e.g. test/), or a Kaggle data folder.", metavar="IMAGES", show_default=False)
     ],
-    out: Annotated[Path | None, typer.Option("--out", help="Submission CSV to write (img,pixels).", metavar="FILE.csv")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Submission CSV to write (img,pixels; a row per frame and structure, as the sample, for several).",
+            metavar="FILE.csv",
+        ),
+    ] = None,
     masks_dir: Annotated[
         Path | None, typer.Option("--masks-dir", help="Folder for PNG masks (0/255), one per frame.", metavar="DIR")
     ] = None,
@@ -439,7 +446,10 @@ def export_command(
 
 @app.command("check-submission")
 def check_submission_command(
-    file: Annotated[Path, typer.Argument(help="Submission CSV (img,pixels).", metavar="FILE", show_default=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(help="Submission CSV (img,pixels, or id,class,rle for several structures).", metavar="FILE", show_default=False),
+    ],
     sample: Annotated[
         Path | None, typer.Option("--sample", help="Sample submission whose ids must each appear once.", metavar="SAMPLE")
     ] = None,
