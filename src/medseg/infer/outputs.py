@@ -76,7 +76,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     folder, sample_path = _locate(request)
     _refuse_overwrite(request)  # after the inputs: a typo in them is told before an existing output is
     records = _frames(folder, on_message)
-    sample_pairs = submission.read_sample_pairs(sample_path) if sample_path and run.classes else None
+    sample_pairs, header = submission.read_sample_pairs(sample_path) if sample_path and run.classes else (None, ("id", "class", "rle"))
     sample_ids = list(dict.fromkeys(i for i, _ in sample_pairs)) if sample_pairs else _sample_ids(sample_path, run)
     if sample_ids is not None:
         on_message(f"rows follow {sample_path} ({len(sample_pairs or sample_ids)} rows)")
@@ -93,7 +93,6 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         if request.save_probs:
             probs.append(prediction.probs.astype(np.float16))
     ids = [record.id for record in records]
-    header = submission.long_header(sample_path) if sample_pairs else ("id", "class", "rle")
     written = _write_outputs(request, run, ids, masks, probs, (sample_pairs, header) if run.classes else sample_ids, on_message)
     used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}

@@ -197,7 +197,7 @@ def validate_file(
     long_table = _long_table(path)
     if long_table is not None:
         ids, classes, rles = long_table
-        sample_pairs = read_sample_pairs(Path(sample)) if sample is not None else None
+        sample_pairs = read_sample_pairs(Path(sample))[0] if sample is not None else None
         return validate_long(ids, classes, rles, sample_pairs, sizes, None, order, path=path)
     ids, rles = _read_submission(path)
     sample_ids = read_sample_ids(sample) if sample is not None else None
@@ -217,20 +217,9 @@ def _long_table(path: Path) -> tuple[list[str], list[str], list[str]] | None:
     return table[dialect.id_column].tolist(), strip, table[dialect.rle_column].tolist()
 
 
-def long_header(path: Path) -> tuple[str, str, str]:
-    """The id, class and RLE column names of a long sample submission (a submission writes them back so).
-
-    Raises:
-        DataError: If it is not a long table (one row per frame and class).
-    """
-    dialect = long_rle.detect_format(list(io.read_csv(path, ()).columns), path=path)
-    if dialect is None:
-        raise DataError(f"{path}: not a sample of one row per frame and class (id,class,rle); give the long sample submission")
-    return dialect.id_column, dialect.class_column, dialect.rle_column
-
-
-def read_sample_pairs(path: Path) -> list[tuple[str, str]]:
-    """The (id, class) pairs of a long sample submission, in order.
+def read_sample_pairs(path: Path) -> tuple[list[tuple[str, str]], tuple[str, str, str]]:
+    """The (id, class) pairs of a long sample submission, in order, and its id, class and RLE column names
+    (a submission writes them back so).
 
     Raises:
         DataError: If it is not a long table (one row per frame and class) or lists a pair twice.
@@ -245,7 +234,7 @@ def read_sample_pairs(path: Path) -> list[tuple[str, str]]:
     repeated = _repeated(pairs)
     if repeated:
         raise DataError(f"{path}: {len(repeated)} (id, class) pair(s) listed more than once ({_first(repeated)}); keep one row per pair")
-    return pairs
+    return pairs, (dialect.id_column, dialect.class_column, dialect.rle_column)
 
 
 def validate_long(
