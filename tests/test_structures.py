@@ -376,3 +376,10 @@ def test_structure_settings_that_do_not_fit_the_data_are_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_index_label_that_is_not_a_mask_value_is_one_line(class_index, capsys):
+    code = main(["inspect", str(class_index), "--classes", "nerve=1,vessel=x"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "class-index masks name each class by its mask value, not 'x'; write e.g. --classes vessel=2" in err

@@ -526,6 +526,11 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
         if sample_id not in images:
             problems.append(Problem("missing_image", path, f"mask without an image images/{sample_id}.*; add the image or remove the mask"))
     classes = tuple(options.classes or ())
+    for name, label in (options.classes or {}).items():
+        if not isinstance(label, int):
+            raise UsageError(
+                f"{root / 'masks'}: class-index masks name each class by its mask value, not {label!r}; write e.g. --classes {name}=2"
+            )
     return Dataset(root, "folders", options, records, _test_records(root / "test", problems), problems=problems, classes=classes)
 
 
