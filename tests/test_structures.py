@@ -28,6 +28,7 @@ from medseg.data.samples import load_samples
 from medseg.errors import UsageError
 from medseg.infer import submission as checker
 from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.outputs import class_index_mask
 from medseg.infer.predict import load_fold_model, predict_frames
 from medseg.learn.fit import fit_fold
 from medseg.learn.losses import create_loss
@@ -241,7 +242,12 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
     assert list(written.row_numbers) == pairs  # every (id, class) once, in the sample's order
     report = checker.validate_file(out, sample=tmp_path / "sample.csv")
     assert not report.problems and report.rows == 6
-    assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == ["nerve", "vessel"]
+    assert plan.class_values == CLASSES  # learnt from class-index masks: the structures exclude each other
+    for name in FRAMES[:3]:  # so --masks-dir writes class-index PNGs, which agree with the submission
+        values = io.read_mask_values(tmp_path / "masks" / f"{name}.png")
+        assert set(np.unique(values)) <= {0, 1, 2}
+        for label, value in CLASSES.items():
+            assert not np.any((values == value) & ~rle.decode(written.rows[name][label], values.shape))
     assert main(["evaluate", str(run), str(class_index), "--out", str(tmp_path / "evaluation"), "--quiet"]) == 0
     summary = json.loads((tmp_path / "evaluation" / "summary.json").read_text())
     assert summary["n_images"] == 2 * len(FRAMES) and set(summary["classes"]) == {"nerve", "vessel"}
@@ -255,6 +261,26 @@ def test_two_structures_train_tune_and_predict_a_long_submission_in_the_samples_
     assert "<h3>nerve</h3>" in page and "<h3>vessel</h3>" in page and "true outline solid, predicted outline dashed" in page
     figures = {path.name for path in (run / "report").iterdir()}
     assert {"tuning_nerve.png", "tuning_vessel.png"} <= figures and any(name.startswith("gallery_worst_") for name in figures)
+
+
+def test_masks_of_structures_that_may_overlap_go_to_a_folder_each(two_structure_run, tmp_path):
+    trained, class_index = two_structure_run
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    plan = runs.RunPlan.read(run / runs.RUN_FILE)
+    plan.model_copy(update={"class_values": {}}).write(run / runs.RUN_FILE)  # as a run trained on masks/<class>/
+    assert main(["predict", str(run), str(class_index / "images"), "--masks-dir", str(tmp_path / "masks"), "--quiet"]) == 0
+    for label in CLASSES:
+        written = sorted(path.stem for path in (tmp_path / "masks" / label).iterdir())
+        assert written == sorted(FRAMES)
+        assert set(np.unique(io.read_mask_values(tmp_path / "masks" / label / "0000.png"))) <= {0, 255}
+
+
+def test_a_class_index_mask_gives_an_overlapped_pixel_to_the_likelier_structure():
+    masks = np.array([[[1, 1, 0, 0]], [[0, 1, 1, 0]]], dtype=bool)
+    probs = np.array([[[0.9, 0.6, 0.1, 0.0]], [[0.2, 0.7, 0.8, 0.1]]], dtype=np.float32)
+    assert class_index_mask(masks, probs, [1, 2]).tolist() == [[1, 2, 2, 0]]
+    assert class_index_mask(masks, probs, [3, 300]).dtype == np.uint16
 
 
 def test_onnx_export_of_two_structures_matches_torch_per_structure(two_structure_run, tmp_path):

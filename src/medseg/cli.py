@@ -393,7 +393,12 @@ def predict_command(
         ),
     ] = None,
     masks_dir: Annotated[
-        Path | None, typer.Option("--masks-dir", help="Folder for PNG masks (0/255), one per frame.", metavar="DIR")
+        Path | None,
+        typer.Option(
+            "--masks-dir",
+            help="Folder for PNG masks (0/255) per frame; several structures: a class-index PNG, or DIR/<structure>/ if they overlap.",
+            metavar="DIR",
+        ),
     ] = None,
     sample: Annotated[
         Path | None,

@@ -119,6 +119,8 @@ class RunPlan(RunFile):
         class_non_empty: With several structures, the training frames that have each.
         class_labels: Each structure's label in a long RLE table's class column (a submission writes it back);
             the structure's name for the other layouts.
+        class_values: Each structure's mask value when the training masks were class-index files (one value per
+            pixel, so the structures exclude each other); empty otherwise. ``predict --masks-dir`` writes such files back.
     """
 
     data: str
@@ -130,6 +132,7 @@ class RunPlan(RunFile):
     classes: list[str] = []
     class_non_empty: dict[str, int] = {}
     class_labels: dict[str, str] = {}
+    class_values: dict[str, int] = {}
 
 
 class FoldResult(RunFile):

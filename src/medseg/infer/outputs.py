@@ -34,7 +34,9 @@ class PredictRequest:
         run: The run folder.
         images: Folder of frames (e.g. Kaggle ``test/``), or a Kaggle data folder (its ``test/`` is used).
         out: Submission CSV to write (``img,pixels``), or ``None``.
-        masks_dir: Folder for one PNG mask (0/255) per frame, or ``None``.
+        masks_dir: Folder for one PNG mask (0/255) per frame, or ``None``. With several structures: one
+            class-index PNG per frame (the training masks' values) when the run learnt from class-index masks
+            (the structures exclude each other), else ``masks_dir/<structure>/`` with a 0/255 PNG each.
         sample: Sample submission whose ids and order the CSV follows; found beside the frames when ``None``.
         tta: ``none``, ``hflip`` or ``hvflip``.
         save_probs: Also keep the probability maps as float16 (``<out>.probs.npz`` or ``masks_dir/probs.npz``).
@@ -87,13 +89,19 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     frames = [io.read_image(record.image_path) for record in records]
     models = _engine(request, run, on_message)
     on_message(f"predicting {len(frames)} frames with {len(run.folds)} fold model(s) on {request.engine}, TTA {request.tta}")
-    masks, probs = [], []
+    masks, probs, index_masks = [], [], []
+    values = list(run.plan.class_values.values()) if request.masks_dir is not None else []
     for prediction in predict_frames(models, frames, run.config, request.tta, request.batch_size):
         masks.append(prediction.mask(post))
+        if values:
+            index_masks.append(class_index_mask(masks[-1], prediction.probs, values))
         if request.save_probs:
             probs.append(prediction.probs.astype(np.float16))
     ids = [record.id for record in records]
     written = _write_outputs(request, run, ids, masks, probs, (sample_pairs, header) if run.classes else sample_ids, on_message)
+    if index_masks:
+        _write_masks(Path(request.masks_dir), ids, index_masks, scale=1)
+        written.append(str(request.masks_dir))
     used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
 
@@ -183,11 +191,11 @@ def _write_outputs(
         submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
         submission.write_submission(request.out, ids, rles)
         written.append(str(request.out))
-    if request.masks_dir is not None and run.classes:
+    if request.masks_dir is not None and run.classes and not run.plan.class_values:
         for index, name in enumerate(run.classes):
             _write_masks(Path(request.masks_dir) / name, ids, [mask[index] for mask in masks])
         written.append(str(request.masks_dir))
-    elif request.masks_dir is not None:
+    elif request.masks_dir is not None and not run.classes:
         _write_masks(Path(request.masks_dir), ids, masks)
         written.append(str(request.masks_dir))
     if request.save_probs:
@@ -226,9 +234,29 @@ def _write_long_submission(
     long_rle.write_long_table(request.out, rows, header)
 
 
-def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray]) -> None:
+def class_index_mask(masks: np.ndarray, probs: np.ndarray, values: list[int]) -> np.ndarray:
+    """One class-index mask of exclusive structures: each pixel the value of the structure predicted there.
+
+    Where the post-processed masks of several structures cover one pixel, the structure of the highest
+    probability takes it; a pixel no structure covers is 0.
+
+    Args:
+        masks: The post-processed mask of each structure.
+        probs: Each structure's probability map.
+        values: Each structure's mask value, in channel order.
+
+    Shape:
+        masks, probs: (C, H, W). Returns: (H, W), ``uint8`` (``uint16`` for values above 255).
+    """
+    dtype = np.uint8 if max(values) <= 255 else np.uint16
+    winner = np.argmax(np.where(masks, probs, -1.0), axis=0)
+    return np.where(masks.any(axis=0), np.asarray(values, dtype=dtype)[winner], 0).astype(dtype)
+
+
+def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray], scale: int = 255) -> None:
+    """One PNG per frame: a binary mask as 0/255 (``scale``), a class-index mask as its values (``scale`` 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     for sample_id, mask in zip(ids, masks):
-        _, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        _, encoded = cv2.imencode(".png", mask.astype(np.uint16 if mask.dtype == np.uint16 else np.uint8) * scale)
         with atomic_write(folder / f"{sample_id}.png", "wb") as stream:
             stream.write(encoded.tobytes())

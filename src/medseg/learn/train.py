@@ -114,7 +114,14 @@ def _structure_plan(dataset: Dataset, facts: list[FrameFacts]) -> dict:
     with_it = {name: sum(1 for item in facts if item.class_areas[name]) for name in dataset.classes}
     named = dataset.options.classes if dataset.layout == "rle-csv" and dataset.options.classes else {}
     labels = {name: str(named.get(name, name)) for name in dataset.classes}
-    return {"classes": list(dataset.classes), "class_non_empty": with_it, "class_labels": labels}
+    plan = {"classes": list(dataset.classes), "class_non_empty": with_it, "class_labels": labels}
+    return plan | {"class_values": _class_index_values(dataset)}
+
+
+def _class_index_values(dataset: Dataset) -> dict[str, int]:
+    """The mask value of each structure when the masks are class-index files (the structures exclusive), else none."""
+    class_index = dataset.layout == "folders" and not any(record.class_masks for record in dataset.train)
+    return {name: int(value) for name, value in dataset.options.classes.items()} if class_index and dataset.options.classes else {}
 
 
 def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> runs.RunPlan:
