@@ -14,7 +14,12 @@ frames that have a structure, and the presence accuracy (is the mask empty when 
   by frame (that fifth picks the best epoch), threshold 0.6, no minimum area, no presence head, no TTA.
 
 Both arms use the same input size, encoder, batch size and epoch budget (``--preset``). Prints one table
-and writes ``OUT/accuracy.json``. ``--preset cpu`` runs on a 2-core CPU; ``--preset default`` on a GPU.
+and writes ``OUT/accuracy.json``.
+
+``usgra-seg-both`` is usgra-seg with both structures (1 nerve, 2 vessel): one two-structure model against one
+model per structure, each tuned out-of-fold per structure (``bench/structures.py``, which prints its own
+table with the differences and the time ratio); its rows give each arm's cross-fitted and tuned-on-all score
+per structure (the per-frame columns do not apply and show ``-``). ``--preset cpu`` runs on a 2-core CPU; ``--preset default`` on a GPU.
 
     python bench/accuracy.py --preset cpu --out /tmp/accuracy
 """
@@ -53,11 +58,15 @@ from medseg.learn.fit import fit_fold
 from medseg.learn.train import train_run
 from medseg.runs import Run, open_run
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import structures  # bench/structures.py: one two-structure model against one model per structure
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {
     "uns-mini": ("uns-mini", {}),
     "usgra-seg": ("usgra-seg", {"data.mask_value": 1}),
     "montgomery-cxr": ("montgomery-cxr", {"data.mask_threshold": 127}),
+    "usgra-seg-both": ("usgra-seg", {}),
 }
 RECIPE = {
     "model.presence_head": False,
@@ -170,12 +179,26 @@ def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
 
+def structures_rows(name: str, data: Path, args: argparse.Namespace) -> list[dict]:
+    """One two-structure model and one model per structure, on the same folds and budget: a row per arm and structure."""
+    results = {arm: structures.run_arm(arm, data, args.out / name, args.preset, args.overrides, args.folds) for arm in structures.ARMS}
+    print(structures.table(results), flush=True)
+    rows = []
+    for arm, result in results.items():
+        for structure, scores in result["structures"].items():
+            for kind, words in (("cross_fitted", "cross-fitted"), ("tuned_on_all", "tuned on all")):
+                label = f"{arm} {structure}, {words}"
+                empty = {"dice_nonempty": None, "presence_accuracy": None, "all_empty_score": None, "frames": 0}
+                rows.append({"dataset": name, "arm": label, "score": scores[kind], **empty, "minutes": result["minutes"]})
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     """Both arms per data set, and the ratio of the honest medseg score to the recipe's."""
-    print(f"{'data set':<15} {'arm':<22} {'score':>6} {'Dice>0':>7} {'presence':>8} {'empty':>6} {'frames':>6} {'min':>6}")
+    print(f"{'data set':<15} {'arm':<30} {'score':>6} {'Dice>0':>7} {'presence':>8} {'empty':>6} {'frames':>6} {'min':>6}")
     for row in rows:
         print(
-            f"{row['dataset']:<15} {row['arm']:<22} {_fmt(row['score'])} {_fmt(row['dice_nonempty'], 7)} "
+            f"{row['dataset']:<15} {row['arm']:<30} {_fmt(row['score'])} {_fmt(row['dice_nonempty'], 7)} "
             f"{_fmt(row['presence_accuracy'], 8)} {_fmt(row['all_empty_score'])} {row['frames']:>6} {row['minutes']:>6.1f}"
         )
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
@@ -211,10 +234,12 @@ def main() -> None:
         data = args.data_root / folder
         if not data.is_dir():
             raise UsageError(f"{data}: no such data set folder; point --data-root at the folder that holds {folder}/")
-        if "medseg" in args.arms:
+        if name == "usgra-seg-both":
+            rows += structures_rows(name, data, args)
+        elif "medseg" in args.arms:
             config = load_config(args.preset, None, args.overrides + args.medseg_set, values)
             rows += [score.row() for score in medseg_arm(name, data, config, args.out, args.folds)]
-        if "recipe" in args.arms:
+        if "recipe" in args.arms and name != "usgra-seg-both":
             config = load_config(args.preset, None, args.overrides, {**RECIPE, **values})
             rows.append(recipe_arm(name, data, config, args.out, args.folds).row())
         print_table(rows)
