@@ -51,6 +51,7 @@ def test_every_command_that_reads_a_data_folder_has_the_same_data_flags(command,
         "--mask-threshold",
         "--subject-pattern",
         "--rle-order",
+        "--rle-format",
         "--csv",
         "--id-column",
         "--rle-column",
@@ -74,3 +75,20 @@ def test_a_wrong_data_flag_names_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --rle-order: Input should be 'F' or 'C'", err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("order", "dialect"), [("F", "kaggle"), ("C", "row-major")])
+def test_a_run_saved_before_rle_dialects_reads_back_in_the_dialect_it_was_trained_in(tmp_path, order, dialect):
+    tree = Config(data=DataOptions(rle_order=order, csv="masks.csv")).model_dump(mode="json")
+    del tree["data"]["rle_format"]  # what medseg wrote before rle_format was a key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    saved = read_run_config(tmp_path / "config.yaml")
+    assert saved.data.rle_order == order and saved.data.rle_format == dialect and saved.data.csv == "masks.csv"
+    assert saved.data.rle_dialect == dialect  # not None: no detection, decoded and written as before
+
+
+def test_rle_format_is_a_data_key_and_row_major_sets_the_order():
+    assert load_config("cpu", overrides=["data.rle_format=siim"]).data.rle_format == "siim"
+    assert load_config("cpu", overrides=["data.rle_format=row-major"]).data.rle_order == "C"
+    with pytest.raises(UsageError, match="rle_format=kaggle numbers pixels column-major but rle_order=C"):
+        load_config("cpu", overrides=["data.rle_format=kaggle", "data.rle_order=C"])

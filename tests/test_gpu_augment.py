@@ -93,12 +93,22 @@ def test_output_has_network_size_types_and_ranges() -> None:
         assert set(out_masks.unique().tolist()) == {0.0, 1.0}
 
 
+def test_windowed_float_frames_augment_as_their_8bit_twins() -> None:
+    """Deeper frames arrive as float32 in [0, 1]: the same draws give what their uint8 twins (/ 255) give."""
+    images, masks, _ = median_batch("1_1", 2)
+    config = config_with(dict.fromkeys(AUGMENTS, 1.0))
+    from_bytes = BatchAugment(config, seed=3)(images, masks)
+    from_floats = BatchAugment(config, seed=3)(images.float() / 255.0, masks)
+    torch.testing.assert_close(from_floats[0], from_bytes[0])
+    torch.testing.assert_close(from_floats[1], from_bytes[1])
+
+
 def test_forward_refuses_wrong_inputs() -> None:
     augment = BatchAugment(config_with({}), seed=0)
     images, masks, _ = median_batch("1_1", 2)
-    with pytest.raises(ValueError, match="uint8 gray images"):
-        augment(images.float(), masks)
-    with pytest.raises(ValueError, match="uint8 gray images"):
+    with pytest.raises(ValueError, match="uint8 or float32 gray images"):
+        augment(images.double(), masks)
+    with pytest.raises(ValueError, match="uint8 or float32 gray images"):
         augment(images[:, 0], masks[:, 0])
     with pytest.raises(ValueError, match="do not match"):
         augment(images, masks[..., :100])

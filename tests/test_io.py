@@ -49,28 +49,50 @@ def test_read_image_gray_png_unchanged(shared_data: Path) -> None:
     np.testing.assert_array_equal(image, np.array(Image.open(path).convert("L")))
 
 
-def test_read_image_16bit_png_is_scaled(tmp_path: Path) -> None:
+def test_read_image_16bit_png_keeps_its_precision(tmp_path: Path) -> None:
     values = np.array([[0, 65535, 257], [32768, 1000, 65535]], dtype=np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(values).save(path)
     assert Image.open(path).mode.startswith("I")  # really stored as 16-bit
+    image = io.read_image(path, window="none")  # the full 16-bit range to [0, 1], no rounding to 8 bits
+    assert image.dtype == np.float32
+    np.testing.assert_allclose(image, values / 65535.0, atol=1e-6)
+
+
+def test_a_16bit_mri_like_frame_keeps_over_200_levels(tmp_path: Path) -> None:
+    # An MRI slice whose values run 0..2,000: divided by 257 it became 8 gray levels.
+    values = np.linspace(0, 2000, 64 * 96).round().astype(np.uint16).reshape(64, 96)
+    path = tmp_path / "slice.png"
+    Image.fromarray(values).save(path)
     image = io.read_image(path)
-    assert image.dtype == np.uint8
-    assert image[0, 0] == 0
-    assert image[0, 1] == 255 and image[1, 2] == 255
-    assert image[0, 2] == 1
-    assert image[1, 0] == 128
-    assert image[1, 1] == 4  # 1000 / 257 = 3.9
+    assert image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    assert len(np.unique(image)) > 200
+    low, high = np.percentile(values, (0.5, 99.5))  # the default window: the 0.5th to 99.5th percentile
+    np.testing.assert_allclose(image, np.clip((values - low) / (high - low), 0, 1), atol=1e-5)
 
 
-def test_read_image_16bit_rgb_tiff_is_scaled_not_clipped(tmp_path: Path) -> None:
-    # Gray 16-bit data stored as RGB: every channel equal, so the gray level is the channel value / 257.
+@pytest.mark.parametrize(("window", "expected"), [((1000.0, 2000.0), [0.0, 0.0, 0.5, 1.0]), ("none", [0, 500 / 65535, 1500 / 65535, 1])])
+def test_a_named_window_maps_16bit_values(tmp_path: Path, window, expected) -> None:
+    path = tmp_path / "deep.tif"
+    tifffile.imwrite(path, np.array([[0, 500, 1500, 65535]], dtype=np.uint16))
+    np.testing.assert_allclose(io.read_image(path, window)[0], expected, atol=1e-6)
+
+
+def test_8bit_frames_stay_as_stored_unless_a_window_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "eight.png"
+    frame = np.arange(60, dtype=np.uint8).reshape(6, 10) + 100
+    Image.fromarray(frame).save(path)
+    assert io.read_image(path).dtype == np.uint8 and np.array_equal(io.read_image(path), frame)
+    stretched = io.read_image(path, window="percentile")
+    assert stretched.dtype == np.float32 and stretched.min() == 0.0 and stretched.max() == 1.0
+
+
+def test_read_image_16bit_rgb_tiff_is_gray_not_clipped(tmp_path: Path) -> None:
+    # Gray 16-bit data stored as RGB: every channel equal, so the gray level is the channel value.
     level = np.array([[0, 1000], [32768, 65535]], dtype=np.uint16)
     path = tmp_path / "deep_rgb.tif"
     tifffile.imwrite(path, np.stack([level] * 3, axis=-1), photometric="rgb")
-    image = io.read_image(path)
-    assert image.dtype == np.uint8
-    np.testing.assert_array_equal(image, [[0, 4], [128, 255]])
+    np.testing.assert_allclose(io.read_image(path, window="none"), level / 65535.0, atol=1e-6)
 
 
 def test_read_image_dark_rgb_png_is_not_stretched(tmp_path: Path) -> None:
@@ -272,7 +294,7 @@ def test_read_image_big_endian_16bit_tiff(tmp_path: Path) -> None:
     path = tmp_path / "motorola.tif"
     tifffile.imwrite(path, np.array([[0, 1000], [32768, 65535]], dtype=np.uint16), byteorder=">")
     assert path.read_bytes()[:4] == b"MM\x00*"
-    np.testing.assert_array_equal(io.read_image(path), [[0, 4], [128, 255]])
+    np.testing.assert_allclose(io.read_image(path, window="none"), [[0, 1000 / 65535], [32768 / 65535, 1]], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- image_size

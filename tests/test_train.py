@@ -64,6 +64,7 @@ def test_run_files_hold_the_resolved_config_split_and_versions(uns_mini_run):
     assert config["input"] == {"height": 64, "width": 96}
     split = runs.read_json(uns_mini_run / "split.json")
     assert split["n_folds"] == 5 and sum(len(fold) for fold in split["folds"]) == 253
+    assert runs.read_json(uns_mini_run / "run.json")["excluded"] == {} and config["data"]["exclude"] is None
     versions = runs.read_json(uns_mini_run / "versions.json")
     for key in ("python", "torch", "segmentation-models-pytorch", "lightning", "cuda", "gpu"):
         assert key in versions

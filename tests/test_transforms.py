@@ -213,10 +213,20 @@ def test_apply_refuses_wrong_inputs() -> None:
     image = frame("1_1")
     with pytest.raises(ValueError, match="2-D uint8"):
         apply(transform, np.stack([image] * 3, axis=-1))
-    with pytest.raises(ValueError, match="2-D uint8"):
-        apply(transform, image.astype(np.float32))
+    with pytest.raises(ValueError, match="2-D uint8 or float32"):
+        apply(transform, image.astype(np.float64))
     with pytest.raises(ValueError, match="does not match"):
         apply(transform, image, np.zeros((10, 10), dtype=bool))
+
+
+def test_a_windowed_float_frame_resizes_as_its_8bit_twin() -> None:
+    """A deeper frame, windowed to float32 in [0, 1], goes through the same pipeline without rounding to 8 bits."""
+    transform = eval_transform(load_config("cpu"))
+    image = frame("1_1")
+    resized, _ = apply(transform, image)
+    resized_float, _ = apply(transform, image.astype(np.float32) / 255.0)
+    assert resized_float.dtype == np.float32
+    np.testing.assert_allclose(resized_float * 255.0, resized, atol=1.0)
 
 
 @pytest.mark.parametrize("steps", [{"elastic": 1.0}, {"hflip": 1.0}, dict.fromkeys(AUGMENTS, 1.0)], ids=["elastic", "hflip", "all"])

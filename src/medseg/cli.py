@@ -62,6 +62,15 @@ SubjectPatternOption = Annotated[
 RleOrderOption = Annotated[
     str | None, typer.Option("--rle-order", help="RLE pixel numbering: F (Kaggle, column-major; the default) or C (row-major).")
 ]
+RleFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rle-format",
+        help="RLE dialect: kaggle (absolute 1-based starts, column-major), row-major (UW-Madison; = --rle-order C) or siim "
+        "(relative offsets, -1 for empty, rows of one frame OR-ed); told from the RLE table when left out.",
+        metavar="NAME",
+    ),
+]
 CsvOption = Annotated[str | None, typer.Option("--csv", help="RLE table of the rle-csv layout, relative to DATA.")]
 IdColumnOption = Annotated[str | None, typer.Option("--id-column", help="Id column of the RLE table.")]
 RleColumnOption = Annotated[str | None, typer.Option("--rle-column", help="RLE column of the RLE table.")]
@@ -95,6 +104,7 @@ def data_flags(
     rle_column: str | None,
     class_column: str | None = None,
     classes: str | None = None,
+    rle_format: str | None = None,
 ) -> dict[str, Any]:
     """The data flags a command was given, by :class:`~medseg.config.DataOptions` field, checked.
 
@@ -104,6 +114,8 @@ def data_flags(
         UsageError: If a value cannot work; the message names the flag.
     """
     given = {key: value for key, value in locals().items() if value is not None}
+    if given.get("rle_format") == "row-major" and given.get("rle_order") == "F":
+        raise UsageError("--rle-format row-major numbers pixels row-major but --rle-order F column-major; drop --rle-order")
     data_options(given)
     return given
 
@@ -155,21 +167,61 @@ def inspect_command(
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
+    rle_format: RleFormatOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
     class_column: ClassColumnOption = None,
     classes: ClassesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary and problems as JSON.")] = False,
+    write_exclusions: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-exclusions",
+            help="Write the frames to leave out of training (one of each near-duplicate pair whose masks contradict, "
+            "with the reason) as a CSV for train --exclude.",
+            metavar="FILE",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --write-exclusions file.")] = False,
 ) -> int:
     """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
+    flags = data_flags(
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
+    )
+    if write_exclusions is not None:
+        _check_new_file(write_exclusions, force, "--write-exclusions")
+    elif force:
+        raise UsageError("--force replaces the --write-exclusions file; give --write-exclusions FILE or drop --force")
     inspection = inspect_dataset(load_dataset(data, data_options(flags)))
     if as_json:
         stdout.print_json(json.dumps(inspection_json(inspection)))
     else:
         print_inspection(inspection)
+    if write_exclusions is not None:
+        _write_exclusions(write_exclusions, inspection, data, stderr if as_json else stdout)
     return 0 if inspection.ok else EXIT_PROBLEMS
+
+
+def _check_new_file(path: Path, force: bool, option: str) -> None:
+    """Refuse to replace an existing output file without ``--force``, before any work is done."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(f"{option} {path}: the file exists; use --force to replace it or choose another name")
+
+
+def _write_exclusions(path: Path, inspection: Inspection, data: Path, console: Console) -> None:
+    """Write the frames the exclusion rule leaves out (:mod:`medseg.data.exclusions`) and say how many."""
+    from medseg.data import exclusions
+
+    excluded = exclusions.leave_out(inspection.contradictions)
+    exclusions.write_exclusions(path, excluded, source=str(Path(data).resolve()))
+    pairs = len({(item.first.id, item.second.id) for item in inspection.contradictions})
+    console.print(
+        f"written: {escape(str(path))}: {len(excluded)} frame(s) to leave out of {pairs} contradicting near-duplicate pair(s); "
+        f"train with --exclude {escape(str(path))}"
+    )
 
 
 def inspection_json(inspection: Inspection) -> dict:
@@ -253,11 +305,21 @@ def train_command(
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
+    rle_format: RleFormatOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
     class_column: ClassColumnOption = None,
     classes: ClassesOption = None,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude",
+            help="Leave the frames of an exclusions file (id,reason; see inspect --write-exclusions) out of training, "
+            "validation and tuning (data.exclude).",
+            metavar="FILE",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
     no_report: NoReportOption = False,
 ) -> int:
@@ -266,9 +328,12 @@ def train_command(
     from medseg.learn.fit import is_ddp_child, show_progress_default
     from medseg.learn.train import train_run
 
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
+    flags = data_flags(
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
+    )
     shortcuts = {
         **{f"data.{key}": value for key, value in flags.items()},
+        "data.exclude": None if exclude is None else str(exclude),
         "trainer.devices": devices,
         "trainer.num_nodes": num_nodes,
         "trainer.strategy": strategy,
@@ -462,11 +527,20 @@ def check_submission_command(
         tuple[int, int] | None, typer.Option("--shape", help="Frame height and width, to check RLE bounds.", metavar="H W")
     ] = None,
     allow_degenerate: Annotated[bool, typer.Option("--allow-degenerate", help="Report degenerate output as a warning only.")] = False,
+    rle_format: Annotated[
+        str | None,
+        typer.Option(
+            "--rle-format",
+            help="RLE dialect of the file: kaggle, row-major or siim; told from the file when left out (kaggle where it does not tell).",
+            metavar="NAME",
+        ),
+    ] = None,
 ) -> int:
     """Validate a submission: every id once, valid RLE within the frame, no degenerate output."""
     from medseg.infer import submission
 
-    report = submission.validate_file(file, sample=sample, sizes=shape)
+    dialect = data_options({"rle_format": rle_format}).rle_format
+    report = submission.validate_file(file, sample=sample, sizes=shape, dialect=dialect)
     submission.check_or_raise(report, allow_degenerate, warn=lambda line: stderr.print(f"[yellow]warning:[/yellow] {escape(line)}"))
     for note in report.notes:
         stderr.print(f"note: {escape(note)}")
@@ -487,20 +561,27 @@ def evaluate_command(
     mask_threshold: MaskThresholdOption = None,
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
+    rle_format: RleFormatOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
     class_column: ClassColumnOption = None,
     classes: ClassesOption = None,
+    skip_excluded: Annotated[
+        bool,
+        typer.Option("--skip-excluded", help="Do not score the frames the run left out of training (scored by the ensemble by default)."),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing evaluation.")] = False,
     quiet: QuietOption = False,
 ) -> int:
     """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
     from medseg.report.evaluate import evaluate_run
 
-    flags = data_flags(layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes)
+    flags = data_flags(
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
+    )
     options = data_options(flags) if flags else None
-    summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet))
+    summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet), skip_excluded=skip_excluded)
     print_evaluation(summary)
     return 0
 
@@ -543,6 +624,10 @@ def print_evaluation(summary: dict) -> None:
             rows.append((f"{name}: post-processing", _post_text(post[name])))
     else:
         rows.append(("post-processing", _post_text(post)))
+    if "left_out" in summary:
+        left_out = summary["left_out"]
+        scored = "scored, by the ensemble of all folds" if left_out["scored"] else "not scored (--skip-excluded)"
+        rows.append(("frames left out of training", f"{left_out['frames']} ({scored})"))
     for label, value in rows:
         table.add_row(label, value)
     stdout.print(table)

@@ -24,6 +24,8 @@ from medseg.files import atomic_write
 PRESETS = ("default", "cpu", "kaggle")
 Layout = Literal["kaggle", "folders", "rle-csv"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+RleFormat = Literal["kaggle", "row-major", "siim"]
+RLE_FORMATS: tuple[str, ...] = get_args(RleFormat)
 
 
 class _Section(BaseModel):
@@ -39,7 +41,10 @@ class DataOptions(_Section):
         mask_threshold: Foreground level of anti-aliased masks (``mask > threshold``).
         subject_pattern: Regular expression whose group ``subject`` (or first group, or whole match)
             is the subject of a sample id, for the folders and rle-csv layouts.
-        rle_order: ``F`` (Kaggle, column-major) or ``C`` (row-major) numbering of RLE pixels.
+        rle_order: ``F`` (Kaggle, column-major) or ``C`` (row-major) numbering of RLE pixels; ``C`` is the
+            ``row-major`` dialect, and ``rle_format=row-major`` sets it.
+        rle_format: The RLE dialect (:mod:`medseg.data.rle`): ``kaggle``, ``row-major`` or ``siim``; ``None``
+            tells it from the data's RLE table (``rle_order`` C: row-major). A run saves the one it read.
         csv: The RLE table of the rle-csv layout, relative to the data folder; ``None`` finds it.
         id_column: Id column of that table; ``None`` guesses among common names.
         rle_column: RLE column of that table; ``None`` guesses among common names.
@@ -47,6 +52,12 @@ class DataOptions(_Section):
         classes: Several structures per frame: each structure's name and its label in the data (the mask
             value of class-index masks, the folder of ``masks/<class>/``, the class of a long RLE table);
             ``None`` is one structure, or, for per-class mask folders and long tables, every class found.
+        exclude: An exclusions file (:mod:`medseg.data.exclusions`; relative to the current folder) whose frames
+            training leaves out of every fold and of tuning; ``None`` trains on every labelled frame.
+        intensity_window: How frames deeper than 8 bits (16-bit PNG/TIFF, DICOM) map to [0, 1]: ``auto`` (a
+            DICOM file's own window, else each frame's 0.5th-99.5th percentile), ``percentile`` (every frame,
+            8-bit too), ``none`` (the full range of the pixel type) or fixed ``[low, high]`` values
+            (:mod:`medseg.data.intensity`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,16 +67,38 @@ class DataOptions(_Section):
     mask_threshold: int | None = None
     subject_pattern: str | None = None
     rle_order: Literal["F", "C"] = "F"
+    rle_format: RleFormat | None = None
     csv: str | None = None
     id_column: str | None = None
     rle_column: str | None = None
     class_column: str | None = None
     classes: dict[str, int | str] | None = None
+    exclude: str | None = None
+    intensity_window: Literal["auto", "percentile", "none"] | tuple[float, float] = "auto"
+
+    @field_validator("intensity_window")
+    @classmethod
+    def _window_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, tuple) and value[1] <= value[0]:
+            raise ValueError(f"[{value[0]:g}, {value[1]:g}] is empty; give [low, high] with high above low, or auto, percentile, none")
+        return value
+
+    @property
+    def rle_dialect(self) -> RleFormat | None:
+        """The RLE dialect named by ``rle_format``, or by ``rle_order`` C (row-major); ``None``: to be told from the data."""
+        return self.rle_format or ("row-major" if self.rle_order == "C" else None)
 
     @field_validator("classes", mode="before")
     @classmethod
     def _classes_from_text(cls, value: Any) -> Any:
         return parse_classes(value) if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _row_major_order(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("rle_format") == "row-major":
+            return {**data, "rle_order": "C"}
+        return data
 
     @model_validator(mode="after")
     def _one_mask_rule(self) -> DataOptions:
@@ -75,6 +108,11 @@ class DataOptions(_Section):
             raise ValueError("classes and mask_value exclude each other (--classes, --mask-value): --mask-value picks one structure")
         if self.classes is not None and not self.classes:
             raise ValueError("classes is empty; name at least one structure, e.g. --classes nerve=1,vessel=2")
+        if self.rle_format in ("kaggle", "siim") and self.rle_order == "C":
+            raise ValueError(
+                f"rle_format={self.rle_format} numbers pixels column-major but rle_order=C row-major (--rle-format, --rle-order); "
+                "drop rle_order, or use rle_format=row-major"
+            )
         return self
 
 
@@ -350,7 +388,11 @@ def read_run_config(path: Path) -> Config:
         UsageError: If the file is missing or invalid.
     """
     tree = _merge(Config().model_dump(), _ABSENT_IN_OLDER_RUNS, "")
-    return _validate(_merge(tree, _read_yaml(Path(path)), ""))
+    content = _read_yaml(Path(path))
+    tree = _merge(tree, content, "")
+    if not isinstance(content.get("data"), dict) or "rle_format" not in content["data"]:  # saved before RLE dialects
+        tree["data"]["rle_format"] = "row-major" if tree["data"]["rle_order"] == "C" else "kaggle"
+    return _validate(tree)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 ```
 RUN/
-  run.json           RunPlan: data folder, folds trained, frames with a structure, medseg version
+  run.json           RunPlan: data folder, folds trained, frames with a structure, frames left out and why, medseg version
   config.yaml        the resolved configuration (read and written by medseg.config)
   split.json         the subject-grouped folds (read and written by medseg.data.splits)
   versions.json      Versions: python, torch, smp, lightning, CUDA, GPU; encoder weights used and why
@@ -121,6 +121,8 @@ class RunPlan(RunFile):
             the structure's name for the other layouts.
         class_values: Each structure's mask value when the training masks were class-index files (one value per
             pixel, so the structures exclude each other); empty otherwise. ``predict --masks-dir`` writes such files back.
+        excluded: The labelled frames left out of training, validation and tuning (``train --exclude FILE``), each with
+            its reason, as the file gave them: the run holds them, not the file. They are in no fold of the split.
     """
 
     data: str
@@ -133,6 +135,7 @@ class RunPlan(RunFile):
     class_non_empty: dict[str, int] = {}
     class_labels: dict[str, str] = {}
     class_values: dict[str, int] = {}
+    excluded: dict[str, str] = {}
 
 
 class FoldResult(RunFile):

@@ -7,6 +7,8 @@ Three layouts are read (see DESIGN.md):
 - ``folders``: ``images/NAME.ext`` with ``masks/NAME.ext`` (or ``masks/NAME_mask.ext``); optional ``test/``;
   the subject from a regular expression on the name.
 - ``rle-csv``: ``images/NAME.ext`` plus one CSV of ``id,rle`` (column names configurable); optional ``test/``.
+  Its RLE dialect (:mod:`medseg.data.rle`) is told from the cells unless named; in the siim dialect a
+  frame may have several rows, OR-ed together.
 
 Loading reads file names, CSV tables and image headers only. Structural problems (a frame without a
 mask, a CSV row without a frame, duplicate ids, unexpected files) are collected in
@@ -17,6 +19,7 @@ non-binary mask, malformed RLE row, mask file and RLE row that disagree); the in
 
 from __future__ import annotations
 
+import csv
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -48,6 +51,7 @@ class Record:
         rle_source: The CSV file the RLE row comes from.
         class_masks: With several structures in per-class folders, each structure's binary mask file.
         class_rles: With several structures in a long RLE table, each structure's RLE string.
+        extra_rles: More RLE rows of the frame, OR-ed with ``rle`` (a siim table lists regions on several rows).
     """
 
     id: str
@@ -59,6 +63,7 @@ class Record:
     rle_source: Path | None = None
     class_masks: tuple[tuple[str, Path], ...] = ()
     class_rles: tuple[tuple[str, str], ...] = ()
+    extra_rles: tuple[str, ...] = ()
 
     @property
     def has_mask(self) -> bool:
@@ -88,7 +93,7 @@ class Dataset:
     Attributes:
         root: The data folder.
         layout: The layout it was read as.
-        options: The options it was read with.
+        options: The options it was read with, its RLE dialect (``rle_format``) named.
         train: Labelled frames.
         test: Unlabelled frames (may be empty).
         sample_submission: Path of the sample submission, if any.
@@ -128,6 +133,8 @@ def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
     layout = options.layout or detect_layout(root)
     loader = {"kaggle": _load_kaggle, "folders": _load_folders, "rle-csv": _load_rle_csv}[layout]
     dataset = loader(root, options)
+    if dataset.options.rle_format is None:
+        dataset.options = dataset.options.model_copy(update={"rle_format": options.rle_dialect or "kaggle"})
     if not dataset.train:
         raise DataError(f"{root}: no labelled images found for the {layout} layout; check the folder or --layout")
     return dataset
@@ -178,7 +185,7 @@ def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.nd
 
     Args:
         record: A labelled record.
-        options: Mask value, threshold and RLE order.
+        options: Mask value, threshold and RLE dialect.
 
     Returns:
         The gray frame (``uint8``) and its boolean mask.
@@ -189,7 +196,7 @@ def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.nd
     Shape:
         Returns: (H, W) and (H, W).
     """
-    image = io.read_image(record.image_path)
+    image = io.read_image(record.image_path, options.intensity_window)
     if is_multi_structure(record, options):
         return image, structure_masks(record, options, image.shape)
     return image, mask_of(record, options, image.shape)
@@ -237,7 +244,7 @@ def structure_masks(record: Record, options: DataOptions, shape: tuple[int, int]
 
 def _decode_row(record: Record, name: str, text: str, shape: tuple[int, int], options: DataOptions) -> np.ndarray:
     try:
-        return rle.decode(text, shape, order=options.rle_order)
+        return rle.decode(text, shape, dialect=options.rle_dialect or "kaggle")
     except rle.RLEError as error:
         raise FileError(
             record.rle_source or record.image_path,
@@ -251,11 +258,11 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
 
     Args:
         record: A labelled record.
-        options: Mask value, threshold and RLE order.
+        options: Mask value, threshold and RLE dialect.
         shape: ``(height, width)`` of the decoded frame, when known; the mask must have it.
 
     Returns:
-        The mask.
+        The mask (the union of its RLE rows).
 
     Raises:
         FileError: If the record has no mask (``missing_mask``), the mask file is unreadable
@@ -275,7 +282,7 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
         return from_file
     shape = shape or (from_file.shape if from_file is not None else None) or record.size or io.image_size(record.image_path)
     try:
-        from_rle = rle.decode(record.rle, shape, order=options.rle_order)
+        from_rle = rle.decode_union((record.rle, *record.extra_rles), shape, dialect=options.rle_dialect or "kaggle")
     except rle.RLEError as error:
         raise FileError(
             record.rle_source or record.image_path, f"row of id {record.id}: {error}; fix or regenerate this row", "malformed_rle"
@@ -418,7 +425,7 @@ def image_records(folder: Path) -> tuple[list[Record], list[Problem]]:
 def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
     if not folder.is_dir():
         return []
-    paths = _index_by_id(_list_files(folder, problems), lambda path: path.stem, problems, "image")
+    paths = _index_by_id(_list_files(folder, problems), io.frame_id, problems, "image")
     return [Record(id=sample_id, image_path=path, size=_header_size(path)) for sample_id, path in paths.items()]
 
 
@@ -469,7 +476,7 @@ def _split_kaggle_names(paths: list[Path], problems: list[Problem]) -> tuple[dic
             problems.append(Problem("unexpected_file", path, "name is not {subject}_{n}.tif or {subject}_{n}_mask.tif; rename or move it"))
         else:
             (masks if match.group("mask") else images).append(path)
-    image_ids = _index_by_id(images, lambda path: path.stem, problems, "image")
+    image_ids = _index_by_id(images, io.frame_id, problems, "image")
     mask_ids = _index_by_id(masks, lambda path: path.stem[: -len("_mask")], problems, "mask")
     return image_ids, mask_ids
 
@@ -512,7 +519,7 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
     if class_dirs:
         return _load_class_folders(root, options, class_dirs)
     subject_of = subject_matcher(options.subject_pattern)
-    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    images = _index_by_id(_list_files(root / "images", problems), io.frame_id, problems, "image")
     masks = _index_by_id(_list_files(root / "masks", problems), _folder_mask_id, problems, "mask")
     records = []
     for sample_id, path in images.items():
@@ -539,7 +546,7 @@ def _load_class_folders(root: Path, options: DataOptions, class_dirs: list[Path]
     problems: list[Problem] = []
     wanted = _wanted_classes(options, [path.name for path in class_dirs], root / "masks")
     subject_of = subject_matcher(options.subject_pattern)
-    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    images = _index_by_id(_list_files(root / "images", problems), io.frame_id, problems, "image")
     per_class = {
         name: _index_by_id(_list_files(root / "masks" / label, problems), _folder_mask_id, problems, f"{name} mask")
         for name, label in wanted.items()
@@ -611,19 +618,26 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
     id_column, rle_column = _rle_columns(csv_path, list(table.columns), options)
     io.require_columns(table, csv_path, (id_column, rle_column))
     ids = [_strip_image_suffix(value.strip()) for value in table[id_column]]
-    rows = _rle_rows(csv_path, ids, list(table[rle_column]), problems)
+    cells = list(table[rle_column])
+    listing: list[Problem] = []
+    images = _index_by_id(_list_files(root / "images", listing), io.frame_id, listing, "image")
+    sizes = {sample_id: _header_size(path) for sample_id, path in images.items()}
+    dialect = options.rle_dialect or _told_dialect(csv_path, ids, cells, sizes)
+    rows = _grouped_rows(ids, cells) if dialect == "siim" else {i: (text,) for i, text in _rle_rows(csv_path, ids, cells, problems).items()}
+    problems += listing
     subject_of = subject_matcher(options.subject_pattern)
-    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
     records = []
     for sample_id, path in images.items():
+        first, *more = rows.get(sample_id, (None,))
         record = Record(
             sample_id,
             path,
             None,
-            rows.get(sample_id),
+            first,
             _subject(sample_id, path, subject_of, options, problems),
-            _header_size(path),
+            sizes[sample_id],
             csv_path,
+            extra_rles=tuple(more),
         )
         if not record.has_mask:
             problems.append(
@@ -633,7 +647,38 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
     for sample_id in rows:
         if sample_id not in images:
             problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop the row"))
-    return Dataset(root, "rle-csv", options, records, _test_records(root / "test", problems), problems=problems)
+    read_as = options.model_copy(update={"rle_format": dialect})
+    return Dataset(root, "rle-csv", read_as, records, _test_records(root / "test", problems), problems=problems)
+
+
+def _told_dialect(csv_path: Path, ids: list[str], cells: list[str], sizes: dict[str, tuple[int, int] | None]) -> str:
+    """The RLE dialect of a table's cells (frame sizes bound them where known).
+
+    Raises:
+        UsageError: If the cells do not tell it or contradict each other, naming ``--rle-format``.
+    """
+    siim_header = written_header(csv_path) == rle.SIIM_HEADER
+    guess = rle.guess_dialect(cells, [sizes.get(i) for i in ids], siim_header=siim_header, first_row=2)
+    if guess.dialect is None:
+        raise UsageError(f"{csv_path}: cannot tell the RLE dialect: {guess.reason}; name it with --rle-format kaggle, row-major or siim")
+    return guess.dialect
+
+
+def _grouped_rows(ids: list[str], cells: list[str]) -> dict[str, tuple[str, ...]]:
+    """Every RLE row of each id, in file order (a siim table's rows of one frame are OR-ed)."""
+    rows: dict[str, list[str]] = {}
+    for sample_id, text in zip(ids, cells, strict=True):
+        rows.setdefault(sample_id, []).append(text)
+    return {sample_id: tuple(texts) for sample_id, texts in rows.items()}
+
+
+def written_header(path: Path) -> tuple[str, ...]:
+    """A CSV file's header names as written, spaces kept (``io.read_csv`` strips them); ``()`` if unreadable."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return tuple(next(csv.reader(handle), ()))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return ()
 
 
 def _load_long_table(root: Path, options: DataOptions, csv_path: Path, dialect: long_rle.LongFormat) -> Dataset:
@@ -650,7 +695,7 @@ def _load_long_table(root: Path, options: DataOptions, csv_path: Path, dialect: 
         )
     wanted = _wanted_classes(options, table.labels, csv_path)
     subject_of = subject_matcher(options.subject_pattern)
-    images = _index_by_id(_list_files(root / "images", problems), lambda path: path.stem, problems, "image")
+    images = _index_by_id(_list_files(root / "images", problems), io.frame_id, problems, "image")
     records = []
     for sample_id, path in images.items():
         found, missing = table.masks_of(sample_id, wanted.values())
@@ -696,7 +741,7 @@ def _rle_columns(csv_path: Path, header: list[str], options: DataOptions) -> tup
 
 def _strip_image_suffix(sample_id: str) -> str:
     path = Path(sample_id)
-    return path.stem if io.is_image_file(path) else sample_id
+    return path.stem if io.has_image_suffix(path) else sample_id
 
 
 def sample_data_path() -> Path:

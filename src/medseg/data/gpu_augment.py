@@ -66,7 +66,8 @@ class BatchAugment(torch.nn.Module):
         """Resize a batch to the network size and augment it.
 
         Args:
-            images: Gray frames, ``uint8``, on any device; all of one size, which may differ from the network's.
+            images: Gray frames, ``uint8`` or ``float32`` in [0, 1] (windowed deeper frames), on any device; all of one
+                size, which may differ from the network's.
             masks: Their masks, ``{0, 1}`` (any non-zero value counts as foreground), one channel per structure;
                 every channel moves with its frame.
 
@@ -134,8 +135,10 @@ def resize_batch(images: Tensor, masks: Tensor, height: int, width: int) -> tupl
 
 
 def _check_batch(images: Tensor, masks: Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 1 or images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 gray images of shape (N, 1, H, W), got shape {tuple(images.shape)} and dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 1 or images.dtype not in (torch.uint8, torch.float32):
+        raise ValueError(
+            f"expected uint8 or float32 gray images of shape (N, 1, H, W), got shape {tuple(images.shape)} and dtype {images.dtype}"
+        )
     if masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
         raise ValueError(f"masks of shape {tuple(masks.shape)} do not match their images of shape {tuple(images.shape)}")
 

@@ -3,7 +3,8 @@
 Every frame and mask is decoded once, in parallel threads (the TIFF, PNG and JPEG decoders release
 the GIL). Near-duplicate frames are found by correlating small normalised thumbnails within each
 subject (one matrix product per subject); a pair whose masks contradict (one empty and one not, or a
-Dice below 0.5) is a problem, because one of the two labels is wrong and a model cannot learn both.
+Dice below 0.5) is a problem, because one of the two labels is wrong and a model cannot learn both;
+:mod:`medseg.data.exclusions` says which frame of such a pair to leave out of training.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ class Inspection:
     Attributes:
         summary: Counts and sizes, JSON-serialisable.
         problems: Every problem found, each with its file.
+        contradictions: The near-duplicate pairs whose masks contradict (also among ``problems``), for
+            :func:`medseg.data.exclusions.leave_out`.
     """
 
     summary: dict[str, Any]
     problems: list[Problem]
+    contradictions: list[Contradiction] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -100,7 +104,7 @@ def inspect_dataset(
         return facts
 
     def test_job(record: Record) -> list[Problem]:
-        problems = _examine_unlabelled(record)
+        problems = _examine_unlabelled(record, dataset.options)
         tick()
         return problems
 
@@ -110,15 +114,16 @@ def inspect_dataset(
     problems = list(dataset.problems)
     problems += [problem for facts in train_facts for problem in facts.problems]
     problems += test_problems
-    problems += contradicting_duplicates(train_facts)
-    return Inspection(summarize(dataset, train_facts), problems)
+    contradictions = find_contradictions(train_facts)
+    problems += [contradiction_problem(item) for item in contradictions]
+    return Inspection(summarize(dataset, train_facts), problems, contradictions)
 
 
 def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
     """Decode a labelled frame and its mask sources and check them against each other."""
     facts = FrameFacts(record)
     try:
-        image = io.read_image(record.image_path)
+        image = io.read_image(record.image_path, options.intensity_window)
         facts.size = image.shape
         facts.thumb = image_thumbnail(image)
         if not record.has_mask:
@@ -156,9 +161,9 @@ def mask_thumbnail(mask: np.ndarray) -> np.ndarray:
     return cv2.resize(mask.view(np.uint8), MASK_THUMB_SHAPE[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
-def _examine_unlabelled(record: Record) -> list[Problem]:
+def _examine_unlabelled(record: Record, options: DataOptions) -> list[Problem]:
     try:
-        io.read_image(record.image_path)
+        io.read_image(record.image_path, options.intensity_window)
     except ImageReadError as error:
         return [Problem(error.kind, error.path, error.reason)]
     return []
@@ -200,8 +205,56 @@ def soft_dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float(np.minimum(a, b).sum()) / total if total else 1.0
 
 
+@dataclass(frozen=True)
+class Contradiction:
+    """Two near-duplicate frames of one subject whose masks (of one structure) contradict each other.
+
+    Attributes:
+        first: The earlier frame of the pair.
+        second: The later frame.
+        similarity: Correlation of their thumbnails (1 is identical up to brightness and contrast).
+        areas: The mask area of each frame, in pixels (of the structure, with several).
+        dice: Dice of the two masks when both have one; ``None`` when one of them is empty.
+        structure: The structure whose masks contradict, with several per frame; ``None`` for one.
+    """
+
+    first: Record
+    second: Record
+    similarity: float
+    areas: tuple[int, int]
+    dice: float | None = None
+    structure: str | None = None
+
+    @property
+    def reason(self) -> str:
+        """How the masks contradict, in words (prefixed by the structure with several)."""
+        prefix = f"class {self.structure}: " if self.structure is not None else ""
+        if self.dice is not None:
+            return f"{prefix}their masks overlap with Dice {self.dice:.2f}"
+        empty, full = (self.first, self.second) if self.areas[0] == 0 else (self.second, self.first)
+        return f"{prefix}{full.id} has a mask of {max(self.areas)} px and {empty.id} none"
+
+
 def contradicting_duplicates(facts: list[FrameFacts], threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[Problem]:
-    """Near-duplicate frames of one subject whose masks contradict each other.
+    """Near-duplicate frames of one subject whose masks contradict each other, as problems (one per pair and structure).
+
+    Frames without a subject are compared with each other as if they were one subject.
+    """
+    return [contradiction_problem(item) for item in find_contradictions(facts, threshold)]
+
+
+def contradiction_problem(item: Contradiction) -> Problem:
+    """The problem the inspector lists for a contradiction, tied to the pair's first frame."""
+    return Problem(
+        "contradicting_duplicates",
+        item.first.image_path,
+        f"near-duplicate of {item.second.image_path.name} (similarity {item.similarity:.3f}) but {item.reason}; "
+        "check both labels or drop one",
+    )
+
+
+def find_contradictions(facts: list[FrameFacts], threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[Contradiction]:
+    """Every pair of near-duplicate frames of one subject whose masks contradict, per structure with several.
 
     Frames without a subject are compared with each other as if they were one subject.
     """
@@ -209,47 +262,36 @@ def contradicting_duplicates(facts: list[FrameFacts], threshold: float = NEAR_DU
     for item in facts:
         if item.thumb is not None and item.area is not None:
             by_subject.setdefault(item.record.subject, []).append(item)
-    problems = []
+    found = []
     for group in by_subject.values():
         thumbs = np.stack([item.thumb for item in group])
         for i, j, similarity in near_duplicate_pairs(thumbs, threshold):
-            first, second = group[i].record, group[j].record
-            for reason in _contradictions(group[i], group[j]):
-                problems.append(
-                    Problem(
-                        "contradicting_duplicates",
-                        first.image_path,
-                        f"near-duplicate of {second.image_path.name} (similarity {similarity:.3f}) but {reason}; "
-                        "check both labels or drop one",
-                    )
-                )
-    return problems
-
-
-def _contradictions(a: FrameFacts, b: FrameFacts) -> list[str]:
-    """How the masks of two near-duplicate frames contradict each other: per structure when there are several."""
-    if a.class_areas is None or b.class_areas is None:
-        reason = _contradiction(a.record.id, a.area, a.mask_thumb, b.record.id, b.area, b.mask_thumb)
-        return [reason] if reason else []
-    found = []
-    for name in a.class_areas:
-        reason = _contradiction(
-            a.record.id, a.class_areas[name], a.class_thumbs[name], b.record.id, b.class_areas[name], b.class_thumbs[name]
-        )
-        if reason:
-            found.append(f"class {name}: {reason}")
+            found += _contradictions(group[i], group[j], similarity)
     return found
 
 
-def _contradiction(id_a: str, area_a: int, thumb_a, id_b: str, area_b: int, thumb_b) -> str | None:
+def _contradictions(a: FrameFacts, b: FrameFacts, similarity: float) -> list[Contradiction]:
+    """How the masks of two near-duplicate frames contradict each other: per structure when there are several."""
+    if a.class_areas is None or b.class_areas is None:
+        contradicts, dice = _contradiction(a.area, a.mask_thumb, b.area, b.mask_thumb)
+        return [Contradiction(a.record, b.record, similarity, (a.area, b.area), dice)] if contradicts else []
+    found = []
+    for name in a.class_areas:
+        areas = (a.class_areas[name], b.class_areas[name])
+        contradicts, dice = _contradiction(areas[0], a.class_thumbs[name], areas[1], b.class_thumbs[name])
+        if contradicts:
+            found.append(Contradiction(a.record, b.record, similarity, areas, dice, name))
+    return found
+
+
+def _contradiction(area_a: int, thumb_a, area_b: int, thumb_b) -> tuple[bool, float | None]:
+    """Whether two masks contradict (one empty and one not, or a Dice below 0.5), and their Dice when both have one."""
     if (area_a == 0) != (area_b == 0):
-        (empty, _), (full, full_area) = ((id_a, area_a), (id_b, area_b)) if area_a == 0 else ((id_b, area_b), (id_a, area_a))
-        return f"{full} has a mask of {full_area} px and {empty} none"
-    if area_a and area_b:
-        dice = soft_dice(thumb_a, thumb_b)
-        if dice < CONTRADICTING_DICE:
-            return f"their masks overlap with Dice {dice:.2f}"
-    return None
+        return True, None
+    if not area_a:
+        return False, None
+    dice = soft_dice(thumb_a, thumb_b)
+    return dice < CONTRADICTING_DICE, dice
 
 
 def summarize(dataset: Dataset, facts: list[FrameFacts]) -> dict[str, Any]:

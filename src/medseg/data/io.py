@@ -1,14 +1,21 @@
 """Reading images, masks and RLE tables from disk.
 
-Images come back as 2-D ``uint8`` arrays (colour converted to gray with the ITU-R 601 luma weights,
-16-bit scaled to 8-bit), masks as 2-D ``bool`` arrays. The file format is taken from the file's first
-bytes, not its name, so that a JPEG saved under a ``.tif`` name is reported instead of misread. Every
-failure raises :class:`~medseg.errors.ImageReadError` or :class:`~medseg.errors.DataError` naming the file.
+Images are TIFF, PNG, JPEG, BMP or DICOM (``.dcm``, or any file that carries the DICOM preamble, such as
+the extension-less files of a PACS export; compressed transfer syntaxes are decoded by pylibjpeg). They
+come back as 2-D gray frames (colour converted with the ITU-R 601 luma weights): ``uint8`` as stored for
+8-bit data, and ``float32`` in [0, 1] through an intensity window for deeper data, which keeps its precision
+(:mod:`medseg.data.intensity`). A DICOM frame gets its modality rescale (slope and intercept), its window
+when it stores one, and MONOCHROME1 inversion. Masks come back as 2-D ``bool`` arrays. The file format is
+taken from the file's first bytes, not its name, so that a JPEG saved under a ``.tif`` name is reported
+instead of misread. Every failure raises :class:`~medseg.errors.ImageReadError` or
+:class:`~medseg.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +23,23 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
+from medseg.data import intensity
+from medseg.data.intensity import IntensityWindow
 from medseg.errors import DataError, ImageReadError
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-_FORMAT_OF_SUFFIX = {".tif": "TIFF", ".tiff": "TIFF", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
-_SUFFIX_OF_FORMAT = {"TIFF": ".tif", "PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp"}
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".dicom")
+_FORMAT_OF_SUFFIX = {
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".bmp": "BMP",
+    ".dcm": "DICOM",
+    ".dicom": "DICOM",
+}
+_SUFFIX_OF_FORMAT = {"TIFF": ".tif", "PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "DICOM": ".dcm"}
+_DICOM_PREAMBLE = 128
 _MAGIC = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
@@ -33,28 +52,71 @@ _MAGIC = (
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
+@dataclass(frozen=True)
+class StoredFrame:
+    """A frame's gray values as stored, and how the file says to show them.
+
+    Attributes:
+        values: Gray values (a DICOM file's after its modality rescale).
+        window: The ``(low, high)`` window a DICOM file stores, if any.
+        inverted: MONOCHROME1: the lowest value is white.
+    """
+
+    values: np.ndarray
+    window: tuple[float, float] | None = None
+    inverted: bool = False
+
+
 def is_image_file(path: Path) -> bool:
-    """Whether the file name has one of the image suffixes medseg reads."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """Whether medseg reads the file as an image: one of the image suffixes, or the DICOM preamble."""
+    return has_image_suffix(path) or _has_dicom_preamble(path)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as 2-D ``uint8`` gray levels.
+def has_image_suffix(path: Path) -> bool:
+    """Whether a name ends in one of the image suffixes medseg reads (the name alone; no file is opened)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def frame_id(path: Path) -> str:
+    """The id of an image file: its name without the image suffix (the whole name of an extension-less DICOM)."""
+    return path.stem if has_image_suffix(path) else path.name
+
+
+def read_image(path: Path, window: IntensityWindow = "auto") -> np.ndarray:
+    """Read an image as a 2-D gray frame.
 
     Args:
-        path: A TIFF (LZW and other compressions), PNG, JPEG or BMP file.
+        path: A TIFF (LZW and other compressions), PNG, JPEG, BMP or DICOM file.
+        window: The intensity window of frames deeper than 8 bits (see :mod:`medseg.data.intensity`).
 
     Returns:
-        The gray image.
+        The gray frame: ``uint8`` as stored for 8-bit data, ``float32`` in [0, 1] for deeper data.
 
     Raises:
         ImageReadError: If the file is missing, empty, truncated, corrupt, not of the format its name says,
-            or holds several frames or an unsupported pixel type.
+            holds several frames, no pixels or an unsupported pixel type.
 
     Shape:
         Returns: (H, W).
     """
-    return _to_gray_uint8(read_raw(path), Path(path))
+    path = Path(path)
+    stored = read_stored(path)
+    try:
+        return intensity.to_frame(stored.values, window, stored.window, stored.inverted)
+    except ValueError as error:
+        raise ImageReadError(path, str(error)) from None
+
+
+def read_stored(path: Path) -> StoredFrame:
+    """A frame's gray values as stored (colour to gray by luma), and a DICOM file's window and inversion.
+
+    Raises:
+        ImageReadError: As :func:`read_image`.
+    """
+    path = Path(path)
+    if sniff_format(path) == "DICOM":
+        return _read_dicom(path)
+    return StoredFrame(_gray(read_raw(path), path))
 
 
 def read_mask(path: Path, value: int | None = None, threshold: int | None = None) -> np.ndarray:
@@ -126,6 +188,8 @@ def image_size(path: Path) -> tuple[int, int]:
     path = Path(path)
     fmt = sniff_format(path)
     try:
+        if fmt == "DICOM":
+            return _dicom_size(path)
         if fmt == "TIFF":
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
@@ -144,7 +208,7 @@ def sniff_format(path: Path) -> str:
     """The image format from the file's first bytes, checked against its suffix.
 
     Returns:
-        ``"TIFF"``, ``"PNG"``, ``"JPEG"`` or ``"BMP"``.
+        ``"TIFF"``, ``"PNG"``, ``"JPEG"``, ``"BMP"`` or ``"DICOM"``.
 
     Raises:
         ImageReadError: If the file is missing, empty, of an unknown format, or of another format than
@@ -153,16 +217,17 @@ def sniff_format(path: Path) -> str:
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(16)
+            head = handle.read(_DICOM_PREAMBLE + 4)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except OSError as error:
         raise ImageReadError(path, f"cannot open ({error.strerror}); check its permissions") from error
     if not head:
         raise ImageReadError(path, "file is empty (0 bytes); replace it or remove it from the data set")
-    fmt = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    dicom = head[_DICOM_PREAMBLE:] == b"DICM"
+    fmt = "DICOM" if dicom else next((name for magic, name in _MAGIC if head.startswith(magic)), None)
     if fmt is None:
-        raise ImageReadError(path, "not a TIFF, PNG, JPEG or BMP image (unknown content); replace the file")
+        raise ImageReadError(path, "not a TIFF, PNG, JPEG, BMP or DICOM image (unknown content); replace the file")
     expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
     if expected is not None and expected != fmt:
         raise ImageReadError(path, f"file is a {fmt} image named {path.suffix}; rename it to {path.stem}{_SUFFIX_OF_FORMAT[fmt]}")
@@ -181,6 +246,8 @@ def read_raw(path: Path, keep_palette: bool = False) -> np.ndarray:
     """
     path = Path(path)
     fmt = sniff_format(path)
+    if fmt == "DICOM":
+        return _read_dicom(path).values
     try:
         array = _read_tiff(path) if fmt == "TIFF" else _read_with_pillow(path, keep_palette)
     except ImageReadError:
@@ -222,26 +289,80 @@ def _read_with_pillow(path: Path, keep_palette: bool) -> np.ndarray:
         return np.asarray(image)
 
 
-def _to_gray_uint8(array: np.ndarray, path: Path) -> np.ndarray:
-    array = _to_uint8(array, path)
-    if array.ndim == 3:
-        array = array[..., 0] if array.shape[2] < 3 else np.rint(array[..., :3] @ _LUMA).astype(np.uint8)
+def _gray(array: np.ndarray, path: Path) -> np.ndarray:
+    """One gray channel of the stored type: the first of gray+alpha, the luma of colour (rounded for integers)."""
+    gray_type = array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not gray_type:
+        raise ImageReadError(path, f"unsupported pixel type {array.dtype}; save the image as 8- or 16-bit gray")
+    if array.ndim == 3 and array.shape[2] < 3:
+        array = array[..., 0]
+    elif array.ndim == 3 and np.issubdtype(array.dtype, np.integer):
+        array = np.rint(array[..., :3] @ _LUMA).astype(array.dtype)
+    elif array.ndim == 3:
+        array = (array[..., :3] @ _LUMA).astype(np.float32)
     return np.ascontiguousarray(array)
 
 
-def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
-    """Scale pixel values to 8 bits by their type: 16-bit by 257, floats in [0, 1] by 255."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if array.dtype == np.uint16:
-        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.nan_to_num(array.astype(np.float32), nan=0.0)
-        scale = 255.0 if finite.max(initial=0.0) <= 1.0 else 1.0
-        return np.clip(np.rint(finite * scale), 0, 255).astype(np.uint8)
-    raise ImageReadError(path, f"unsupported pixel type {array.dtype}; save the image as 8- or 16-bit gray")
+def _has_dicom_preamble(path: Path) -> bool:
+    """Whether a file carries the DICOM preamble (``DICM`` after 128 bytes); ``False`` if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(_DICOM_PREAMBLE + 4)[_DICOM_PREAMBLE:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_dataset(path: Path, pixels: bool = True):
+    """The pydicom dataset of a file (its header only without ``pixels``)."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except Exception as error:
+        raise ImageReadError(path, f"cannot read the DICOM file ({_reason(error)}); it is corrupt or truncated, replace it") from error
+
+
+def _dicom_size(path: Path) -> tuple[int, int]:
+    dataset = _dicom_dataset(path, pixels=False)
+    if "Rows" not in dataset or "Columns" not in dataset:
+        raise ImageReadError(path, "DICOM file holds no image (no Rows/Columns); remove it from the images")
+    return int(dataset.Rows), int(dataset.Columns)
+
+
+def _read_dicom(path: Path) -> StoredFrame:
+    """A DICOM frame: pixels decoded (compressed ones too), modality rescale applied, window and inversion read."""
+    from pydicom.pixels import apply_modality_lut
+
+    dataset = _dicom_dataset(path)
+    if not any(key in dataset for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError(path, "DICOM file holds no pixel data (a report or other non-image object); remove it from the images")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageReadError(path, f"DICOM file holds {frames} frames; save one frame per file")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        named = f"{syntax.name}: " if syntax is not None else ""
+        reason = f"cannot decode the DICOM pixel data ({named}{_reason(error)}); the file is corrupt or truncated"
+        raise ImageReadError(path, reason) from error
+    values = apply_modality_lut(_gray(pixels, path), dataset) if _has_rescale(dataset) else _gray(pixels, path)
+    inverted = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+    return StoredFrame(np.ascontiguousarray(values), _dicom_window(dataset), inverted)
+
+
+def _has_rescale(dataset) -> bool:
+    slope, intercept = dataset.get("RescaleSlope", 1), dataset.get("RescaleIntercept", 0)
+    return "ModalityLUTSequence" in dataset or float(slope) != 1.0 or float(intercept) != 0.0
+
+
+def _dicom_window(dataset) -> tuple[float, float] | None:
+    """The first window (centre, width) a DICOM file stores, as the ``(low, high)`` it maps to black and white."""
+    centre, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    centre, width = (float(value[0]) if isinstance(value, Sequence) else float(value) for value in (centre, width))
+    return (centre - width / 2, centre + width / 2) if width >= 1 else None
 
 
 def _reason(error: Exception) -> str:

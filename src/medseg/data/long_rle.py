@@ -141,7 +141,7 @@ def read_long_table(path: Path, dialect: LongFormat) -> LongTable:
 def frame_id(value: str) -> str:
     """A frame id as a table writes it, without an image suffix (``0002cc93b.jpg`` -> ``0002cc93b``)."""
     path = Path(value)
-    return path.stem if io.is_image_file(path) else value
+    return path.stem if io.has_image_suffix(path) else value
 
 
 def write_long_table(path: Path, rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("id", "class", "rle")) -> None:

@@ -1,4 +1,8 @@
-"""Decoded samples: every labelled frame and its mask read and checked once, kept in memory as ``uint8``."""
+"""Decoded samples: every labelled frame and its mask read and checked once, kept in memory.
+
+Frames are ``uint8`` when every one is stored with 8 bits, else all ``float32`` in [0, 1] (windowed, see
+:mod:`medseg.data.intensity`), so that they batch together.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 from medseg import progress
 from medseg.config import DataOptions
 from medseg.data.datasets import Record, read_sample
+from medseg.data.intensity import common_type
 from medseg.errors import DataError, FileError
 
 Sample = tuple[np.ndarray, np.ndarray]
@@ -24,7 +29,7 @@ def load_samples(records: list[Record], options: DataOptions, workers: int | Non
         workers: Reading threads; defaults to the CPU count.
 
     Returns:
-        Frame (``uint8``) and mask (``uint8`` 0/1) by record id.
+        Frame (``uint8``, or ``float32`` in [0, 1] when any frame is deeper) and mask (``uint8`` 0/1) by record id.
 
     Raises:
         DataError: If any sample cannot be used; says how many and shows the first.
@@ -42,4 +47,5 @@ def load_samples(records: list[Record], options: DataOptions, workers: int | Non
     failures = [result for result in results if isinstance(result, FileError)]
     if failures:
         raise DataError(f"{len(failures)} sample(s) cannot be used, first: {failures[0]}; `medseg inspect DATA` lists them all")
-    return {record.id: result for record, result in zip(records, results)}
+    frames = common_type([image for image, _ in results])
+    return {record.id: (frame, mask) for record, frame, (_, mask) in zip(records, frames, results, strict=True)}

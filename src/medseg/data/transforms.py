@@ -1,14 +1,15 @@
 """Resizing and augmentation of frames and masks for the network, and resizing predictions back.
 
-This module is the CPU backend: Albumentations pipelines that work on one ``uint8`` sample at a time
+This module is the CPU backend: Albumentations pipelines that work on one sample at a time
 (in DataLoader workers). The training pipeline is the recipe of DESIGN.md, in this order, each step
 left out when its probability is 0::
 
     Resize -> ElasticTransform -> GaussianBlur -> HorizontalFlip -> RandomBrightnessContrast -> CoarseDropout
 
 Geometric steps move image and mask together, the mask with nearest-neighbour interpolation; pixel
-steps (blur, brightness/contrast, dropout) change the image only. Data stays ``uint8``: normalisation and
-tensors are the engine's job. A GPU batch backend reads the same :class:`~medseg.config.AugmentConfig`.
+steps (blur, brightness/contrast, dropout) change the image only. Data keeps its type (``uint8``, or
+``float32`` in [0, 1] for windowed deeper frames): normalisation and tensors are the engine's job. A GPU
+batch backend reads the same :class:`~medseg.config.AugmentConfig`.
 
 Albumentations' update check (a request to PyPI on every import) is switched off unless the
 environment already sets ``NO_ALBUMENTATIONS_UPDATE``: runs must not depend on the network.
@@ -68,10 +69,10 @@ def apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray | None = Non
         The transformed image and the transformed ``{0, 1}`` mask (``None`` without a mask).
 
     Raises:
-        ValueError: If the image is not 2-D ``uint8`` or the mask does not match it.
+        ValueError: If the image is not 2-D ``uint8`` or ``float32`` or the mask does not match it.
 
     Shape:
-        - image: (H, W), ``uint8``.
+        - image: (H, W), ``uint8``, or ``float32`` in [0, 1] (a windowed deeper frame; it stays ``float32``).
         - mask: (H, W), or (C, H, W).
         - Returns: (height, width) of ``config.input``, and the mask in its layout at that size, ``uint8``.
     """
@@ -167,9 +168,10 @@ def _coarse_dropout(max_holes: int, max_size: float, p: float) -> A.CoarseDropou
 
 
 def _check_inputs(image: np.ndarray, mask: np.ndarray | None) -> None:
-    if image.ndim != 2 or image.dtype != np.uint8:
+    if image.ndim != 2 or image.dtype not in (np.uint8, np.float32):
         raise ValueError(
-            f"expected a 2-D uint8 gray image, got shape {image.shape} and dtype {image.dtype}; read it with medseg.io.read_image"
+            f"expected a 2-D uint8 or float32 gray image, got shape {image.shape} and dtype {image.dtype}; "
+            "read it with medseg.io.read_image"
         )
     if mask is not None and (mask.ndim not in (2, 3) or mask.shape[-2:] != image.shape):
         raise ValueError(f"mask of shape {mask.shape} does not match its image of shape {image.shape}")

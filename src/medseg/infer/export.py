@@ -23,6 +23,7 @@ from torch import nn
 
 from medseg import __version__, runs
 from medseg.data.intensity import GRAY_MEAN, GRAY_STD
+from medseg.data.intensity import describe as describe_window
 from medseg.errors import UsageError
 from medseg.infer.predict import PostProcess, Probabilities, load_fold_model, mean_sigmoid, read_postprocess
 from medseg.runs import open_run
@@ -88,6 +89,9 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
             "name": "image",
             "shape": ["batch", 1, run.config.input.height, run.config.input.width],
             "scale": 1 / 255,
+            "scale_applies_to": "uint8 frames; frames deeper than 8 bits are windowed to [0, 1] first and not scaled",
+            "intensity_window": list(window) if isinstance(window := run.config.data.intensity_window, tuple) else window,
+            "intensity_window_meaning": describe_window(window),
             "mean": GRAY_MEAN,
             "std": GRAY_STD,
         },

@@ -33,7 +33,7 @@ class PredictRequest:
     Attributes:
         run: The run folder.
         images: Folder of frames (e.g. Kaggle ``test/``), or a Kaggle data folder (its ``test/`` is used).
-        out: Submission CSV to write (``img,pixels``), or ``None``.
+        out: Submission CSV to write (``img,pixels``; in the run's RLE dialect), or ``None``.
         masks_dir: Folder for one PNG mask (0/255) per frame, or ``None``. With several structures: one
             class-index PNG per frame (the training masks' values) when the run learnt from class-index masks
             (the structures exclude each other), else ``masks_dir/<structure>/`` with a 0/255 PNG each.
@@ -86,7 +86,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     post = read_postprocess(run)
     if not any(rule.tuned for rule in (post if isinstance(post, list) else [post])):
         on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
-    frames = [io.read_image(record.image_path) for record in records]
+    frames = [io.read_image(record.image_path, run.config.data.intensity_window) for record in records]
     models = _engine(request, run, on_message)
     on_message(f"predicting {len(frames)} frames with {len(run.folds)} fold model(s) on {request.engine}, TTA {request.tta}")
     masks, probs, index_masks = [], [], []
@@ -182,14 +182,15 @@ def _write_outputs(
         written.append(str(request.out))
     elif request.out is not None:
         sample_ids = sample
-        rles = [rle.encode(mask) for mask in masks]
+        dialect = rle_dialect(run)
+        rles = [rle.encode(mask, dialect=dialect) for mask in masks]
         sizes = {i: mask.shape for i, mask in zip(ids, masks)}
-        had_masks = run.plan.train_non_empty
+        had_masks = None if run.plan.train_non_empty is None else run.plan.train_non_empty > 0
         report = submission.validate(
-            ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=None if had_masks is None else had_masks > 0, path=request.out
+            ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=had_masks, dialect=dialect, path=request.out
         )
         submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
-        submission.write_submission(request.out, ids, rles)
+        submission.write_submission(request.out, ids, rles, submission.submission_header(dialect))
         written.append(str(request.out))
     if request.masks_dir is not None and run.classes and not run.plan.class_values:
         for index, name in enumerate(run.classes):
@@ -226,12 +227,19 @@ def _write_long_submission(
         raise UsageError(
             f"{request.sample or 'the sample'}: class(es) {', '.join(unknown)} are not structures of {run.path} ({', '.join(channel_of)})"
         )
-    rows = [(sample_id, label, rle.encode(by_id[sample_id][channel_of[label]])) for sample_id, label in pairs]
+    dialect = rle_dialect(run)
+    rows = [(sample_id, label, rle.encode(by_id[sample_id][channel_of[label]], dialect=dialect)) for sample_id, label in pairs]
     had_masks = {label_of[name]: count > 0 for name, count in run.plan.class_non_empty.items()}
     sizes = {sample_id: mask.shape[1:] for sample_id, mask in by_id.items()}
-    report = submission.validate_long(*map(list, zip(*rows, strict=True)), sample_pairs, sizes, had_masks or None, path=request.out)
+    columns = map(list, zip(*rows, strict=True))
+    report = submission.validate_long(*columns, sample_pairs, sizes, had_masks or None, dialect=dialect, path=request.out)
     submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
     long_rle.write_long_table(request.out, rows, header)
+
+
+def rle_dialect(run: Run) -> str:
+    """The RLE dialect a run's submissions are written in: the one its training data was read in."""
+    return run.config.data.rle_dialect or "kaggle"
 
 
 def class_index_mask(masks: np.ndarray, probs: np.ndarray, values: list[int]) -> np.ndarray:

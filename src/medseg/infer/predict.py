@@ -20,7 +20,7 @@ import torch
 from medseg import progress
 from medseg.config import Config
 from medseg.data import transforms
-from medseg.data.intensity import normalise
+from medseg.data.intensity import common_type, normalise
 from medseg.errors import UsageError
 from medseg.learn.models import create_model, split_outputs
 from medseg.runs import CONFIG_FILE, FoldDir, Run, StructuresTuning
@@ -155,7 +155,7 @@ def predict_frames(
         models: Models in eval mode, all on one device (their sigmoids are averaged), or a function from a
             normalised float batch to probabilities and presence probabilities or None (an ONNX Runtime
             session, see :mod:`medseg.infer.export`).
-        frames: Gray ``uint8`` frames of any sizes.
+        frames: Gray frames of any sizes, ``uint8`` or ``float32`` in [0, 1] (:func:`medseg.data.io.read_image`).
         config: The run's configuration (input size).
         tta: ``none``, ``hflip`` (mean with the horizontally flipped frame) or ``hvflip`` (and vertically).
         batch_size: Frames per forward pass.
@@ -174,7 +174,7 @@ def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: s
     device = getattr(prob_fn, "device", torch.device("cpu"))
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        batch = np.stack([transforms.apply(resize, frame)[0] for frame in chunk])[:, None]
+        batch = np.stack([transforms.apply(resize, frame)[0] for frame in common_type(chunk)])[:, None]
         probs, presence = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta)
         probs = probs.float().cpu().numpy()
         channels = probs.shape[1]

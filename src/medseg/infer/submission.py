@@ -2,8 +2,9 @@
 
 A submission is a CSV with a header and one ``id,rle`` row per test frame (``img,pixels`` for the Kaggle
 Ultrasound Nerve Segmentation competition), in the sample submission's order, an empty cell for an
-empty mask; with several structures per frame, one ``id,class,rle`` row per frame and class (the dialects
-of :mod:`medseg.data.long_rle`), checked class by class (:func:`validate_long`). :func:`validate` finds two
+empty mask (in the siim RLE dialect: ``ImageId,EncodedPixels``, ``-1`` for an empty mask); with several
+structures per frame, one ``id,class,rle`` row per frame and class (the dialects of
+:mod:`medseg.data.long_rle`), checked class by class (:func:`validate_long`). :func:`validate` finds two
 kinds of trouble:
 
 - **problems**: ids missing, extra or repeated against the sample submission, and RLE cells that are
@@ -22,12 +23,13 @@ import csv
 import io as text_io
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from medseg.data import io, long_rle, rle
+from medseg.data.datasets import written_header
 from medseg.errors import DataError
 from medseg.files import atomic_write
 
@@ -41,6 +43,12 @@ _MASK_COLUMNS = ("pixels", "rle", "encodedpixels")
 
 Size = tuple[int, int]
 Sizes = Mapping[str, Size] | Size | None
+_HEADERS = {"siim": ("ImageId", "EncodedPixels")}
+
+
+def submission_header(dialect: str) -> tuple[str, str]:
+    """The id and mask column names of a submission in an RLE dialect: ``img,pixels``, ``ImageId,EncodedPixels`` for siim."""
+    return _HEADERS.get(dialect, ("img", "pixels"))
 
 
 class SubmissionError(DataError):
@@ -118,6 +126,7 @@ def validate(
     train_had_masks: bool | None = None,
     order: str = "F",
     *,
+    dialect: str | None = None,
     path: Path | None = None,
 ) -> SubmissionReport:
     """Check the rows of a submission.
@@ -144,6 +153,7 @@ def validate(
         sizes: ``(height, width)`` of every frame, or a mapping from id to it.
         train_had_masks: Whether the training data had non-empty masks.
         order: RLE pixel order, ``"F"`` (Kaggle, column-major) or ``"C"`` (row-major).
+        dialect: RLE dialect (``kaggle``, ``row-major``, ``siim``); ``None`` is the one of ``order``.
         path: The file the rows come from or go to, kept for messages.
 
     Returns:
@@ -151,14 +161,14 @@ def validate(
 
     Raises:
         ValueError: If ``ids`` and ``rles`` differ in length.
-        RLEError: If ``order`` or a frame size is invalid.
+        RLEError: If ``order``, ``dialect`` or a frame size is invalid, or ``order`` and ``dialect`` contradict.
     """
     if len(ids) != len(rles):
         raise ValueError(f"{len(ids)} ids but {len(rles)} RLE strings; give one RLE per id")
-    rle.check("", (1, 1), order)
+    dialect = _dialect(order, dialect)
     size_of = _size_lookup(sizes)
     problems = _id_problems(ids, sample_ids)
-    masks, rle_problems, unsized = _check_masks(ids, rles, size_of, order)
+    masks, rle_problems, unsized = _check_masks(ids, rles, size_of, dialect)
     problems += rle_problems
     notes = _size_notes(ids, unsized, sizes is None)
     degenerate = _degenerate(masks, train_had_masks, notes)
@@ -173,6 +183,8 @@ def validate_file(
     sizes: Sizes = None,
     train_had_masks: bool | None = None,
     order: str = "F",
+    *,
+    dialect: str | None = None,
 ) -> SubmissionReport:
     """Read a submission CSV and :func:`validate` it.
 
@@ -185,12 +197,15 @@ def validate_file(
         sizes: Frame sizes, as for :func:`validate`.
         train_had_masks: Whether the training data had non-empty masks.
         order: RLE pixel order.
+        dialect: RLE dialect; ``None`` with order ``"F"`` tells kaggle from siim by the file's cells
+            (:func:`medseg.data.rle.guess_dialect`), kaggle where they do not tell (a note says so).
 
     Returns:
         The report, naming ``path``.
 
     Raises:
-        SubmissionError: If the file is missing, not UTF-8, not a CSV or has no mask column.
+        SubmissionError: If the file is missing, not UTF-8, not a CSV or has no mask column, or its cells
+            read as kaggle in some rows and as siim in others.
         DataError: If the sample submission cannot be read.
     """
     path = Path(path)
@@ -198,10 +213,43 @@ def validate_file(
     if long_table is not None:
         ids, classes, rles = long_table
         sample_pairs = read_sample_pairs(Path(sample))[0] if sample is not None else None
-        return validate_long(ids, classes, rles, sample_pairs, sizes, None, order, path=path)
+        return validate_long(ids, classes, rles, sample_pairs, sizes, None, order, dialect=dialect, path=path)
     ids, rles = _read_submission(path)
     sample_ids = read_sample_ids(sample) if sample is not None else None
-    return validate(ids, rles, sample_ids, sizes, train_had_masks, order, path=path)
+    notes: list[str] = []
+    if dialect is None and order == "F":
+        dialect = _file_dialect(path, ids, rles, sizes, notes)
+    report = validate(ids, rles, sample_ids, sizes, train_had_masks, order, dialect=dialect, path=path)
+    return replace(report, notes=notes + report.notes)
+
+
+def _file_dialect(path: Path, ids: list[str], rles: list[str], sizes: Sizes, notes: list[str]) -> str:
+    """The RLE dialect a submission's cells are written in; kaggle, with a note, where they do not tell.
+
+    Raises:
+        SubmissionError: If some cells read only as kaggle and others only as siim.
+    """
+    size_of = _size_lookup(sizes)
+    siim_header = written_header(path) == rle.SIIM_HEADER
+    guess = rle.guess_dialect(rles, [size_of(i) for i in ids], siim_header=siim_header)
+    if guess.contradictory:
+        raise SubmissionError(f"{path}: cannot tell the RLE dialect: {guess.reason}; name it with --rle-format kaggle, row-major or siim")
+    if guess.dialect is None:
+        notes.append(f"RLE dialect not told by the file ({guess.reason}): checked as kaggle; name another with --rle-format")
+    return guess.dialect or "kaggle"
+
+
+def _dialect(order: str, dialect: str | None) -> str:
+    """The RLE dialect of a validation: ``dialect`` (checked against a non-default ``order``), else ``order``'s.
+
+    Raises:
+        RLEError: If either is unknown, or they contradict.
+    """
+    if dialect is None:
+        rle.check("", (1, 1), order)
+        return "row-major" if order == "C" else "kaggle"
+    rle.check("", (1, 1), None if order == "F" else order, dialect=dialect)
+    return dialect
 
 
 def _long_table(path: Path) -> tuple[list[str], list[str], list[str]] | None:
@@ -246,6 +294,7 @@ def validate_long(
     train_had_masks: Mapping[str, bool] | None = None,
     order: str = "F",
     *,
+    dialect: str | None = None,
     path: Path | None = None,
 ) -> SubmissionReport:
     """Check a long submission: one row per frame and class (several structures per frame).
@@ -262,6 +311,7 @@ def validate_long(
         sizes: ``(height, width)`` of every frame, or a mapping from id to it.
         train_had_masks: Whether the training data had masks, per class.
         order: RLE pixel order.
+        dialect: RLE dialect; ``None`` is the one of ``order``.
         path: The file the rows come from or go to, kept for messages.
 
     Returns:
@@ -284,7 +334,7 @@ def validate_long(
         chosen = [index for index, value in enumerate(classes) if value == label]
         sample_ids = [sample_id for sample_id, value in sample_pairs if value == label] if sample_pairs is not None else None
         had_masks = None if train_had_masks is None else train_had_masks.get(label)
-        report = validate([ids[i] for i in chosen], [rles[i] for i in chosen], sample_ids, sizes, had_masks, order)
+        report = validate([ids[i] for i in chosen], [rles[i] for i in chosen], sample_ids, sizes, had_masks, order, dialect=dialect)
         problems += [f"class {label!r}: {problem}" for problem in report.problems]
         degenerate += [f"class {label!r}: {finding}" for finding in report.degenerate]
         notes += [f"class {label!r}: {note}" for note in report.notes]
@@ -397,20 +447,22 @@ def _id_problems(ids: Sequence[str], sample_ids: Sequence[str] | None) -> list[s
 
 
 def _check_masks(
-    ids: Sequence[str], rles: Sequence[str], size_of: Callable[[str], Size | None], order: str
+    ids: Sequence[str], rles: Sequence[str], size_of: Callable[[str], Size | None], dialect: str
 ) -> tuple[_Masks, list[str], list[str]]:
-    """Check every RLE cell; return the normalised runs, the problems, and the ids checked without a size."""
+    """Check every RLE cell; return the normalised runs (``""`` for an empty mask), the problems, and the ids
+    checked without a size."""
     masks = _Masks([], [])
     problems, unsized = [], []
     for row, (sample_id, text) in enumerate(zip(ids, rles), 1):
         size = size_of(sample_id)
         try:
-            rle.check(text, size or _UNBOUNDED, order)
+            rle.check(text, size or _UNBOUNDED, dialect=dialect)
         except rle.RLEError as error:
             problems.append(f"row {row}, id {sample_id!r}: {error}")
             masks.runs.append(None)
         else:
-            masks.runs.append(" ".join(text.split()))
+            runs = " ".join(text.split())
+            masks.runs.append("" if runs == rle.SIIM_EMPTY else runs)
         masks.sizes.append(size)
         if size is None:
             unsized.append(sample_id)

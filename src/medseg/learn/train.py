@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from medseg import __version__, runs
 from medseg.config import Config, read_run_config, save_config
-from medseg.data import splits
+from medseg.data import exclusions, splits
 from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.inspector import FrameFacts, structure_facts, summarize
 from medseg.data.samples import Sample, load_samples
@@ -72,6 +72,10 @@ def train_run(
         config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
         _check_same_data(data, plan, run)
     dataset = require_clean(load_dataset(data, config.data))
+    if fresh:  # the run keeps the RLE dialect the data was read in, told from its table when not named
+        config = config.model_copy(update={"data": dataset.options})
+    excluded = _exclusions(config, dataset, on_message) if fresh else plan.excluded
+    dataset = exclusions.without(dataset, excluded)
     structures = max(1, len(dataset.classes))
     config = _with_structures(config, structures) if fresh else config
     _check_structures(config, structures)
@@ -81,12 +85,29 @@ def train_run(
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
     facts = _frame_facts(dataset, samples)
     empty = {item.record.id: item.area == 0 for item in facts}
-    split = _new_split(dataset, facts, config)
+    split = _new_split(dataset, facts, config, len(excluded))
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _save_split(run, split, dataset, empty)
-    plan = plan.model_copy(update={"train_non_empty": sum(not value for value in empty.values()), **_structure_plan(dataset, facts)})
+    counted = {"train_non_empty": sum(not value for value in empty.values()), "excluded": excluded}
+    plan = plan.model_copy(update={**counted, **_structure_plan(dataset, facts)})
     _write_run_files(run, config, plan, dataset, facts)
     return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+
+
+def _exclusions(config: Config, dataset: Dataset, on_message: Callable[[str], None]) -> dict[str, str]:
+    """The frames ``data.exclude`` names (none without it), checked against the data set.
+
+    Raises:
+        UsageError: If the file is missing.
+        DataError: If it is malformed or names frames the data set does not have.
+    """
+    if config.data.exclude is None:
+        return {}
+    path = Path(config.data.exclude)
+    excluded = exclusions.read_exclusions(path)
+    exclusions.check_known(path, excluded, dataset)
+    on_message(f"{len(excluded)} frame(s) listed in {path} left out of training, validation and tuning")
+    return excluded
 
 
 def _with_structures(config: Config, structures: int) -> Config:
@@ -165,15 +186,23 @@ def _check_same_data(data: Path, plan: runs.RunPlan, run: Path) -> None:
         raise UsageError(f"{run} was trained on {plan.data}, not {Path(data).resolve()}; resume it with the same DATA")
 
 
-def _new_split(dataset: Dataset, facts: list[FrameFacts], config: Config) -> splits.Split:
-    """The subject-grouped split, balanced for empty frames (with several structures: each one's emptiness pattern)."""
+def _new_split(dataset: Dataset, facts: list[FrameFacts], config: Config, excluded: int = 0) -> splits.Split:
+    """The subject-grouped split, balanced for empty frames (with several structures: each one's emptiness pattern).
+
+    Frames left out (``excluded`` of them) are not in ``facts``: they are in no fold.
+    """
     ids = [item.record.id for item in facts]
     subjects = [item.record.subject for item in facts]
     if dataset.classes:
         flags = [[item.class_areas[name] == 0 for name in dataset.classes] for item in facts]
     else:
         flags = [item.area == 0 for item in facts]
-    return splits.grouped_kfold(ids, subjects, flags, n_folds=config.split.n_folds, seed=config.split.seed)
+    try:
+        return splits.grouped_kfold(ids, subjects, flags, n_folds=config.split.n_folds, seed=config.split.seed)
+    except splits.SplitError as error:
+        if not excluded:
+            raise
+        raise splits.SplitError(f"{error} (after leaving out the {excluded} frame(s) of {config.data.exclude})") from None
 
 
 def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[str, bool]) -> None:

@@ -2,7 +2,9 @@
 
 On a data set other than the run's own, every frame is predicted by the ensemble of the run's fold models.
 On the run's own training data only held-out frames are scored, each by the model that did not see it
-(out-of-fold), so that the figures are never in-sample. A run of several structures is scored per (frame,
+(out-of-fold), so that the figures are never in-sample; the frames the run left out of training
+(``train --exclude``) are scored too, predicted by the ensemble of every fold (no model trained on them), unless
+``skip_excluded`` (``--skip-excluded``) leaves them out. A run of several structures is scored per (frame,
 structure): one row each in ``per_image.csv`` and a summary per structure beside the overall one.
 """
 
@@ -39,6 +41,7 @@ def evaluate_run(
     out: Path | None = None,
     force: bool = False,
     on_message: Callable[[str], None] = print,
+    skip_excluded: bool = False,
 ) -> dict:
     """Score a run on labelled data and write ``per_image.csv`` and ``summary.json``.
 
@@ -50,12 +53,14 @@ def evaluate_run(
         out: Output folder; defaults to ``RUN/evaluation/<data folder name>``.
         force: Replace existing outputs.
         on_message: Receives progress lines.
+        skip_excluded: On the run's own data, leave out the frames the run left out of training.
 
     Returns:
-        The summary (competition score, Dice on non-empty truths, IoU, presence figures, mode).
+        The summary (competition score, Dice on non-empty truths, IoU, presence figures, mode; on the run's own
+        data, the frames it left out of training under ``left_out``).
 
     Raises:
-        UsageError: If outputs exist and ``force`` is not given.
+        UsageError: If outputs exist and ``force`` is not given, or ``skip_excluded`` is given for other data.
         DataError: If the data set has problems.
     """
     run = open_run(path)
@@ -64,19 +69,40 @@ def evaluate_run(
     if (out / SUMMARY_FILE).exists() and not force:
         raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
     out_of_fold = Path(data).resolve() == run.data
+    if skip_excluded and not out_of_fold:
+        raise UsageError(f"--skip-excluded leaves out frames of the run's own data ({run.data}); drop it to evaluate {data}")
     post = read_postprocess(run)
-    rows, counts = score_frames(held_out_frames(run, dataset, out_of_fold, tta, on_message), post, classes=run.classes)
+    frames = held_out_frames(run, dataset, out_of_fold, tta, on_message, left_out=not skip_excluded)
+    rows, counts = score_frames(frames, post, classes=run.classes)
     summary = {
         "data": str(Path(data).resolve()),
-        "mode": "out-of-fold (held-out frames of the run's own data)" if out_of_fold else "ensemble of all folds",
+        "mode": _mode(run, out_of_fold, skip_excluded),
         "postprocess": {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post),
         "tta": tta,
         **metrics.summary(counts),
         **(_per_structure(rows, counts, run.classes) if run.classes else {}),
+        **({"left_out": _left_out(run, skip_excluded)} if out_of_fold and run.plan.excluded else {}),
     }
     _write(out, rows, summary, PER_STRUCTURE_COLUMNS if run.classes else PER_IMAGE_COLUMNS)
     summary["out"] = str(out)
     return summary
+
+
+def _mode(run: Run, out_of_fold: bool, skip_excluded: bool) -> str:
+    """How the frames were predicted, in words."""
+    if not out_of_fold:
+        return "ensemble of all folds"
+    mode = "out-of-fold (held-out frames of the run's own data)"
+    if not run.plan.excluded:
+        return mode
+    if skip_excluded:
+        return f"{mode}; the {len(run.plan.excluded)} frame(s) left out of training not scored"
+    return f"{mode}; the {len(run.plan.excluded)} frame(s) left out of training by the ensemble of all folds"
+
+
+def _left_out(run: Run, skip_excluded: bool) -> dict:
+    """The frames the run left out of training, with their reasons, and whether they were scored."""
+    return {"frames": len(run.plan.excluded), "scored": not skip_excluded, "reasons": dict(run.plan.excluded)}
 
 
 def _same_structures(dataset: Dataset, run: Run) -> Dataset:

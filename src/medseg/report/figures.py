@@ -174,7 +174,7 @@ def overlay(frame: np.ndarray, truth: np.ndarray, probs: np.ndarray, prediction:
     """
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 2.5))
     for axis in axes:
-        axis.imshow(frame, cmap="gray", vmin=0, vmax=255)
+        axis.imshow(frame, cmap="gray", vmin=0, vmax=255 if frame.dtype == np.uint8 else 1.0)
         axis.set_axis_off()
     if truth.ndim == 3:
         for index, (true, predicted) in enumerate(zip(truth, prediction, strict=True)):

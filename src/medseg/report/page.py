@@ -1,7 +1,8 @@
 """``medseg report``: one self-contained HTML page that says how good a run is and where it fails.
 
 The page (``RUN/report.html``, every image inline, no network requests) and its figures as PNGs
-(``RUN/report/``) show: warnings first, the headline figures, the data and the configuration, training
+(``RUN/report/``) show: warnings first, the headline figures, the data (and the frames left out of training,
+with their reasons), the configuration, training
 curves per fold, the tuning curves, the evaluation of the held-out frames (each predicted by the model
 that did not train on it) and a gallery of overlays, worst frames first. Every figure has a one-line
 caption that says how to read it.
@@ -256,6 +257,7 @@ def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> st
         _section("warnings", "Warnings", _warnings_html(warnings_of(data))),
         _section("headline", "How good is it", _headline_html(data)),
         _section("data", "Data", _data_html(data)),
+        *([_section("excluded", "Left-out frames", _excluded_html(data.run))] if data.run.plan.excluded else []),
         _section(
             "config",
             "Configuration",
@@ -366,7 +368,7 @@ def _data_html(data: ReportData) -> str:
     area = summary.get("mask_area") or {}
     rows = [
         ("data folder", f"{summary['root']} ({summary['layout']} layout)"),
-        ("frames", summary["train_images"]),
+        ("frames", _frames_text(summary["train_images"], len(data.run.plan.excluded))),
         ("with a mask / empty", f"{summary['non_empty']} / {summary['empty']} (empty share {summary['empty_share']:.1%})"),
         ("subjects", summary["subjects"] if summary["subjects"] is not None else "unknown"),
         ("image sizes (WxH)", ", ".join(f"{size}: {count}" for size, count in summary["image_sizes"].items())),
@@ -377,6 +379,21 @@ def _data_html(data: ReportData) -> str:
         ("trained with", _software(data.versions)),
     ]
     return _table(rows, "The training data (as inspected when the run started) and the software that trained on it.")
+
+
+def _excluded_html(run: Run) -> str:
+    """The frames the run left out of training (``train --exclude``), each with its reason."""
+    rows = [(frame, reason or "-") for frame, reason in run.plan.excluded.items()]
+    return _table(
+        rows,
+        f"{len(rows)} labelled frame(s) left out of training, validation and tuning (medseg train --exclude; listed in run.json); "
+        "they are in no fold and not scored on this page. medseg evaluate still scores them by default, with the ensemble of "
+        "every fold (--skip-excluded leaves them out).",
+    )
+
+
+def _frames_text(trained: int, left_out: int) -> str:
+    return f"{trained} ({left_out} more left out of training: see below)" if left_out else str(trained)
 
 
 def _folds_html(data: ReportData) -> str:
