@@ -228,8 +228,9 @@ def test_a_refused_training_does_not_block_the_next_one(capsys, copy, tmp_path):
     assert code == 2 and "--fold 7" in err and "--force" not in err, err
 
 
-def test_rgb_and_16_bit_frames_are_read_as_8_bit_gray(capsys, copy):
-    """Not an error: a frame saved as RGB and one saved as 16-bit are converted, and inspect is clean."""
+def test_rgb_and_16_bit_frames_are_read_as_gray(capsys, copy):
+    """Not an error: a frame saved as RGB is converted to 8-bit gray, one saved as 16-bit keeps its precision
+    (float32 in [0, 1] through the window), and inspect is clean."""
     rgb_id, deep_id = "2_1", "3_1"
     rgb_gray, deep_gray = frame_of(copy, rgb_id), frame_of(copy, deep_id)
     tifffile.imwrite(copy / "train" / f"{rgb_id}.tif", np.stack([rgb_gray] * 3, axis=-1), photometric="rgb", compression="lzw")
@@ -240,10 +241,12 @@ def test_rgb_and_16_bit_frames_are_read_as_8_bit_gray(capsys, copy):
     assert code == 0, out + err
     assert "No problems found." in out and err == ""
     assert f"580x420: {len(TRAIN_IDS)}" in out
-    for sample_id, expected in ((rgb_id, rgb_gray), (deep_id, deep_gray)):
-        image = io.read_image(copy / "train" / f"{sample_id}.tif")
-        assert image.dtype == np.uint8 and image.shape == (420, 580)
-        np.testing.assert_array_equal(image, expected)
+    image = io.read_image(copy / "train" / f"{rgb_id}.tif")
+    assert image.dtype == np.uint8 and image.shape == (420, 580)
+    np.testing.assert_array_equal(image, rgb_gray)
+    deep = io.read_image(copy / "train" / f"{deep_id}.tif", window="none")
+    assert deep.dtype == np.float32 and deep.shape == (420, 580)
+    np.testing.assert_allclose(deep, deep_gray / 255.0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
