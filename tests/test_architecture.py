@@ -1,5 +1,5 @@
 """The package's architecture, read from its source: a folder per stage, imports running one way
-(data <- learn <- infer <- report <- cli), and inference without the training engine.
+(data <- learn <- infer <- report <- sweep <- cli), and inference without the training engine.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import medseg
 
 PACKAGE = Path(medseg.__file__).parent
-STAGES = ("data", "learn", "infer", "report")
+STAGES = ("data", "learn", "infer", "report", "sweep")
 # The modules at the top that every stage may read; they import no stage.
 SHARED = {"errors", "files", "config", "progress", "devices", "runs", "__init__"}
 ALIASES = {"io", "rle", "datasets", "splits"}  # the README's Python API names of medseg.data's modules
 APP = {"cli", "demo"}  # the command line and the workflow that strings the stages together
-RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "app": 4}
+RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "sweep": 4, "app": 5}
 INFERENCE = ["medseg.infer.predict", "medseg.infer.heldout", "medseg.infer.tune", "medseg.infer.export", "medseg.infer.outputs"]
 
 
@@ -84,7 +84,7 @@ def test_imports_run_one_way(path):
         elif own == "alias":
             assert target == "data", f"{where}: an alias names a module of medseg.data"
         elif target != "shared":
-            assert RANK[target] <= RANK[own], f"{where}: {own} must not import {target} (data <- learn <- infer <- report <- cli)"
+            assert RANK[target] <= RANK[own], f"{where}: {own} must not import {target} (data <- learn <- infer <- report <- sweep <- cli)"
 
 
 def test_the_import_check_sees_a_wrong_way_import(tmp_path):

@@ -39,7 +39,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, command: str, *words
 
 
 def test_every_command_is_covered():
-    assert COMMANDS == sorted(["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "demo"])
+    assert COMMANDS == sorted(["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "demo", "sweep"])
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -91,7 +91,7 @@ def test_unknown_command():
     assert_usage_error(medseg("nosuchcmd"), "", "No such command", "nosuchcmd")
 
 
-@pytest.mark.parametrize("command", ["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate"])
+@pytest.mark.parametrize("command", ["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "sweep"])
 def test_missing_argument(command):
     assert_usage_error(medseg(command), command, "Missing")
 

@@ -1,0 +1,275 @@
+"""The search space of a sweep: which configuration keys each trial draws, and from what.
+
+A space file is YAML, one entry per dotted configuration key (the keys of ``--set``)::
+
+    optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}     # a number between low and high (log: on a log scale)
+    trainer.max_epochs: {low: 10, high: 40, step: 5}      # whole numbers when low and high are (step: their spacing)
+    model.encoder: {choices: [resnet18, resnet34]}        # one of a list of plain values
+    input: {choices: [{height: 128, width: 160}, {height: 256, width: 352}]}   # keys of a section that go together
+
+A choice may be a value the configuration refuses (the trial that draws it fails, with the reason, and the sweep
+goes on); a key the configuration does not have is refused when the file is read. ``data`` keys are not searched:
+the data are the study's. :data:`DEFAULT_SPACE` is the space of a sweep without ``--space``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from medseg.config import Config
+from medseg.errors import UsageError
+
+DEFAULT_SPACE = """\
+# medseg sweep's default search space (copy it, edit it, and pass it with --space FILE)
+optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
+optim.weight_decay: {low: 1.0e-6, high: 1.0e-2, log: true}
+trainer.max_epochs: {low: 15, high: 40, step: 5}
+loss.dice_weight: {low: 0.2, high: 1.0}
+loss.bce_weight: {low: 0.2, high: 1.0}
+loss.presence_weight: {low: 0.1, high: 1.0}
+augment.hflip.p: {low: 0.0, high: 0.5}
+augment.brightness_contrast.p: {low: 0.0, high: 0.8}
+augment.blur.p: {low: 0.0, high: 0.5}
+augment.coarse_dropout.p: {low: 0.0, high: 0.5}
+augment.elastic.p: {low: 0.0, high: 0.3}
+model.encoder: {choices: [resnet18, resnet34, efficientnet-b0]}
+input: {choices: [{height: 128, width: 160}, {height: 256, width: 352}, {height: 448, width: 608}]}
+"""
+RANGE_FIELDS = {"low", "high", "log", "step"}
+SCALARS = (str, int, float, bool, type(None))
+_TREE = Config().model_dump()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched entry of a space.
+
+    Attributes:
+        key: The dotted configuration key (a section's, for choices of mappings); Optuna's parameter name.
+        kind: ``float``, ``int`` or ``choice``.
+        low: Lowest value of a range.
+        high: Highest value of a range.
+        log: Whether a range is drawn on a log scale.
+        step: Spacing of a range's values (``None``: any float; 1 for whole numbers).
+        choices: The values of a list, as Optuna stores them (a mapping's label, e.g. ``height=128,width=160``).
+        expansions: For choices of mappings, each label's configuration values by dotted key.
+    """
+
+    key: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    expansions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Draw this parameter's value for a trial, with Optuna's ``suggest_*``."""
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_categorical(self.key, self.choices)
+
+    def values(self, drawn: Any) -> dict[str, Any]:
+        """The configuration values, by dotted key, of a drawn value."""
+        return dict(self.expansions[drawn]) if self.expansions else {self.key: drawn}
+
+    def config_keys(self) -> list[str]:
+        """Every dotted configuration key this parameter sets."""
+        return sorted({key for values in self.expansions.values() for key in values}) if self.expansions else [self.key]
+
+    def describe(self) -> str:
+        """The range or the list, in words."""
+        if self.kind == "choice":
+            return "one of " + ", ".join(str(choice) for choice in self.choices)
+        scale = ", log scale" if self.log else ""
+        step = f", step {self.step:g}" if self.step is not None and not (self.kind == "int" and self.step == 1) else ""
+        return f"{self.low:g} to {self.high:g}{step}{scale}"
+
+
+@dataclass(frozen=True)
+class Space:
+    """The parameters of a sweep.
+
+    Attributes:
+        params: One per entry, in the file's order.
+        source: Where it came from (the file, or ``default``), for messages.
+    """
+
+    params: tuple[Param, ...]
+    source: str
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """A trial's configuration values by dotted key, each parameter drawn with Optuna."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            values.update(param.values(param.suggest(trial)))
+        return values
+
+    def config_keys(self) -> list[str]:
+        """Every dotted configuration key the space sets."""
+        return [key for param in self.params for key in param.config_keys()]
+
+    def clashes(self, keys: Iterable[str]) -> list[tuple[str, str]]:
+        """The pairs (key of the space, given key) that set the same configuration value (or one inside the other)."""
+        return [(mine, given) for mine in self.config_keys() for given in keys if _overlap(mine, given)]
+
+
+def load_space(path: Path | None) -> Space:
+    """The space of a file, or :data:`DEFAULT_SPACE` for ``None``.
+
+    Raises:
+        UsageError: If the file cannot be read, is not a mapping of entries, or an entry is malformed or names a
+            key the configuration does not have; the message starts with ``--space FILE``.
+    """
+    if path is None:
+        return parse_space(yaml.safe_load(DEFAULT_SPACE), "default")
+    where = f"--space {path}"
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{where}: file not found; give a YAML file of `key: {{low: ..., high: ...}}` entries") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{where}: cannot read the file ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{where}: not valid YAML{line}; fix the file") from None
+    return parse_space(content, where)
+
+
+def parse_space(content: Any, where: str) -> Space:
+    """The space of a parsed YAML document.
+
+    Raises:
+        UsageError: As :func:`load_space`, naming ``where``.
+    """
+    if not isinstance(content, dict) or not content:
+        raise UsageError(
+            f"{where}: a space is a mapping of config keys to {{low, high}} or {{choices: [...]}}, "
+            "e.g. optim.lr: {low: 1.0e-4, high: 1.0e-2}"
+        )
+    return Space(tuple(_param(str(key), entry, where) for key, entry in content.items()), where)
+
+
+def _param(key: str, entry: Any, where: str) -> Param:
+    node = _config_node(key, where)
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: {key}: give {{low: L, high: H}} or {{choices: [...]}}, not {entry!r}")
+    if "choices" in entry:
+        if set(entry) != {"choices"}:
+            raise UsageError(f"{where}: {key}: choices go alone; drop {', '.join(sorted(set(entry) - {'choices'}))}")
+        return _choices(key, entry["choices"], isinstance(node, dict), where)
+    if isinstance(node, dict):
+        raise UsageError(f"{where}: {key} is a section; search one of its keys (e.g. {key}.{next(iter(node))}) or give choices of mappings")
+    return _range(key, entry, where)
+
+
+def _config_node(key: str, where: str) -> Any:
+    """The configuration's default at a dotted key (a dict for a section).
+
+    Raises:
+        UsageError: If the key is not in the configuration, or is a data key.
+    """
+    if key == "data" or key.startswith("data."):
+        raise UsageError(
+            f"{where}: {key}: data keys are not searched (a study's data stay the same); give them with --set or the data flags"
+        )
+    node: Any = _TREE
+    done: list[str] = []
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            prefix = ".".join(done)
+            valid = ", ".join(f"{prefix}.{name}" if prefix else name for name in node) if isinstance(node, dict) else ""
+            raise UsageError(f"{where}: unknown config key {key!r}; valid keys here: {valid}")
+        node = node[part]
+        done.append(part)
+    return node
+
+
+def _range(key: str, entry: dict, where: str) -> Param:
+    unknown = set(entry) - RANGE_FIELDS
+    if unknown:
+        raise UsageError(f"{where}: {key}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; a range is {{low, high, log, step}}")
+    if "low" not in entry or "high" not in entry:
+        raise UsageError(f"{where}: {key}: a range needs low and high, e.g. {{low: 0.0, high: 0.5}}")
+    low, high = _number(entry["low"], key, "low", where), _number(entry["high"], key, "high", where)
+    step = None if entry.get("step") is None else _number(entry["step"], key, "step", where)
+    log = entry.get("log", False)
+    if not isinstance(log, bool):
+        raise UsageError(f"{where}: {key}: log is true or false, not {log!r}")
+    if not low < high:
+        raise UsageError(f"{where}: {key}: low ({low:g}) must be below high ({high:g})")
+    if log and low <= 0:
+        raise UsageError(f"{where}: {key}: a log scale needs low above 0 (got {low:g})")
+    if step is not None and (step <= 0 or log):
+        raise UsageError(f"{where}: {key}: step must be above 0 and goes without log")
+    whole = all(isinstance(value, int) for value in (low, high)) and (step is None or isinstance(step, int))
+    return Param(key, "int" if whole else "float", low if whole else float(low), high if whole else float(high), log, step)
+
+
+def _number(value: Any, key: str, name: str, where: str) -> int | float:
+    """A range's number; YAML reads ``1e-4`` (without a dot) as text, so numeric text is a number too."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{where}: {key}: {name} must be a number, not {value!r}")
+    return value
+
+
+def _choices(key: str, choices: Any, section: bool, where: str) -> Param:
+    if not isinstance(choices, list) or not choices:
+        raise UsageError(f"{where}: {key}: choices is a non-empty list, e.g. {{choices: [a, b]}}")
+    if section:
+        expansions = {}
+        for choice in choices:
+            values = _section_choice(key, choice, where)
+            expansions[",".join(f"{name.removeprefix(key + '.')}={value}" for name, value in values.items())] = values
+        if len(expansions) < len(choices):
+            raise UsageError(f"{where}: {key}: a choice is listed twice; list each once")
+        return Param(key, "choice", choices=tuple(expansions), expansions=expansions)
+    for choice in choices:
+        if not isinstance(choice, SCALARS):
+            raise UsageError(f"{where}: {key}: choices are plain values (numbers, text, true/false, null), not {choice!r}")
+    if len(set(map(repr, choices))) < len(choices):
+        raise UsageError(f"{where}: {key}: a choice is listed twice; list each once")
+    return Param(key, "choice", choices=tuple(choices))
+
+
+def _section_choice(key: str, choice: Any, where: str) -> dict[str, Any]:
+    """A mapping choice of a section, as configuration values by full dotted key, every key checked."""
+    if not isinstance(choice, dict) or not choice:
+        raise UsageError(
+            f"{where}: {key} is a section: each choice is a mapping of its keys, e.g. {{choices: [{{height: 128, width: 160}}]}}"
+        )
+    values = {}
+    for name, value in _flatten(choice, f"{key}.").items():
+        if isinstance(_config_node(name, where), dict) or not isinstance(value, SCALARS):
+            raise UsageError(f"{where}: {name}: a choice gives plain values to keys of the section, not {value!r}")
+        values[name] = value
+    return values
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _overlap(first: str, second: str) -> bool:
+    return first == second or first.startswith(second + ".") or second.startswith(first + ".")
