@@ -322,11 +322,19 @@ def train_command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
     no_report: NoReportOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Load and check the data, print the plan (folds, frames, input, epochs, device, precision, augmentation) "
+            "and a time estimate from a few timed training steps; write nothing.",
+        ),
+    ] = False,
 ) -> int:
     """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
     from medseg.config import load_config
     from medseg.learn.fit import is_ddp_child, show_progress_default
-    from medseg.learn.train import train_run
+    from medseg.learn.train import plan_run, train_run
 
     flags = data_flags(
         layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
@@ -344,8 +352,22 @@ def train_command(
     if "trainer.devices" in values and values["trainer.devices"].isdigit():
         values["trainer.devices"] = int(values["trainer.devices"])
     config = load_config(preset, config_file, overrides, values)
+    if dry_run:
+        if resume:
+            raise UsageError("--dry-run plans a new run; drop --resume (a resumed run continues the plan of RUN/run.json)")
+        _print_plan(plan_run(data, out, config, folds, fold, force, on_message=_say(quiet), on_warning=_warn), out)
+        return 0
     results = train_run(
-        data, out, config, folds, fold, resume, force, show_progress=not quiet and show_progress_default(), on_message=_say(quiet)
+        data,
+        out,
+        config,
+        folds,
+        fold,
+        resume,
+        force,
+        show_progress=not quiet and show_progress_default(),
+        on_message=_say(quiet),
+        on_warning=_warn,
     )
     if is_ddp_child():
         return 0
@@ -361,6 +383,18 @@ def train_command(
         _print_tuning(tune_run(out, on_message=_say(quiet), force=True), out)
     _report(out, no_report, quiet)
     return 0
+
+
+def _print_plan(plan, out: Path) -> None:
+    """The plan and estimate of ``train --dry-run``, one line each (:class:`~medseg.learn.estimate.TrainingPlan`)."""
+    stdout.print(f"plan for {escape(str(out))} (--dry-run: nothing written)")
+    for line in plan.lines():
+        stdout.print(f"  {escape(line)}")
+
+
+def _warn(line: str) -> None:
+    """One ``warning:`` line on stderr, shown with --quiet too."""
+    stderr.print(f"[yellow]warning:[/yellow] {escape(line)}")
 
 
 def _setting(tuning: Tuning) -> str:
@@ -601,6 +635,102 @@ def demo_command(
     for label, path in outputs.items():
         stdout.print(f"  {label}: {path}")
     return 0
+
+
+@app.command("sweep")
+def sweep_command(
+    data: Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Study folder (trials, trials.csv, best.yaml, study.html; study.db by default).", metavar="STUDY"),
+    ],
+    preset: Annotated[
+        str, typer.Option("--preset", help=f"Starting configuration of every trial: {', '.join(PRESETS)}.", metavar="NAME")
+    ] = "default",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of configuration keys for every trial.", metavar="FILE")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Fix a key for every trial, e.g. --set trainer.batch_size=16 (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Trials this process adds to the study.")] = 20,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Start no trial after MIN minutes.", metavar="MIN")] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(
+            "--space", help="Search space: YAML of key: {low, high, log, step} or {choices: [...]} (default: README).", metavar="FILE"
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL shared by several sweeps, e.g. postgresql://user:pw@host/db (default: STUDY/study.db).",
+            metavar="URL",
+        ),
+    ] = None,
+    study_name: Annotated[str, typer.Option("--study-name", help="The study's name in the storage.", metavar="NAME")] = "medseg",
+    folds: Annotated[
+        int | None, typer.Option("--folds", help="Folds of each trial's subject-grouped split (default: split.n_folds).")
+    ] = None,
+    outer_fold: Annotated[
+        int | None,
+        typer.Option(
+            "--outer-fold",
+            help="Keep fold K of an outer split out of every trial; score the best configuration on it at the end.",
+            metavar="K",
+        ),
+    ] = None,
+    outer_folds: Annotated[int, typer.Option("--outer-folds", help="Folds of the outer split (with --outer-fold).")] = 5,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampler (default: a fresh one per process).")] = None,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep each trial's checkpoints (deleted once scored).")
+    ] = False,
+    layout: LayoutOption = None,
+    mask_value: MaskValueOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    subject_pattern: SubjectPatternOption = None,
+    rle_order: RleOrderOption = None,
+    rle_format: RleFormatOption = None,
+    csv: CsvOption = None,
+    id_column: IdColumnOption = None,
+    rle_column: RleColumnOption = None,
+    class_column: ClassColumnOption = None,
+    classes: ClassesOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No line per trial.")] = False,
+) -> int:
+    """Search the configuration with Optuna: each trial trains every fold and scores its cross-fitted out-of-fold score."""
+    from medseg.sweep.study import SweepRequest, run_sweep
+
+    flags = data_flags(
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
+    )
+    request = SweepRequest(
+        data, out, preset, config_file, overrides or [], {f"data.{key}": value for key, value in flags.items()}, space, trials, timeout,
+        storage, study_name, folds, outer_fold, outer_folds, seed, keep_checkpoints,
+    )  # fmt: skip
+    _print_sweep(run_sweep(request, on_message=_say(quiet)))
+    return 0
+
+
+def _print_sweep(result) -> None:
+    tally = ", ".join(f"{count} {state.lower()}" for state, count in sorted(result.counts.items()))
+    stdout.print(
+        f"study {escape(result.study_name)} in {escape(result.storage)}: "
+        f"{sum(result.counts.values())} trials ({tally}); {result.added} added now"
+    )
+    completed = result.counts.get("COMPLETE", 0)
+    if result.best is not None:
+        stdout.print(f"best trial #{result.best.number}: cross-fitted score {result.best.value:.4f} (optimistic: the best of {completed})")
+    if result.outer is not None:
+        outer = result.outer
+        stdout.print(
+            f"outer fold {outer['outer_fold']} of {outer['outer_folds']} ({len(outer['frames'])} frames no trial saw): {outer['score']:.4f}"
+        )
+    stdout.print(f"written: {', '.join(escape(str(path)) for path in result.written)}")
+    if result.best is None:
+        raise MedsegError("no trial of the study completed; trials.csv and study.html give each one's reason")
 
 
 def print_evaluation(summary: dict) -> None:

@@ -8,13 +8,17 @@ partial file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
+from medseg import progress
 from medseg.data import io, long_rle, rle
 from medseg.data.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
 from medseg.devices import device_for
@@ -22,8 +26,11 @@ from medseg.errors import UsageError
 from medseg.files import atomic_write
 from medseg.infer import submission
 from medseg.infer.export import OnnxEnsemble, export_onnx
-from medseg.infer.predict import load_fold_model, predict_frames, read_postprocess
+from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
+from medseg.progress import format_duration
 from medseg.runs import ONNX_FILE, Run, open_run
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -88,10 +95,13 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
     frames = [io.read_image(record.image_path, run.config.data.intensity_window) for record in records]
     models = _engine(request, run, on_message)
-    on_message(f"predicting {len(frames)} frames with {len(run.folds)} fold model(s) on {request.engine}, TTA {request.tta}")
+    passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
+    where = f"{request.engine} on {device_for(run.config).type}" if request.engine == "torch" else "onnx on cpu"
+    describe = f"{len(frames)} frames with {len(run.folds)} fold model(s) x {passes} TTA pass(es) ({request.tta}), {where}"
     masks, probs, index_masks = [], [], []
     values = list(run.plan.class_values.values()) if request.masks_dir is not None else []
-    for prediction in predict_frames(models, frames, run.config, request.tta, request.batch_size):
+    predictions = predict_frames(models, frames, run.config, request.tta, request.batch_size)
+    for prediction in paced(predictions, len(frames), request.batch_size, describe, on_message):
         masks.append(prediction.mask(post))
         if values:
             index_masks.append(class_index_mask(masks[-1], prediction.probs, values))
@@ -104,6 +114,36 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         written.append(str(request.masks_dir))
     used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
+
+
+def paced(items: Iterable[Item], total: int, batch: int, describe: str, on_message: Callable[[str], None]) -> Iterator[Item]:
+    """Yield the predictions of ``total`` frames, telling what is predicted and when it will be done.
+
+    One line before a single batch; otherwise one line after the first batch, with the ETA it gives, and,
+    when no bars are shown (:func:`medseg.progress.active`: output that is not a terminal), a line at every
+    tenth of the frames.
+
+    Args:
+        items: One prediction per frame, computed a batch at a time.
+        total: Frames.
+        batch: Frames per forward pass.
+        describe: What is predicted (frames, fold models, TTA passes, engine and device).
+        on_message: Receives the lines.
+    """
+    if total <= batch:
+        on_message(f"predicting {describe}")
+        yield from items
+        return
+    start = time.perf_counter()
+    every = max(batch, math.ceil(total / 10))
+    for done, item in enumerate(items, start=1):
+        yield item
+        elapsed = time.perf_counter() - start
+        eta = format_duration(elapsed / done * (total - done))
+        if done == batch:
+            on_message(f"predicting {describe}: ETA {eta} (the first batch of {batch} took {format_duration(elapsed)})")
+        elif done % every == 0 and done < total and not progress.active():
+            on_message(f"predicted {done}/{total} frames, ETA {eta}")
 
 
 def _sample_ids(sample_path: Path | None, run: Run) -> list[str] | None:

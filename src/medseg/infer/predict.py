@@ -26,6 +26,7 @@ from medseg.learn.models import create_model, split_outputs
 from medseg.runs import CONFIG_FILE, FoldDir, Run, StructuresTuning
 
 TTA_MODES = ("none", "hflip", "hvflip")
+TTA_PASSES = {"none": 1, "hflip": 2, "hvflip": 3}  # forward passes of each model per frame
 DEFAULT_THRESHOLD = 0.5
 
 

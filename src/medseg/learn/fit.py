@@ -13,7 +13,7 @@ import sys
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from medseg import runs
+from medseg import progress, runs
 from medseg.config import Config
 from medseg.data.samples import Sample
 from medseg.devices import precision, uses_cuda
@@ -29,7 +29,9 @@ def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, e
     ``last.ckpt`` has its own checkpoint callback because Lightning 2.6 writes ``save_last`` only in the
     epochs that also improve the monitored value, and resuming needs the latest epoch. ``best.ckpt`` holds
     the weights only (a third of the size: prediction, tuning and export need no optimiser state);
-    ``last.ckpt`` keeps the optimiser and schedule for ``--resume``.
+    ``last.ckpt`` keeps the optimiser and schedule for ``--resume``. With ``show_progress`` the epoch has
+    Lightning's bar, unless the command line shows its own (:func:`medseg.progress.active`); without it
+    Lightning writes no bar at all (none of its carriage returns into logs).
     """
     trainer_cfg = config.trainer
     best = ModelCheckpoint(
@@ -44,7 +46,8 @@ def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, e
     last = ModelCheckpoint(dirpath=fold_dir.checkpoints, filename="last", save_top_k=1, enable_version_counter=False)
     stopper = EarlyStopping("val_loss", patience=trainer_cfg.early_stopping_patience, mode="min")
     callbacks = [EpochMetricsWriter(fold_dir.metrics), stopper, best, last]
-    if show_progress:
+    lightning_bar = show_progress and not progress.active()  # the command line's own bars replace Lightning's (RunProgress)
+    if lightning_bar:
         callbacks.append(RichProgressBar())
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
@@ -59,7 +62,7 @@ def build_trainer(config: Config, fold_dir: runs.FoldDir, show_progress: bool, e
         callbacks=callbacks + list(extra_callbacks or []),
         logger=_tensorboard_logger(fold_dir),
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=show_progress,
+        enable_progress_bar=lightning_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         benchmark=uses_cuda(config),

@@ -1,12 +1,15 @@
 """``medseg train``: one run folder from a data folder and a configuration.
 
 Loads and checks the data set, makes (or, on ``--resume``, reads) the subject-grouped split, writes the
-run's files (see :mod:`medseg.runs`) and trains each fold with :func:`medseg.learn.fit.fit_fold`.
+run's files (see :mod:`medseg.runs`) and trains each fold with :func:`medseg.learn.fit.fit_fold`, telling the
+progress of the whole run (:mod:`medseg.learn.run_progress`). :func:`plan_run` (``--dry-run``) does the same
+up to the split, writes nothing, and estimates the run's time from a few timed steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,13 @@ from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.inspector import FrameFacts, structure_facts, summarize
 from medseg.data.samples import Sample, load_samples
 from medseg.errors import UsageError
+from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, time_steps
 from medseg.learn.fit import fit_fold, is_ddp_child
 from medseg.learn.models import check_model_config
+from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
 
-__all__ = ["train_run"]
+__all__ = ["plan_run", "train_run"]
 
 
 def train_run(
@@ -37,6 +42,7 @@ def train_run(
     show_progress: bool = False,
     on_message: Callable[[str], None] = print,
     extra_callbacks: list[Callback] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> list[FoldResult]:
     """Train a run folder.
 
@@ -49,8 +55,11 @@ def train_run(
         resume: Continue the run in ``run`` from its last checkpoints.
         force: Replace an existing run folder.
         show_progress: Show progress bars.
-        on_message: Receives one line per event worth telling the user.
+        on_message: Receives one line per event worth telling the user, and the whole-run line of each epoch
+            (:class:`~medseg.learn.run_progress.RunProgress`) when no bars are shown.
         extra_callbacks: More Lightning callbacks for every fold.
+        on_warning: Receives the warning for a GPU-sized run on the CPU (:func:`~medseg.learn.estimate.cpu_warning`);
+            ``None``: ``on_message``, as ``warning: ...``.
 
     Returns:
         One result per fold trained or already finished.
@@ -61,37 +70,110 @@ def train_run(
     """
     run = Path(run)
     child = is_ddp_child()
-    fresh = not (resume or child)
     if not child:
         runs.check_run_folder(run, force=force, resume=resume)
-    if fresh:
-        plan = _plan(data, config, folds, fold)
-        config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan.n_folds})})
-        check_model_config(config.model)
-    else:
-        config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
-        _check_same_data(data, plan, run)
+    if resume or child:
+        config, plan, samples, split = _prepare_resumed(data, run)
+        return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+    fresh = _prepare(data, config, folds, fold, on_message)
+    _warn(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
+    runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
+    _save_split(run, fresh.split, fresh.dataset, fresh.empty)
+    _write_run_files(run, fresh.config, fresh.plan, fresh.dataset, fresh.facts)
+    return _train_folds(run, fresh.config, fresh.plan, fresh.samples, fresh.split, show_progress, on_message, extra_callbacks, child)
+
+
+def plan_run(
+    data: Path,
+    run: Path,
+    config: Config,
+    folds: int | None = None,
+    fold: int | None = None,
+    force: bool = False,
+    on_message: Callable[[str], None] = print,
+    on_warning: Callable[[str], None] | None = None,
+    steps: int = 2,
+) -> TrainingPlan:
+    """What :func:`train_run` with the same arguments would train, with a time estimate; writes nothing.
+
+    The data are loaded and checked and split as a run does; ``steps`` training steps on real batches of
+    the first fold, on the run's device, time the estimate (:func:`~medseg.learn.estimate.time_steps`).
+
+    Args:
+        data: The data folder.
+        run: The run folder the run would write (checked, not created).
+        config: Configuration.
+        folds: As :func:`train_run`.
+        fold: As :func:`train_run`.
+        force: As :func:`train_run`: whether an existing run folder could be replaced.
+        on_message: Receives one line per event worth telling the user.
+        on_warning: Receives the warning for a GPU-sized run on the CPU, with the estimate; ``None``: ``on_message``.
+        steps: Training steps to time.
+
+    Raises:
+        UsageError: If the arguments do not fit the run folder.
+        DataError: If the data set has problems.
+    """
+    runs.check_run_folder(Path(run), force=force, resume=False)
+    fresh = _prepare(data, config, folds, fold, on_message)
+    frames = [FoldFrames(k, *(len(ids) for ids in fresh.split.train_val(k))) for k in fresh.plan.folds]
+    train_ids, val_ids = fresh.split.train_val(fresh.plan.folds[0])
+    on_message(f"timing {steps} training step(s) of fold {fresh.plan.folds[0]} for the estimate")
+    times = time_steps(fresh.config, [fresh.samples[i] for i in train_ids], [fresh.samples[i] for i in val_ids], steps)
+    result = TrainingPlan(fresh.plan.n_folds, frames, fresh.config, times)
+    _warn(cpu_warning(fresh.config, len(frames), result.run_seconds), on_warning, on_message)
+    return result
+
+
+def _warn(warning: str | None, on_warning: Callable[[str], None] | None, on_message: Callable[[str], None]) -> None:
+    """Give a warning (if any) to ``on_warning``, or else to ``on_message`` as ``warning: ...``."""
+    if warning is not None:
+        (on_warning or (lambda line: on_message(f"warning: {line}")))(warning)
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """A new run, checked and split, before anything is written."""
+
+    config: Config
+    plan: runs.RunPlan
+    dataset: Dataset
+    samples: dict[str, Sample]
+    facts: list[FrameFacts]
+    empty: dict[str, bool]
+    split: splits.Split
+
+
+def _prepare(data: Path, config: Config, folds: int | None, fold: int | None, on_message: Callable[[str], None]) -> _Fresh:
+    """Load and check the data of a new run, resolve its configuration and plan, and split it; writes nothing."""
+    plan = _plan(data, config, folds, fold)
+    config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan.n_folds})})
+    check_model_config(config.model)
     dataset = require_clean(load_dataset(data, config.data))
-    if fresh:  # the run keeps the RLE dialect the data was read in, told from its table when not named
-        config = config.model_copy(update={"data": dataset.options})
-    excluded = _exclusions(config, dataset, on_message) if fresh else plan.excluded
+    config = config.model_copy(update={"data": dataset.options})  # the RLE dialect the data was read in, told from its table when not named
+    excluded = _exclusions(config, dataset, on_message)
     dataset = exclusions.without(dataset, excluded)
     structures = max(1, len(dataset.classes))
-    config = _with_structures(config, structures) if fresh else config
+    config = _with_structures(config, structures)
     _check_structures(config, structures)
     samples = load_samples(dataset.train, config.data)
-    if not fresh:
-        split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
-        return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
     facts = _frame_facts(dataset, samples)
     empty = {item.record.id: item.area == 0 for item in facts}
     split = _new_split(dataset, facts, config, len(excluded))
-    runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
-    _save_split(run, split, dataset, empty)
     counted = {"train_non_empty": sum(not value for value in empty.values()), "excluded": excluded}
     plan = plan.model_copy(update={**counted, **_structure_plan(dataset, facts)})
-    _write_run_files(run, config, plan, dataset, facts)
-    return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+    return _Fresh(config, plan, dataset, samples, facts, empty, split)
+
+
+def _prepare_resumed(data: Path, run: Path) -> tuple[Config, runs.RunPlan, dict[str, Sample], splits.Split]:
+    """The configuration, plan, frames and split of a run being resumed (or of a DDP worker's run)."""
+    config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
+    _check_same_data(data, plan, run)
+    dataset = exclusions.without(require_clean(load_dataset(data, config.data)), plan.excluded)
+    _check_structures(config, max(1, len(dataset.classes)))
+    samples = load_samples(dataset.train, config.data)
+    split = splits.load_split(run / runs.SPLIT_FILE, expected_ids=[record.id for record in dataset.train])
+    return config, plan, samples, split
 
 
 def _exclusions(config: Config, dataset: Dataset, on_message: Callable[[str], None]) -> dict[str, str]:
@@ -238,19 +320,25 @@ def _train_folds(
     child: bool,
 ) -> list[FoldResult]:
     results = []
-    for fold_dir in runs.fold_dirs(run, plan.folds, plan.several):
-        if fold_dir.done:
-            results.append(fold_dir.result())
-            on_message(f"fold {fold_dir.fold}: already finished, skipped")
-            continue
-        train_ids, val_ids = split.train_val(fold_dir.fold)
-        on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
-        result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, extra_callbacks)
-        if weights is not None and not child:
-            _record_weights(run, weights)
-        results.append(result)
-        on_message(
-            f"fold {result.fold}: {result.epochs} epochs{' (stopped early)' if result.stopped_early else ''}, "
-            f"best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f}"
-        )
+    tracker = RunProgress(len(plan.folds), config.trainer.max_epochs, may_stop_early(config.trainer), on_message)
+    try:
+        for position, fold_dir in enumerate(runs.fold_dirs(run, plan.folds, plan.several)):
+            if fold_dir.done:
+                results.append(fold_dir.result())
+                on_message(f"fold {fold_dir.fold}: already finished, skipped")
+                continue
+            train_ids, val_ids = split.train_val(fold_dir.fold)
+            on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
+            tracker.begin_fold(fold_dir.fold, position)
+            callbacks = [tracker, *(extra_callbacks or [])]
+            result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, callbacks)
+            if weights is not None and not child:
+                _record_weights(run, weights)
+            results.append(result)
+            on_message(
+                f"fold {result.fold}: {result.epochs} epochs{' (stopped early)' if result.stopped_early else ''}, "
+                f"best validation loss {result.best_val_loss:.4f}, score {result.best_val_score:.4f}"
+            )
+    finally:
+        tracker.close()
     return results
