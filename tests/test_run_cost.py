@@ -102,6 +102,20 @@ def test_the_warning_before_a_real_run_points_to_the_first_epoch_and_dry_run(mon
     assert "trainer.accelerator=cpu" in cpu_warning(load_config("default", overrides=["trainer.accelerator=cpu"]), folds=1)
 
 
+def test_a_gpu_sized_sweep_without_cuda_warns_before_its_first_trial(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(estimate, "uses_cuda", lambda config: False)
+    line = cpu_warning(load_config("default"), folds=5, trials=20)
+    assert "GPU-sized sweep (448x608 input, 20 trial(s) x 5 fold(s) x up to 100 epochs)" in line and "first trial" in line
+    broken = tmp_path / "broken"  # the warning comes before the data are read: a folder whose frame is unreadable
+    (broken / "images").mkdir(parents=True)
+    (broken / "masks").mkdir()
+    (broken / "images" / "a.png").write_bytes(b"not a png")
+    (broken / "masks" / "a.png").write_bytes(b"not a png")
+    assert main(["sweep", str(broken), "--out", str(tmp_path / "study"), "--trials", "3", "--folds", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "3 trial(s) x 2 fold(s)" in err and "Traceback" not in err
+
+
 def test_dry_run_writes_nothing_and_plans_what_the_run_then_trains(two_fold_run, small_data, tmp_path, monkeypatch, capsys):
     run, trained = two_fold_run
     monkeypatch.chdir(tmp_path)

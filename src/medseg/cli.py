@@ -710,7 +710,7 @@ def sweep_command(
         data, out, preset, config_file, overrides or [], {f"data.{key}": value for key, value in flags.items()}, space, trials, timeout,
         storage, study_name, folds, outer_fold, outer_folds, seed, keep_checkpoints,
     )  # fmt: skip
-    _print_sweep(run_sweep(request, on_message=_say(quiet)))
+    _print_sweep(run_sweep(request, on_message=_say(quiet), on_warning=_warn))
     return 0
 
 

@@ -171,24 +171,28 @@ def describe_augmentation(config: Config) -> str:
     return f"cpu (Albumentations in {workers} DataLoader worker(s))" if workers else "cpu (Albumentations in the main process)"
 
 
-def cpu_warning(config: Config, folds: int, seconds: float | None = None) -> str | None:
+def cpu_warning(config: Config, folds: int, seconds: float | None = None, trials: int | None = None) -> str | None:
     """The warning for a GPU-sized input (above :data:`GPU_SIZED_PIXELS`) about to train on the CPU, else ``None``.
 
     Args:
         config: The run's configuration.
         folds: The folds the run trains.
         seconds: The run's estimated seconds, when known.
+        trials: For a sweep, the trials it adds (each trains every fold).
     """
     pixels = config.input.height * config.input.width
     if uses_cuda(config) or pixels <= GPU_SIZED_PIXELS:
         return None
     reason = "trainer.accelerator=cpu" if config.trainer.accelerator == "cpu" else "no CUDA device"
-    if seconds is None:
-        estimate = "its ETA follows its first epoch; --dry-run estimates it before training"
-    else:
+    if seconds is not None:
         estimate = f"estimate: {'up to ' if may_stop_early(config.trainer) else ''}{format_duration(seconds)}"
+    elif trials:
+        estimate = "the ETA follows the first trial"
+    else:
+        estimate = "its ETA follows its first epoch; --dry-run estimates it before training"
+    what, count = ("sweep", f"{trials} trial(s) x ") if trials else ("run", "")
     return (
-        f"{reason}: a GPU-sized run ({config.input.height}x{config.input.width} input, {folds} fold(s) x up to "
+        f"{reason}: a GPU-sized {what} ({config.input.height}x{config.input.width} input, {count}{folds} fold(s) x up to "
         f"{config.trainer.max_epochs} epochs) trains on the CPU ({estimate}); "
         "on a CPU use --preset cpu (one model at 128x160), or --preset cpu --folds 5 for every fold"
     )

@@ -59,6 +59,7 @@ from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.infer.tune import tune_run
 from medseg.learn import metrics
+from medseg.learn.estimate import cpu_warning
 from medseg.learn.train import train_run
 from medseg.report.evaluate import score_frames
 from medseg.sweep import outputs
@@ -176,12 +177,16 @@ class _Context:
     exclude: Path | None  # the outer fold's exclusions file
 
 
-def run_sweep(request: SweepRequest, on_message: Callable[[str], None] = print) -> SweepResult:
+def run_sweep(
+    request: SweepRequest, on_message: Callable[[str], None] = print, on_warning: Callable[[str], None] | None = None
+) -> SweepResult:
     """Run a sweep: add trials to the study, then write ``trials.csv``, ``best.yaml``, the outer fold's score and ``study.html``.
 
     Args:
         request: What to do.
         on_message: Receives one line per trial (and per outer-fold step).
+        on_warning: Receives the warning of a GPU-sized sweep about to train on the CPU (``on_message``, after
+            ``warning:``, when ``None``).
 
     Returns:
         The study's state at the end.
@@ -194,6 +199,9 @@ def run_sweep(request: SweepRequest, on_message: Callable[[str], None] = print) 
     space = load_space(request.space_file)
     base = _base_config(request, space)
     folds = request.folds or base.split.n_folds
+    warning = cpu_warning(base, folds, trials=request.trials)
+    if warning:
+        (on_warning or (lambda line: on_message(f"warning: {line}")))(warning)
     dataset = require_clean(load_dataset(request.data, base.data))
     marker = _check_folder(request)
     with _quiet_optuna():
