@@ -16,6 +16,11 @@ frames that have a structure, and the presence accuracy (is the mask empty when 
 Both arms use the same input size, encoder, batch size and epoch budget (``--preset``). Prints one table
 and writes ``OUT/accuracy.json``.
 
+``kaggle-uns-nerve256`` holds 1,918 real Kaggle UNS frames of 38 subjects, all with a nerve (256x256 JPEG, masks
+binarised above 127, the subject the number before ``_``): its score is the mean Dice, and it measures how well
+masks are drawn, not the empty-frame decision. Both arms of it at ``--preset cpu`` take hours here: size the run
+with ``--folds 3`` (issue 19 asks about 90 minutes).
+
 ``usgra-seg-both`` is usgra-seg with both structures (1 nerve, 2 vessel): one two-structure model against one
 model per structure, each tuned out-of-fold per structure (``bench/structures.py``, which prints its own
 table with the differences and the time ratio); its rows give each arm's cross-fitted and tuned-on-all score
@@ -27,6 +32,7 @@ per structure (the per-frame columns do not apply and show ``-``). ``--preset cp
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,6 +73,7 @@ DATASETS = {
     "usgra-seg": ("usgra-seg", {"data.mask_value": 1}),
     "montgomery-cxr": ("montgomery-cxr", {"data.mask_threshold": 127}),
     "usgra-seg-both": ("usgra-seg", {}),
+    "kaggle-uns-nerve256": ("kaggle-uns-nerve256", {"data.mask_threshold": 127, "data.subject_pattern": r"^(\d+)_"}),
 }
 RECIPE = {
     "model.presence_head": False,
@@ -179,6 +186,30 @@ def _say(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
 
+def subject_subset(data: Path, config: Config, subjects: int, target: Path) -> Path:
+    """A folders-layout copy (symbolic links) of the frames of a data set's first ``subjects`` subjects, in natural order.
+
+    Raises:
+        UsageError: If the data set is not of the folders layout or has fewer subjects.
+    """
+    dataset = require_clean(load_dataset(data, config.data))
+    if dataset.layout != "folders":
+        raise UsageError(f"{data}: --subjects takes folders-layout data sets (images/ and masks/), not {dataset.layout}")
+    known = sorted({record.subject for record in dataset.train if record.subject}, key=lambda subject: (len(subject), subject))
+    if len(known) < subjects:
+        raise UsageError(f"{data}: {len(known)} subjects, fewer than --subjects {subjects}")
+    kept = set(known[:subjects])
+    if target.exists():
+        shutil.rmtree(target)
+    for folder in ("images", "masks"):
+        (target / folder).mkdir(parents=True)
+    for record in dataset.train:
+        if record.subject in kept:
+            (target / "images" / record.image_path.name).symlink_to(record.image_path.resolve())
+            (target / "masks" / record.mask_path.name).symlink_to(record.mask_path.resolve())
+    return target
+
+
 def structures_rows(name: str, data: Path, args: argparse.Namespace) -> list[dict]:
     """One two-structure model and one model per structure, on the same folds and budget: a row per arm and structure."""
     results = {arm: structures.run_arm(arm, data, args.out / name, args.preset, args.overrides, args.folds) for arm in structures.ARMS}
@@ -221,6 +252,9 @@ def main() -> None:
     parser.add_argument("--arms", default="recipe,medseg", help="comma-separated: recipe, medseg")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument(
+        "--subjects", type=int, default=None, help="only the first N subjects of each data set (folders layout), to size a run"
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="override for both arms' budget, e.g. trainer.max_epochs=12"
     )
     parser.add_argument(
@@ -234,6 +268,8 @@ def main() -> None:
         data = args.data_root / folder
         if not data.is_dir():
             raise UsageError(f"{data}: no such data set folder; point --data-root at the folder that holds {folder}/")
+        if args.subjects:
+            data = subject_subset(data, load_config(args.preset, None, args.overrides, values), args.subjects, args.out / "subsets" / name)
         if name == "usgra-seg-both":
             rows += structures_rows(name, data, args)
         elif "medseg" in args.arms:

@@ -50,3 +50,17 @@ def test_accuracy_bench_names_a_missing_data_set_folder_in_one_line(tmp_path):
         done.stderr.strip()
         == f"error: {tmp_path / 'uns-mini'}: no such data set folder; point --data-root at the folder that holds uns-mini/"
     )
+
+
+def test_the_real_kaggle_frames_run_on_a_subset_of_their_subjects(tmp_path, shared_data):
+    """``--subjects N`` sizes a run on kaggle-uns-nerve256: only the first N subjects' frames, subject-grouped folds."""
+    budget = [item for override in (*TINY_OVERRIDES, "trainer.max_epochs=1", "model.encoder=resnet18") for item in ("--set", override)]
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCH), "--out", str(out), "--datasets", "kaggle-uns-nerve256", "--arms", "medseg"]
+    done = subprocess.run([*command, "--subjects", "3", "--folds", "3", *budget], capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    subset = sorted(path.name.split("_")[0] for path in (out / "subsets" / "kaggle-uns-nerve256" / "images").iterdir())
+    assert set(subset) == {"1", "2", "3"}  # the first three subjects, in natural order
+    rows = {row["arm"]: row for row in json.loads((out / "accuracy.json").read_text())["rows"]}
+    assert rows["medseg, cross-fitted"]["frames"] == len(subset)
+    assert rows["medseg, cross-fitted"]["all_empty_score"] == 0.0  # every frame has a nerve
