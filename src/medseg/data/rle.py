@@ -330,7 +330,7 @@ def _parse_runs(rle: str, relative: bool = False) -> tuple[np.ndarray, np.ndarra
     if not isinstance(rle, str):
         raise RLEError(f"RLE must be a string; got {type(rle).__name__}")
     if not relative and rle.strip() == SIIM_EMPTY:
-        raise RLEError("RLE '-1' is the siim dialect's empty mask, not a 'start length' pair; read the table as siim")
+        raise RLEError("RLE '-1' is the siim dialect's empty mask, not a 'start length' pair; read the table with --rle-format siim")
     if _ONLY_DIGITS_AND_SPACE(rle) is None:
         bad = _FOREIGN_CHARACTER(rle)
         token = next((t for t in rle.split() if bad.group() in t), bad.group())
