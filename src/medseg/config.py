@@ -88,6 +88,11 @@ class DataOptions(_Section):
         """The RLE dialect named by ``rle_format``, or by ``rle_order`` C (row-major); ``None``: to be told from the data."""
         return self.rle_format or ("row-major" if self.rle_order == "C" else None)
 
+    @property
+    def dialect(self) -> RleFormat:
+        """The dialect RLE is read and written in: :attr:`rle_dialect`, or ``kaggle`` where nothing names or tells one."""
+        return self.rle_dialect or "kaggle"
+
     @field_validator("classes", mode="before")
     @classmethod
     def _classes_from_text(cls, value: Any) -> Any:

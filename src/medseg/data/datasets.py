@@ -134,7 +134,7 @@ def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
     loader = {"kaggle": _load_kaggle, "folders": _load_folders, "rle-csv": _load_rle_csv}[layout]
     dataset = loader(root, options)
     if dataset.options.rle_format is None:
-        dataset.options = dataset.options.model_copy(update={"rle_format": options.rle_dialect or "kaggle"})
+        dataset.options = dataset.options.model_copy(update={"rle_format": options.dialect})
     if not dataset.train:
         raise DataError(f"{root}: no labelled images found for the {layout} layout; check the folder or --layout")
     return dataset
@@ -244,7 +244,7 @@ def structure_masks(record: Record, options: DataOptions, shape: tuple[int, int]
 
 def _decode_row(record: Record, name: str, text: str, shape: tuple[int, int], options: DataOptions) -> np.ndarray:
     try:
-        return rle.decode(text, shape, dialect=options.rle_dialect or "kaggle")
+        return rle.decode(text, shape, dialect=options.dialect)
     except rle.RLEError as error:
         raise FileError(
             record.rle_source or record.image_path,
@@ -282,7 +282,7 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
         return from_file
     shape = shape or (from_file.shape if from_file is not None else None) or record.size or io.image_size(record.image_path)
     try:
-        from_rle = rle.decode_union((record.rle, *record.extra_rles), shape, dialect=options.rle_dialect or "kaggle")
+        from_rle = rle.decode_union((record.rle, *record.extra_rles), shape, dialect=options.dialect)
     except rle.RLEError as error:
         raise FileError(
             record.rle_source or record.image_path, f"row of id {record.id}: {error}; fix or regenerate this row", "malformed_rle"

@@ -222,7 +222,7 @@ def _write_outputs(
         written.append(str(request.out))
     elif request.out is not None:
         sample_ids = sample
-        dialect = rle_dialect(run)
+        dialect = run.config.data.dialect
         rles = [rle.encode(mask, dialect=dialect) for mask in masks]
         sizes = {i: mask.shape for i, mask in zip(ids, masks)}
         had_masks = None if run.plan.train_non_empty is None else run.plan.train_non_empty > 0
@@ -267,7 +267,7 @@ def _write_long_submission(
         raise UsageError(
             f"{request.sample or 'the sample'}: class(es) {', '.join(unknown)} are not structures of {run.path} ({', '.join(channel_of)})"
         )
-    dialect = rle_dialect(run)
+    dialect = run.config.data.dialect
     rows = [(sample_id, label, rle.encode(by_id[sample_id][channel_of[label]], dialect=dialect)) for sample_id, label in pairs]
     had_masks = {label_of[name]: count > 0 for name, count in run.plan.class_non_empty.items()}
     sizes = {sample_id: mask.shape[1:] for sample_id, mask in by_id.items()}
@@ -275,11 +275,6 @@ def _write_long_submission(
     report = submission.validate_long(*columns, sample_pairs, sizes, had_masks or None, dialect=dialect, path=request.out)
     submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
     long_rle.write_long_table(request.out, rows, header)
-
-
-def rle_dialect(run: Run) -> str:
-    """The RLE dialect a run's submissions are written in: the one its training data was read in."""
-    return run.config.data.rle_dialect or "kaggle"
 
 
 def class_index_mask(masks: np.ndarray, probs: np.ndarray, values: list[int]) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -27,7 +28,7 @@ from medseg.learn.models import create_model
 from medseg.learn.module import SegmentationModule
 from medseg.progress import format_duration
 
-__all__ = ["GPU_SIZED_PIXELS", "FoldFrames", "StepTimes", "TrainingPlan", "cpu_warning", "may_stop_early", "time_steps"]
+__all__ = ["GPU_SIZED_PIXELS", "FoldFrames", "StepTimes", "TrainingPlan", "cpu_warning", "may_stop_early", "tell_warning", "time_steps"]
 
 GPU_SIZED_PIXELS = 200_000  # the default and kaggle presets' 448x608 is 272,384; the cpu preset's 128x160 is 20,480
 WARMUP_STEPS = 1
@@ -196,6 +197,12 @@ def cpu_warning(config: Config, folds: int, seconds: float | None = None, trials
         f"{config.trainer.max_epochs} epochs) trains on the CPU ({estimate}); "
         "on a CPU use --preset cpu (one model at 128x160), or --preset cpu --folds 5 for every fold"
     )
+
+
+def tell_warning(warning: str | None, on_warning: Callable[[str], None] | None, on_message: Callable[[str], None]) -> None:
+    """Give a warning (if any) to ``on_warning``, or else to ``on_message`` as ``warning: ...``."""
+    if warning is not None:
+        (on_warning or (lambda line: on_message(f"warning: {line}")))(warning)
 
 
 def time_steps(config: Config, train: list[Sample], val: list[Sample], steps: int = 2) -> StepTimes:

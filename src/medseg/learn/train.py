@@ -22,7 +22,7 @@ from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.inspector import FrameFacts, structure_facts, summarize
 from medseg.data.samples import Sample, load_samples
 from medseg.errors import UsageError
-from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, time_steps
+from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, tell_warning, time_steps
 from medseg.learn.fit import fit_fold, is_ddp_child
 from medseg.learn.models import check_model_config
 from medseg.learn.run_progress import RunProgress
@@ -76,7 +76,7 @@ def train_run(
         config, plan, samples, split = _prepare_resumed(data, run)
         return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
     fresh = _prepare(data, config, folds, fold, on_message)
-    _warn(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
+    tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _save_split(run, fresh.split, fresh.dataset, fresh.empty)
     _write_run_files(run, fresh.config, fresh.plan, fresh.dataset, fresh.facts)
@@ -121,14 +121,8 @@ def plan_run(
     on_message(f"timing {steps} training step(s) of fold {fresh.plan.folds[0]} for the estimate")
     times = time_steps(fresh.config, [fresh.samples[i] for i in train_ids], [fresh.samples[i] for i in val_ids], steps)
     result = TrainingPlan(fresh.plan.n_folds, frames, fresh.config, times)
-    _warn(cpu_warning(fresh.config, len(frames), result.run_seconds), on_warning, on_message)
+    tell_warning(cpu_warning(fresh.config, len(frames), result.run_seconds), on_warning, on_message)
     return result
-
-
-def _warn(warning: str | None, on_warning: Callable[[str], None] | None, on_message: Callable[[str], None]) -> None:
-    """Give a warning (if any) to ``on_warning``, or else to ``on_message`` as ``warning: ...``."""
-    if warning is not None:
-        (on_warning or (lambda line: on_message(f"warning: {line}")))(warning)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.infer.tune import tune_run
 from medseg.learn import metrics
-from medseg.learn.estimate import cpu_warning
+from medseg.learn.estimate import cpu_warning, tell_warning
 from medseg.learn.train import train_run
 from medseg.report.evaluate import score_frames
 from medseg.sweep import outputs
@@ -199,9 +199,7 @@ def run_sweep(
     space = load_space(request.space_file)
     base = _base_config(request, space)
     folds = request.folds or base.split.n_folds
-    warning = cpu_warning(base, folds, trials=request.trials)
-    if warning:
-        (on_warning or (lambda line: on_message(f"warning: {line}")))(warning)
+    tell_warning(cpu_warning(base, folds, trials=request.trials), on_warning, on_message)
     dataset = require_clean(load_dataset(request.data, base.data))
     marker = _check_folder(request)
     with _quiet_optuna():
