@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -27,10 +26,8 @@ from medseg.files import atomic_write
 from medseg.infer import submission
 from medseg.infer.export import OnnxEnsemble, export_onnx
 from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
-from medseg.progress import format_duration
+from medseg.progress import Item, format_duration
 from medseg.runs import ONNX_FILE, Run, open_run
-
-Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -108,10 +105,8 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         if request.save_probs:
             probs.append(prediction.probs.astype(np.float16))
     ids = [record.id for record in records]
-    written = _write_outputs(request, run, ids, masks, probs, (sample_pairs, header) if run.classes else sample_ids, on_message)
-    if index_masks:
-        _write_masks(Path(request.masks_dir), ids, index_masks, scale=1)
-        written.append(str(request.masks_dir))
+    sample = (sample_pairs, header) if run.classes else sample_ids
+    written = _write_outputs(request, run, ids, masks, index_masks, probs, sample, on_message)
     used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
 
@@ -214,7 +209,14 @@ def _in_sample_order(records: list[Record], sample_ids: list[str], sample_path: 
 
 
 def _write_outputs(
-    request: PredictRequest, run: Run, ids: list[str], masks: list[np.ndarray], probs: list[np.ndarray], sample, on_message
+    request: PredictRequest,
+    run: Run,
+    ids: list[str],
+    masks: list[np.ndarray],
+    index_masks: list[np.ndarray],
+    probs: list[np.ndarray],
+    sample,
+    on_message,
 ) -> list[str]:
     written = []
     if request.out is not None and run.classes:
@@ -232,11 +234,14 @@ def _write_outputs(
         submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
         submission.write_submission(request.out, ids, rles, submission.submission_header(dialect))
         written.append(str(request.out))
-    if request.masks_dir is not None and run.classes and not run.plan.class_values:
+    if request.masks_dir is not None and index_masks:
+        _write_masks(Path(request.masks_dir), ids, index_masks, scale=1)
+        written.append(str(request.masks_dir))
+    elif request.masks_dir is not None and run.classes:
         for index, name in enumerate(run.classes):
             _write_masks(Path(request.masks_dir) / name, ids, [mask[index] for mask in masks])
         written.append(str(request.masks_dir))
-    elif request.masks_dir is not None and not run.classes:
+    elif request.masks_dir is not None:
         _write_masks(Path(request.masks_dir), ids, masks)
         written.append(str(request.masks_dir))
     if request.save_probs:
