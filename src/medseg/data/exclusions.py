@@ -160,6 +160,20 @@ def _entries(path: Path, body: list[tuple[int, list[str]]], columns: int) -> dic
     return excluded
 
 
+def read_for(path: str | Path | None, dataset: Dataset) -> dict[str, str]:
+    """The frames an exclusions file (``data.exclude``) names, read and checked against the data set; none without one.
+
+    Raises:
+        UsageError: If the file is missing.
+        DataError: If it is malformed or names frames the data set does not have.
+    """
+    if path is None:
+        return {}
+    excluded = read_exclusions(Path(path))
+    check_known(Path(path), excluded, dataset)
+    return excluded
+
+
 def check_known(path: Path, excluded: dict[str, str], dataset: Dataset) -> None:
     """Check that every excluded frame is a labelled frame of the data set, and that some are left.
 

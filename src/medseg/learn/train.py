@@ -177,12 +177,9 @@ def _exclusions(config: Config, dataset: Dataset, on_message: Callable[[str], No
         UsageError: If the file is missing.
         DataError: If it is malformed or names frames the data set does not have.
     """
-    if config.data.exclude is None:
-        return {}
-    path = Path(config.data.exclude)
-    excluded = exclusions.read_exclusions(path)
-    exclusions.check_known(path, excluded, dataset)
-    on_message(f"{len(excluded)} frame(s) listed in {path} left out of training, validation and tuning")
+    excluded = exclusions.read_for(config.data.exclude, dataset)
+    if excluded:
+        on_message(f"{len(excluded)} frame(s) listed in {config.data.exclude} left out of training, validation and tuning")
     return excluded
 
 

@@ -201,10 +201,11 @@ def run_sweep(
     folds = request.folds or base.split.n_folds
     tell_warning(cpu_warning(base, folds, trials=request.trials), on_warning, on_message)
     dataset = require_clean(load_dataset(request.data, base.data))
+    left_out = exclusions.read_for(base.data.exclude, dataset)  # read once, checked like train's
     marker = _check_folder(request)
     with _quiet_optuna():
-        study, identity = _open_sweep(request, marker, dataset, base, folds)
-        exclude = _write_outer_exclusions(request, base, dataset, identity["outer_ids"]) if identity["outer_ids"] else None
+        study, identity = _open_sweep(request, marker, dataset, base, folds, left_out)
+        exclude = _write_outer_exclusions(request, dataset, identity["outer_ids"], left_out) if identity["outer_ids"] else None
         context = _Context(request, space, folds, exclude)
         progress = _Progress(request, folds, on_message)
         study.optimize(
@@ -225,7 +226,7 @@ def run_sweep(
 
 
 def _open_sweep(
-    request: SweepRequest, marker: SweepFolder | None, dataset: Dataset, base: Config, folds: int
+    request: SweepRequest, marker: SweepFolder | None, dataset: Dataset, base: Config, folds: int, left_out: dict[str, str]
 ) -> tuple[optuna.Study, dict[str, Any]]:
     """Open the storage and the study, settle its folds and outer fold, then write ``sweep.json`` (a new STUDY's).
 
@@ -234,7 +235,11 @@ def _open_sweep(
     option = f"--storage {storage_label(request)}" if request.storage else str(Path(request.out) / STUDY_DB)
     study = _open_study(open_storage(storage_url(request), option), request)
     identity = _settle_identity(
-        study, request, folds, lambda: _outer_ids(dataset, base, request), lambda ids: _check_folds(dataset, base, folds, ids)
+        study,
+        request,
+        folds,
+        lambda: _outer_ids(dataset, base, request, left_out),
+        lambda ids: _check_folds(dataset, base, folds, ids, left_out),
     )
     if marker is not None:
         runs.write_json(Path(request.out) / SWEEP_FILE, marker.model_dump(mode="json"))
@@ -449,17 +454,12 @@ def _settle_identity(
     return found
 
 
-def _user_excluded(config: Config) -> dict[str, str]:
-    return {} if config.data.exclude is None else exclusions.read_exclusions(Path(config.data.exclude))
-
-
-def _outer_ids(dataset: Dataset, config: Config, request: SweepRequest) -> list[str]:
+def _outer_ids(dataset: Dataset, config: Config, request: SweepRequest, left_out: dict[str, str]) -> list[str]:
     """The frames of the outer fold: fold K of a subject-grouped split of the frames (balanced for empty masks).
 
     Raises:
         UsageError: If the data have fewer subjects than outer folds.
     """
-    left_out = _user_excluded(config)
     records = [record for record in dataset.train if record.id not in left_out]
     samples = load_samples(records, dataset.options)
     empty = [_empty(samples[record.id][1], bool(dataset.classes)) for record in records]
@@ -472,13 +472,13 @@ def _outer_ids(dataset: Dataset, config: Config, request: SweepRequest) -> list[
     return list(split.folds[request.outer_fold])
 
 
-def _check_folds(dataset: Dataset, config: Config, folds: int, outer_ids: list[str] | None) -> None:
+def _check_folds(dataset: Dataset, config: Config, folds: int, outer_ids: list[str] | None, excluded: dict[str, str]) -> None:
     """Check that the frames the trials train on (the outer fold and ``data.exclude`` left out) split into ``folds``.
 
     Raises:
         UsageError: If there are fewer subjects than folds, naming ``--folds`` (else every trial would fail alike).
     """
-    left_out = set(outer_ids or ()) | set(_user_excluded(config))
+    left_out = set(outer_ids or ()) | set(excluded)
     records = [record for record in dataset.train if record.id not in left_out]
     try:
         splits.grouped_kfold([r.id for r in records], [r.subject for r in records], [False] * len(records), folds, config.split.seed)
@@ -490,7 +490,7 @@ def _empty(mask: Any, several: bool) -> bool | list[bool]:
     return [not channel.any() for channel in mask] if several else not mask.any()
 
 
-def _write_outer_exclusions(request: SweepRequest, config: Config, dataset: Dataset, outer_ids: list[str]) -> Path:
+def _write_outer_exclusions(request: SweepRequest, dataset: Dataset, outer_ids: list[str], left_out: dict[str, str]) -> Path:
     """``STUDY/outer/exclude.csv``: the outer fold's frames (and those ``data.exclude`` names), for every trial's ``data.exclude``.
 
     Raises:
@@ -501,7 +501,7 @@ def _write_outer_exclusions(request: SweepRequest, config: Config, dataset: Data
     if missing:
         raise UsageError(f"{request.data}: has no frame {missing[0]} of the study's outer fold; sweep the data the study started with")
     reason = f"outer fold {request.outer_fold} of {request.outer_folds}: kept out of every trial of the sweep, scored at its end"
-    excluded = {**_user_excluded(config), **{frame: reason for frame in outer_ids}}
+    excluded = {**left_out, **{frame: reason for frame in outer_ids}}
     path = Path(request.out) / OUTER_DIR / EXCLUDE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     exclusions.write_exclusions(path, excluded, source=str(Path(request.data).resolve()))
