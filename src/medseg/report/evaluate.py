@@ -79,13 +79,17 @@ def evaluate_run(
         "mode": _mode(run, out_of_fold, skip_excluded),
         "postprocess": {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post),
         "tta": tta,
-        **metrics.summary(counts),
-        **(_per_structure(rows, counts, run.classes) if run.classes else {}),
+        **scores_summary(rows, counts, run.classes),
         **({"left_out": _left_out(run, skip_excluded)} if out_of_fold and run.plan.excluded else {}),
     }
     _write(out, rows, summary, PER_STRUCTURE_COLUMNS if run.classes else PER_IMAGE_COLUMNS)
     summary["out"] = str(out)
     return summary
+
+
+def scores_summary(rows: list[dict], counts: np.ndarray, classes: list[str]) -> dict:
+    """The figures of scored frames (:func:`score_frames`): the overall summary and, with several structures, each one's."""
+    return {**metrics.summary(counts), **(_per_structure(rows, counts, classes) if classes else {})}
 
 
 def _mode(run: Run, out_of_fold: bool, skip_excluded: bool) -> str:

@@ -58,10 +58,9 @@ from medseg.errors import MedsegError, UsageError
 from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.infer.tune import tune_run
-from medseg.learn import metrics
 from medseg.learn.estimate import cpu_warning, tell_warning
 from medseg.learn.train import train_run
-from medseg.report.evaluate import score_frames
+from medseg.report.evaluate import score_frames, scores_summary
 from medseg.sweep import outputs
 from medseg.sweep.space import Space, load_space
 
@@ -721,7 +720,7 @@ def _score_outer(run_folder: Path, data: Path, ids: list[str]) -> tuple[list[dic
     held_out = exclusions.without(dataset, [record.id for record in dataset.train if record.id not in wanted])
     frames = held_out_frames(run, held_out, out_of_fold=False, tta=run.tuning().tta or "hflip", on_message=_silent)
     rows, counts = score_frames(frames, read_postprocess(run), classes=run.classes)
-    return rows, metrics.summary(counts)
+    return rows, scores_summary(rows, counts, run.classes)
 
 
 def _write_outputs(study: optuna.Study, out: Path, folds: int, outer: dict | None, space: Space) -> list[Path]:
