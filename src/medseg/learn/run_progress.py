@@ -110,16 +110,16 @@ class RunProgress(Callback):
         seconds = left * sum(self.epoch_seconds) / len(self.epoch_seconds)
         done = self.position + finished
         eta = eta_text(seconds, self.may_stop_early)
+        score = best_score(trainer)
         if self._run_bar is None:
-            self.on_line(run_line(done, self.folds, self.fold, epoch, self.max_epochs, _best_score(trainer), eta))
+            self.on_line(run_line(done, self.folds, self.fold, epoch, self.max_epochs, score, eta))
             return
-        score = _best_score(trainer)
         description = f"run: {done}/{self.folds} folds, fold {self.fold} epoch {epoch}/{self.max_epochs}, best {score:.4f}"
         completed = self.position * self.max_epochs + (self.max_epochs if finished else epoch)
         self._run_bar.update(completed=completed, description=description, eta=eta.replace(f" ({UPPER_BOUND})", " at most"))
 
 
-def _best_score(trainer: L.Trainer) -> float:
+def best_score(trainer: L.Trainer) -> float:
     """The validation score of the fold's epoch with the lowest validation loss so far (``nan`` before any)."""
     writer = next((callback for callback in trainer.callbacks if isinstance(callback, EpochMetricsWriter)), None)
     rows = [row for row in (writer.rows if writer else []) if not math.isnan(float(row["val_loss"]))]

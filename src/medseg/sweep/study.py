@@ -59,6 +59,7 @@ from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.infer.tune import tune_run
 from medseg.learn.estimate import cpu_warning, tell_warning
+from medseg.learn.run_progress import best_score
 from medseg.learn.train import train_run
 from medseg.report.evaluate import score_frames, scores_summary
 from medseg.sweep import outputs
@@ -536,20 +537,9 @@ class FoldReporter(Callback):
         self.folds = folds
         self.scores: list[float] = []
         self.step = 0
-        self.best = (math.inf, math.nan)
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.best = (math.inf, math.nan)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        loss, score = (float(trainer.callback_metrics.get(name, math.nan)) for name in ("val_loss", "val_score"))
-        if loss < self.best[0]:
-            self.best = (loss, score)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        step, score = self.step, self.best[1]
+        step, score = self.step, best_score(trainer)  # the fold's best checkpoint's score, as its summary line says
         self.step += 1
         if not math.isfinite(score):
             return
