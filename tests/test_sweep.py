@@ -133,6 +133,23 @@ def test_ranges_are_floats_or_whole_numbers_and_text_numbers_count():
     assert values == {"optim.lr": 1e-3, "trainer.max_epochs": 15}
 
 
+def test_a_configuration_is_given_back_as_the_values_that_draw_it():
+    space = parse_space(
+        {
+            "optim.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True},
+            "trainer.max_epochs": {"low": 30, "high": 40},
+            "model.encoder": {"choices": ["resnet18", "resnet34"]},
+            "input": {"choices": [{"height": 128, "width": 128}, {"height": 128, "width": 160}]},
+        },
+        "t",
+    )
+    preset = load_config("cpu")
+    drawn = space.drawn_for(preset)
+    assert drawn == {"optim.lr": 1e-3, "model.encoder": "resnet18", "input": "height=128,width=160"}, "25 epochs is out of range"
+    values = space.suggest(optuna.trial.FixedTrial({**drawn, "trainer.max_epochs": 35}))
+    assert (values["input.width"], values["model.encoder"], values["optim.lr"]) == (160, "resnet18", 1e-3)
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [

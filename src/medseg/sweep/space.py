@@ -82,6 +82,22 @@ class Param:
         """The configuration values, by dotted key, of a drawn value."""
         return dict(self.expansions[drawn]) if self.expansions else {self.key: drawn}
 
+    def drawn_for(self, config: Config) -> Any | None:
+        """The value of this parameter that gives ``config``'s own values, or ``None`` where none does (out of range).
+
+        Used to enqueue a configuration (a preset) as a trial, so that a study has it as its baseline.
+        """
+        flat = _flatten(config.model_dump(mode="json"), "")
+        if self.expansions:
+            matching = (label for label, values in self.expansions.items() if all(flat.get(key) == value for key, value in values.items()))
+            return next(matching, None)
+        value = flat.get(self.key)
+        if self.kind == "choice":
+            return value if value in self.choices else None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            return None
+        return value
+
     def config_keys(self) -> list[str]:
         """Every dotted configuration key this parameter sets."""
         return sorted({key for values in self.expansions.values() for key in values}) if self.expansions else [self.key]
@@ -113,6 +129,12 @@ class Space:
         for param in self.params:
             values.update(param.values(param.suggest(trial)))
         return values
+
+    def drawn_for(self, config: Config) -> dict[str, Any]:
+        """The parameter values that give ``config``'s own values (Optuna's ``enqueue_trial`` takes them); a parameter
+        that cannot give its value is left out, so that the enqueued trial draws it."""
+        drawn = {param.key: param.drawn_for(config) for param in self.params}
+        return {key: value for key, value in drawn.items() if value is not None}
 
     def config_keys(self) -> list[str]:
         """Every dotted configuration key the space sets."""
