@@ -43,7 +43,7 @@ import numpy as np
 from medseg import runs
 from medseg.config import Config, load_config
 from medseg.data import splits
-from medseg.data.datasets import load_dataset, require_clean
+from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.samples import load_samples
 from medseg.devices import device_for
 from medseg.errors import MedsegError, UsageError
@@ -195,18 +195,40 @@ def subject_subset(data: Path, config: Config, subjects: int, target: Path) -> P
     dataset = require_clean(load_dataset(data, config.data))
     if dataset.layout != "folders":
         raise UsageError(f"{data}: --subjects takes folders-layout data sets (images/ and masks/), not {dataset.layout}")
-    known = sorted({record.subject for record in dataset.train if record.subject}, key=lambda subject: (len(subject), subject))
-    if len(known) < subjects:
-        raise UsageError(f"{data}: {len(known)} subjects, fewer than --subjects {subjects}")
-    kept = set(known[:subjects])
+    kept = first_subjects(dataset, subjects)
     if target.exists():
         shutil.rmtree(target)
+    return link_frames(dataset, kept, target)
+
+
+def first_subjects(dataset: Dataset, subjects: int) -> set[str]:
+    """The first ``subjects`` subjects of a data set, in natural order (``2`` before ``10``).
+
+    Raises:
+        UsageError: If the data set has fewer subjects.
+    """
+    known = sorted({record.subject for record in dataset.train if record.subject}, key=lambda subject: (len(subject), subject))
+    if len(known) < subjects:
+        raise UsageError(f"{dataset.root}: {len(known)} subjects, fewer than {subjects}")
+    return set(known[:subjects])
+
+
+def link_frames(dataset: Dataset, subjects: set[str], target: Path, prefix: str = "") -> Path:
+    """Add symbolic links to the frames and mask files of ``subjects`` to the folders layout at ``target``.
+
+    Args:
+        dataset: A data set whose frames have mask files (the folders or kaggle layout).
+        subjects: The subjects whose frames are linked.
+        target: The folders-layout data set (``images/``, ``masks/``), created if missing.
+        prefix: Put before every file name, so that several data sets' ids and subjects stay apart.
+    """
     for folder in ("images", "masks"):
-        (target / folder).mkdir(parents=True)
+        (target / folder).mkdir(parents=True, exist_ok=True)
     for record in dataset.train:
-        if record.subject in kept:
-            (target / "images" / record.image_path.name).symlink_to(record.image_path.resolve())
-            (target / "masks" / record.mask_path.name).symlink_to(record.mask_path.resolve())
+        if record.subject in subjects:
+            (target / "images" / f"{prefix}{record.image_path.name}").symlink_to(record.image_path.resolve())
+            mask_name = f"{prefix}{record.id}{record.mask_path.suffix}"
+            (target / "masks" / mask_name).symlink_to(record.mask_path.resolve())
     return target
 
 
