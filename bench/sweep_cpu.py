@@ -12,7 +12,11 @@ The study lives in ``--storage`` (default ``OUT/study.db``): running the script 
 adds trials, which is how a search longer than one session is run. Prints the sweep's lines and ends with the
 preset's value and the best one.
 
-    python bench/sweep_cpu.py --out /tmp/sweep-cpu --subjects 6 --folds 3 --timeout 100
+    python bench/sweep_cpu.py --out /tmp/sweep-cpu --subjects 6 --folds 3 --timeout 100 --set model.encoder_weights=none
+
+The study of record is ``bench/sweeps/cpu-preset/study.db`` (its ``trials.csv`` beside it): resume it with
+``--storage sqlite:///bench/sweeps/cpu-preset/study.db`` and the same ``--subjects`` and ``--folds``, then copy
+the new ``OUT/study/trials.csv`` beside it.
 """
 
 from __future__ import annotations
