@@ -50,18 +50,27 @@ def test_the_combined_data_keeps_both_sets_ids_subjects_and_masks_apart(data_roo
         sweep_cpu.combined_data(data_root, 3, tmp_path / "other")
 
 
-def test_the_first_trial_is_the_preset_and_a_second_run_adds_to_the_study(data_root, tmp_path):
+def test_the_preset_is_enqueued_once_as_the_studys_first_trial(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\ntrainer.max_epochs: {low: 30, high: 40}\n")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for _ in range(2):  # running the bench again must not queue a second baseline
+        sweep_cpu.enqueue_preset(storage, space)
+    (waiting,) = optuna.load_study(storage=storage, study_name=sweep_cpu.STUDY_NAME).trials
+    assert waiting.state == optuna.trial.TrialState.WAITING and "medseg_note" in waiting.user_attrs
+    assert waiting.system_attrs["fixed_params"] == {"optim.lr": 1e-3}, "the preset's 25 epochs are outside the space: the trial draws them"
+
+
+def test_the_bench_runs_the_preset_first_and_prints_it_beside_the_best(data_root, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\nmodel.encoder: {choices: [resnet18, resnet34]}\n")
     out = tmp_path / "sweep"
     budget = set_args(*TINY_OVERRIDES, "trainer.max_epochs=1", "trainer.limit_train_batches=1")
     command = [sys.executable, str(BENCH), "--out", str(out), "--data-root", str(data_root), "--subjects", "2", "--folds", "2"]
-    command += ["--space", str(space), "--trials", "1", *budget]
-    for run in range(2):
-        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
-        assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
-    assert "cpu preset (trial 0):" in done.stdout and "2 trials, 2 completed" in done.stdout, done.stdout
-    study = optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name=sweep_cpu.STUDY_NAME)
-    first, second = study.trials
-    assert first.params == {"optim.lr": 1e-3, "model.encoder": "resnet18"} and "medseg_note" in first.user_attrs
-    assert "medseg_note" not in second.user_attrs and (out / "study" / "best.yaml").is_file()
+    done = subprocess.run(
+        [*command, "--space", str(space), "--trials", "1", *budget], capture_output=True, text=True, check=False, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    assert "1 trials, 1 completed" in done.stdout and "cpu preset (trial 0):" in done.stdout and "best (trial 0):" in done.stdout
+    (first,) = optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name=sweep_cpu.STUDY_NAME).trials
+    assert first.params == {"optim.lr": 1e-3, "model.encoder": "resnet18"} and (out / "study" / "best.yaml").is_file()
