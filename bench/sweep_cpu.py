@@ -32,15 +32,17 @@ import yaml
 from medseg.config import load_config
 from medseg.data.datasets import load_dataset, require_clean
 from medseg.errors import MedsegError
+from medseg.sweep import outputs
 from medseg.sweep.space import load_space
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SHARED, first_subjects, link_frames  # bench/accuracy.py
+from accuracy import DATASETS, SHARED, first_subjects, link_frames  # bench/accuracy.py
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPACE = Path(__file__).resolve().parent / "cpu_space.yaml"
 SUBJECT_PATTERN = r"^([a-z0-9]+-\d+)_"
-MASK_THRESHOLD = 127
+NERVE256_VALUES = DATASETS["kaggle-uns-nerve256"][1]  # its data flags, as the accuracy bench reads it
+MASK_THRESHOLD = NERVE256_VALUES["data.mask_threshold"]
 STUDY_NAME = "cpu-preset"
 
 
@@ -53,17 +55,12 @@ def combined_data(data_root: Path, subjects: int, target: Path) -> Path:
     if target.exists():
         return target
     mini = require_clean(load_dataset(data_root / "uns-mini"))
-    nerve = require_clean(load_dataset(data_root / "kaggle-uns-nerve256", load_config(values=nerve256_values()).data))
+    nerve = require_clean(load_dataset(data_root / "kaggle-uns-nerve256", load_config(values=NERVE256_VALUES).data))
     staging = target.with_name(target.name + ".partial")
     link_frames(mini, {record.subject for record in mini.train}, staging, prefix="mini-")
     link_frames(nerve, first_subjects(nerve, subjects), staging, prefix="n256-")
     staging.rename(target)
     return target
-
-
-def nerve256_values() -> dict:
-    """The data flags of kaggle-uns-nerve256 (as in ``bench/accuracy.py``)."""
-    return {"data.mask_threshold": MASK_THRESHOLD, "data.subject_pattern": r"^(\d+)_"}
 
 
 def enqueue_preset(storage: str, space_file: Path) -> None:
@@ -89,11 +86,11 @@ def sweep_command(data: Path, args: argparse.Namespace, storage: str) -> list[st
 def summary(storage: str) -> str:
     """The preset's value and the best one, from the study."""
     study = optuna.load_study(storage=storage, study_name=STUDY_NAME)
-    done = [trial for trial in study.trials if trial.value is not None]
-    if not done:
+    best = outputs.best_trial(study)
+    if best is None:
         return "no trial completed yet"
+    done = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
     preset = next((trial for trial in done if "medseg_note" in trial.user_attrs), None)
-    best = max(done, key=lambda trial: trial.value)
     lines = [f"{len(study.trials)} trials, {len(done)} completed"]
     if preset is not None:
         lines.append(f"cpu preset (trial {preset.number}): {preset.value:.4f}")

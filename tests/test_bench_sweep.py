@@ -42,7 +42,7 @@ def test_the_combined_data_keeps_both_sets_ids_subjects_and_masks_apart(data_roo
     combined = load_dataset(data, options)
     assert sorted(record.id for record in combined.train) == ["mini-1_1", "mini-1_2", "mini-1_3", "n256-1_1", "n256-1_2"]
     assert {record.subject for record in combined.train} == {"mini-1", "n256-1"}, "subject 1 of each set is a different person"
-    nerve = load_dataset(data_root / "kaggle-uns-nerve256", load_config(values=sweep_cpu.nerve256_values()).data)
+    nerve = load_dataset(data_root / "kaggle-uns-nerve256", load_config(values=sweep_cpu.NERVE256_VALUES).data)
     original = next(record for record in nerve.train if record.id == "1_2")
     linked = next(record for record in combined.train if record.id == "n256-1_2")
     assert np.array_equal(mask_of(linked, options), mask_of(original, nerve.options))
