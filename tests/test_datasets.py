@@ -355,6 +355,16 @@ def test_kaggle_stray_file(small_kaggle_copy) -> None:
     assert len(dataset.train) == 3
 
 
+def test_kaggle_broken_link_is_named_as_one(small_kaggle_copy) -> None:
+    root = small_kaggle_copy()
+    (root / "train" / "9_9.tif").symlink_to(root / "elsewhere" / "9_9.tif")
+    dataset = load_dataset(root)
+    problem = only_problem(dataset, "unexpected_file")
+    assert problem.path == root / "train" / "9_9.tif"
+    assert "broken link" in problem.message and "elsewhere" in problem.message
+    assert len(dataset.train) == 3
+
+
 def test_kaggle_test_frame_not_in_sample_submission(small_kaggle_copy) -> None:
     root = small_kaggle_copy(test_ids=("1", "2", "3"))
     rows = read_rows(root / "sample_submission.csv")

@@ -368,10 +368,15 @@ def _list_files(folder: Path, problems: list[Problem]) -> list[Path]:
         if path.is_file() and io.is_image_file(path):
             images.append(path)
         else:
-            problems.append(
-                Problem("unexpected_file", path, f"not an image file ({', '.join(io.IMAGE_SUFFIXES)}); move it out of {folder.name}/")
-            )
+            problems.append(Problem("unexpected_file", path, _unexpected_file_message(path, folder)))
     return images
+
+
+def _unexpected_file_message(path: Path, folder: Path) -> str:
+    """Why a folder entry is not taken as a frame, and the fix."""
+    if path.is_symlink() and not path.exists():
+        return f"broken link to {path.readlink()}; restore its target or remove the link from {folder.name}/"
+    return f"not an image file ({', '.join(io.IMAGE_SUFFIXES)}); move it out of {folder.name}/"
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
