@@ -52,13 +52,17 @@ def test_the_combined_data_keeps_both_sets_ids_subjects_and_masks_apart(data_roo
 
 def test_the_preset_is_enqueued_once_as_the_studys_first_trial(tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\ntrainer.max_epochs: {low: 30, high: 40}\n")
+    preset = load_config("cpu")
+    epochs = preset.trainer.max_epochs
+    lr_range = "optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}"
+    space.write_text(f"{lr_range}\ntrainer.max_epochs: {{low: {epochs + 5}, high: {epochs + 15}}}\n")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     for _ in range(2):  # running the bench again must not queue a second baseline
         sweep_cpu.enqueue_preset(storage, space)
     (waiting,) = optuna.load_study(storage=storage, study_name=sweep_cpu.STUDY_NAME).trials
     assert waiting.state == optuna.trial.TrialState.WAITING and "medseg_note" in waiting.user_attrs
-    assert waiting.system_attrs["fixed_params"] == {"optim.lr": 1e-3}, "the preset's 25 epochs are outside the space: the trial draws them"
+    fixed = waiting.system_attrs["fixed_params"]
+    assert fixed == {"optim.lr": preset.optim.lr}, "the preset's epochs are outside the space: the trial draws them"
 
 
 def test_the_bench_runs_the_preset_first_and_prints_it_beside_the_best(data_root, tmp_path):
@@ -73,4 +77,5 @@ def test_the_bench_runs_the_preset_first_and_prints_it_beside_the_best(data_root
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
     assert "1 trials, 1 completed" in done.stdout and "cpu preset (trial 0):" in done.stdout and "best (trial 0):" in done.stdout
     (first,) = optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name=sweep_cpu.STUDY_NAME).trials
-    assert first.params == {"optim.lr": 1e-3, "model.encoder": "resnet18"} and (out / "study" / "best.yaml").is_file()
+    assert first.params == {"optim.lr": load_config("cpu").optim.lr, "model.encoder": "resnet18"}
+    assert (out / "study" / "best.yaml").is_file()

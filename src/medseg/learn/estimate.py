@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medseg.config import Config, TrainerConfig
+from medseg.config import Config, TrainerConfig, load_config
 from medseg.data.samples import Sample
 from medseg.devices import augments_on_device, precision, uses_cuda
 from medseg.learn.callbacks import quiet_lightning
@@ -30,7 +30,7 @@ from medseg.progress import format_duration
 
 __all__ = ["GPU_SIZED_PIXELS", "FoldFrames", "StepTimes", "TrainingPlan", "cpu_warning", "may_stop_early", "tell_warning", "time_steps"]
 
-GPU_SIZED_PIXELS = 200_000  # the default and kaggle presets' 448x608 is 272,384; the cpu preset's 128x160 is 20,480
+GPU_SIZED_PIXELS = 200_000  # the default and kaggle presets' 448x608 is 272,384; the cpu preset's 128x128 is 16,384
 WARMUP_STEPS = 1
 
 
@@ -192,10 +192,11 @@ def cpu_warning(config: Config, folds: int, seconds: float | None = None, trials
     else:
         estimate = "its ETA follows its first epoch; --dry-run estimates it before training"
     what, count = ("sweep", f"{trials} trial(s) x ") if trials else ("run", "")
+    cpu = load_config("cpu").input
     return (
         f"{reason}: a GPU-sized {what} ({config.input.height}x{config.input.width} input, {count}{folds} fold(s) x up to "
         f"{config.trainer.max_epochs} epochs) trains on the CPU ({estimate}); "
-        "on a CPU use --preset cpu (one model at 128x160), or --preset cpu --folds 5 for every fold"
+        f"on a CPU use --preset cpu (one model at {cpu.height}x{cpu.width}), or --preset cpu --folds 5 for every fold"
     )
 
 
