@@ -2,8 +2,7 @@
 
 The configuration is a tree of pydantic models that forbid unknown keys. It is built from a preset
 (``default``: one model at 448x608, validated on one subject-grouped fifth; ``cpu``: small input and
-encoder, a fixed budget of 30 epochs on a cosine schedule and the other values a sweep chose, for machines
-without a GPU and for tests;
+encoder and a fixed budget of 25 epochs on a cosine schedule, for machines without a GPU and for tests;
 ``kaggle``: the default model trained on every fold of a subject-grouped 5-fold split, tuned out-of-fold
 at the end of training, predicting as a five-model ensemble), then a YAML file (``--config FILE``), then
 ``--set key=value`` overrides with dotted keys and YAML-typed values (``trainer.max_epochs=2``,
@@ -324,19 +323,11 @@ class Config(_Section):
 
 _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     "default": {},
-    "cpu": {  # chosen by bench/sweep_cpu.py (trial 6 of bench/sweeps/cpu-preset, rounded): BENCHMARKS.md
-        "input": {"height": 128, "width": 128},
+    "cpu": {
+        "input": {"height": 128, "width": 160},
         "model": {"encoder": "resnet18"},
-        "loss": {"dice_weight": 0.62, "bce_weight": 0.2, "presence_weight": 0.49},
-        "optim": {"schedule": "cosine", "lr": 2.8e-3, "weight_decay": 2.4e-5},
-        "augment": {
-            "hflip": {"p": 0.04},
-            "brightness_contrast": {"p": 0.44},
-            "blur": {"p": 0.38},
-            "coarse_dropout": {"p": 0.25},
-            "elastic": {"p": 0.15},
-        },
-        "trainer": {"max_epochs": 30, "batch_size": 16, "early_stopping_patience": 25},
+        "optim": {"schedule": "cosine"},
+        "trainer": {"max_epochs": 25, "batch_size": 16, "early_stopping_patience": 25},
     },
     "kaggle": {
         "split": {"n_folds": 5, "fold": None},
