@@ -134,7 +134,7 @@ def test_ranges_are_floats_or_whole_numbers_and_text_numbers_count():
 
 
 def test_a_configuration_is_given_back_as_the_values_that_draw_it():
-    preset = load_config("cpu", overrides=["optim.lr=1e-3", "trainer.max_epochs=25", "input.height=128", "input.width=160"])
+    config = load_config("cpu", overrides=["optim.lr=1e-3", "trainer.max_epochs=25", "input.height=128", "input.width=160"])
     space = parse_space(
         {
             "optim.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True},
@@ -144,7 +144,7 @@ def test_a_configuration_is_given_back_as_the_values_that_draw_it():
         },
         "t",
     )
-    drawn = space.drawn_for(preset)
+    drawn = space.drawn_for(config)
     assert drawn == {"optim.lr": 1e-3, "model.encoder": "resnet18", "input": "height=128,width=160"}, "25 epochs is out of range"
     values = space.suggest(optuna.trial.FixedTrial({**drawn, "trainer.max_epochs": 35}))
     assert (values["input.width"], values["model.encoder"], values["optim.lr"]) == (160, "resnet18", 1e-3)
