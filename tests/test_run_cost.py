@@ -216,7 +216,8 @@ def test_the_estimate_multiplies_steps_epochs_and_folds():
     assert plan.batches(plan.folds[0]) == (3, 1) and plan.batches(plan.folds[1]) == (3, 1)
     assert plan.epoch_seconds(plan.folds[0]) == 7.0 and plan.run_seconds == 2 * 7.0 * 100
     assert plan.estimate_line().endswith("23.3 min for 2 fold(s) x 100 epochs (an upper bound: early stopping may end it sooner)")
-    assert may_stop_early(config.trainer) and not may_stop_early(load_config("cpu").trainer)
+    patient = load_config("cpu", overrides=["trainer.max_epochs=25", "trainer.early_stopping_patience=25"])
+    assert may_stop_early(config.trainer) and not may_stop_early(patient.trainer)
     assert TrainingPlan(5, plan.folds, config).run_seconds is None
     small = load_config("default", overrides=["trainer.batch_size=32", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0.5"])
     assert TrainingPlan(5, [FoldFrames(0, 20, 70)], small).batches(FoldFrames(0, 20, 70)) == (1, 1)
