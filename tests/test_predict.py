@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from conftest import read_rows, write_rows
+from medseg import demo
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.data import io, rle
@@ -192,7 +193,10 @@ def test_evaluate_scores_held_out_frames_of_the_own_data_and_all_frames_of_other
     assert main(mistyped) == 2 and "uns-mnii" in capsys.readouterr().err  # the mistyped data first, not "already there"
 
 
-def test_demo_runs_the_whole_workflow(tmp_path, capsys):
+def test_demo_runs_the_whole_workflow(tmp_path, capsys, monkeypatch):
+    """Every step and output of the demo; its 30 epochs are make demo's to run, two show the same files."""
+    short = [value for value in demo.CPU_DEMO if not value.startswith("trainer.max_epochs=")]
+    monkeypatch.setattr(demo, "CPU_DEMO", [*short, "trainer.max_epochs=2"])
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
     report = submission.validate_file(tmp_path / "demo" / "submission.csv", sample=None, sizes=(420, 580))
     assert report.rows == 4 and not report.problems
