@@ -175,6 +175,15 @@ def test_a_malformed_space_names_the_entry_and_the_fix(content, words):
 # --- the nested sweep and its outputs -----------------------------------------------------------------------------
 
 
+def test_a_study_goes_on_with_a_wider_range_and_a_new_entry(nested):
+    """Optuna keeps a study's trials when a range widens or a parameter is added: such a space is not refused."""
+    wider = SMALL_SPACE.replace("high: 1.0e-2", "high: 3.0e-2") + "augment.blur.p: {low: 0.0, high: 0.5}\n"
+    assert parse_space(yaml.safe_load(wider), "wider.yaml").clashes_with_study(load_study(nested["study"])) == []
+    recast = SMALL_SPACE.replace("augment.hflip.p: {low: 0.0, high: 0.5}", "augment.hflip.p: {choices: [0.0, 0.5]}")
+    (reason,) = parse_space(yaml.safe_load(recast), "recast.yaml").clashes_with_study(load_study(nested["study"]))
+    assert reason == "augment.hflip.p is a list of choices here but a range of numbers in the study"
+
+
 def test_a_two_trial_sweep_prints_a_line_per_trial_and_both_figures(nested):
     lines = [line for line in nested["err"].splitlines() if line.startswith("trial ")]
     assert len(lines) == 2, nested["err"]
@@ -381,6 +390,8 @@ def other_data(tmp_path_factory, shared_data) -> Path:
         ("other_data", ["a sweep of", "sweep the same DATA or choose another --out"]),
         ("other_folds", ["--folds 3: the study's trials are scored on 2 folds", "use --folds 2"]),
         ("outer_fold_dropped", ["keeps outer fold 0 of 4 out of every trial", "--outer-fold 0 --outer-folds 4"]),
+        ("space_of_choices", ["does not fit study 'medseg'", "optim.lr is a list of choices here but a range of numbers"]),
+        ("space_on_a_linear_scale", ["optim.lr is drawn on a linear scale here but a log one", "another --out or --study-name"]),
     ],
 )
 def test_each_mistake_is_one_error_line(case, words, nested, tiny, other_data, tmp_path):
@@ -411,6 +422,9 @@ def test_each_mistake_is_one_error_line(case, words, nested, tiny, other_data, t
         study = nested["study"]
         data = other_data if case == "other_data" else tiny
         extra = ["--outer-fold", "0", "--outer-folds", "4"] if case == "other_folds" else []
+        if case.startswith("space_"):
+            lr = "{choices: [0.001, 0.01]}" if case == "space_of_choices" else "{low: 1.0e-4, high: 1.0e-2}"
+            write_space(space, SMALL_SPACE.replace("{low: 1.0e-4, high: 1.0e-2, log: true}", lr, 1))
     args = sweep_args(data, study, space, *extra, folds={"other_folds": "3", "too_many_folds": "7"}.get(case, "2"))
     before = read_trials(nested["study"])
     code, out, err = run_main(args)

@@ -78,6 +78,31 @@ class Param:
             return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_categorical(self.key, self.choices)
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution ``suggest`` draws from (what a study records for this parameter)."""
+        if self.kind == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+        return optuna.distributions.CategoricalDistribution(self.choices)
+
+    def clash_with(self, recorded: optuna.distributions.BaseDistribution) -> str | None:
+        """Why a study that recorded ``recorded`` for this parameter cannot draw it from this entry, else ``None``.
+
+        Optuna lets a range widen or narrow within a study (its trials keep their values); it refuses another kind
+        of value, another scale and other choices.
+        """
+        mine = self.distribution()
+        if type(mine) is not type(recorded):
+            return f"{self.key} is {_kind_words(mine)} here but {_kind_words(recorded)} in the study"
+        if isinstance(mine, optuna.distributions.CategoricalDistribution):
+            if mine.choices != recorded.choices:
+                return f"{self.key} chooses among {list(mine.choices)} here but {list(recorded.choices)} in the study"
+            return None
+        if mine.log != recorded.log:
+            return f"{self.key} is drawn on a {_scale(mine)} scale here but a {_scale(recorded)} one in the study"
+        return None
+
     def values(self, drawn: Any) -> dict[str, Any]:
         """The configuration values, by dotted key, of a drawn value."""
         return dict(self.expansions[drawn]) if self.expansions else {self.key: drawn}
@@ -136,6 +161,14 @@ class Space:
         drawn = {param.key: param.drawn_for(config) for param in self.params}
         return {key: value for key, value in drawn.items() if value is not None}
 
+    def clashes_with_study(self, study: optuna.Study) -> list[str]:
+        """Why the study's trials so far cannot go on with this space, one reason per parameter (empty: they can)."""
+        recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+        for trial in study.get_trials(deepcopy=False):
+            recorded.update(trial.distributions)
+        reasons = (param.clash_with(recorded[param.key]) for param in self.params if param.key in recorded)
+        return [reason for reason in reasons if reason is not None]
+
     def config_keys(self) -> list[str]:
         """Every dotted configuration key the space sets."""
         return [key for param in self.params for key in param.config_keys()]
@@ -143,6 +176,16 @@ class Space:
     def clashes(self, keys: Iterable[str]) -> list[tuple[str, str]]:
         """The pairs (key of the space, given key) that set the same configuration value (or one inside the other)."""
         return [(mine, given) for mine in self.config_keys() for given in keys if _overlap(mine, given)]
+
+
+def _kind_words(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "a list of choices"
+    return "a range of whole numbers" if isinstance(distribution, optuna.distributions.IntDistribution) else "a range of numbers"
+
+
+def _scale(distribution: optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution) -> str:
+    return "log" if distribution.log else "linear"
 
 
 def load_space(path: Path | None) -> Space:

@@ -204,7 +204,7 @@ def run_sweep(
     left_out = exclusions.read_for(base.data.exclude, dataset)  # read once, checked like train's
     marker = _check_folder(request)
     with _quiet_optuna():
-        study, identity = _open_sweep(request, marker, dataset, base, folds, left_out)
+        study, identity = _open_sweep(request, marker, dataset, base, folds, left_out, space)
         exclude = _write_outer_exclusions(request, dataset, identity["outer_ids"], left_out) if identity["outer_ids"] else None
         context = _Context(request, space, folds, exclude)
         progress = _Progress(request, folds, on_message)
@@ -226,14 +226,22 @@ def run_sweep(
 
 
 def _open_sweep(
-    request: SweepRequest, marker: SweepFolder | None, dataset: Dataset, base: Config, folds: int, left_out: dict[str, str]
+    request: SweepRequest,
+    marker: SweepFolder | None,
+    dataset: Dataset,
+    base: Config,
+    folds: int,
+    left_out: dict[str, str],
+    space: Space,
 ) -> tuple[optuna.Study, dict[str, Any]]:
-    """Open the storage and the study, settle its folds and outer fold, then write ``sweep.json`` (a new STUDY's).
+    """Open the storage and the study, check that its trials can go on with ``space``, settle its folds and outer
+    fold, then write ``sweep.json`` (a new STUDY's).
 
     Only once the storage works and the study takes this sweep is STUDY bound to them: a mistake binds nothing.
     """
     option = f"--storage {storage_label(request)}" if request.storage else str(Path(request.out) / STUDY_DB)
     study = _open_study(open_storage(storage_url(request), option), request)
+    _check_space_fits(study, space, request)
     identity = _settle_identity(
         study,
         request,
@@ -245,6 +253,20 @@ def _open_sweep(
         runs.write_json(Path(request.out) / SWEEP_FILE, marker.model_dump(mode="json"))
     study.sampler = optuna.samplers.TPESampler(seed=_seed(request, study), constant_liar=True)
     return study, identity
+
+
+def _check_space_fits(study: optuna.Study, space: Space, request: SweepRequest) -> None:
+    """Refuse a space the study's recorded trials cannot go on with (else every new trial would fail alike).
+
+    Raises:
+        UsageError: Naming the first parameter that clashes and the two ways out.
+    """
+    clashes = space.clashes_with_study(study)
+    if clashes:
+        raise UsageError(
+            f"the search space ({space.source}) does not fit study {request.study_name!r}: {clashes[0]}; keep the "
+            "study's kinds, scales and choices (a range may widen or narrow), or start a new study (another --out or --study-name)"
+        )
 
 
 def _check_request(request: SweepRequest) -> None:
