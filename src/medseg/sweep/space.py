@@ -107,12 +107,14 @@ class Param:
         """The configuration values, by dotted key, of a drawn value."""
         return dict(self.expansions[drawn]) if self.expansions else {self.key: drawn}
 
-    def drawn_for(self, config: Config) -> Any | None:
-        """The value of this parameter that gives ``config``'s own values, or ``None`` where none does (out of range).
+    def drawn_for(self, flat: dict[str, Any]) -> Any | None:
+        """The value of this parameter that gives a configuration's own values, or ``None`` where none does (out of range).
 
         Used to enqueue a configuration (a preset) as a trial, so that a study has it as its baseline.
+
+        Args:
+            flat: The configuration's values by dotted key.
         """
-        flat = _flatten(config.model_dump(mode="json"), "")
         if self.expansions:
             matching = (label for label, values in self.expansions.items() if all(flat.get(key) == value for key, value in values.items()))
             return next(matching, None)
@@ -158,7 +160,8 @@ class Space:
     def drawn_for(self, config: Config) -> dict[str, Any]:
         """The parameter values that give ``config``'s own values (Optuna's ``enqueue_trial`` takes them); a parameter
         that cannot give its value is left out, so that the enqueued trial draws it."""
-        drawn = {param.key: param.drawn_for(config) for param in self.params}
+        flat = _flatten(config.model_dump(mode="json"), "")
+        drawn = {param.key: param.drawn_for(flat) for param in self.params}
         return {key: value for key, value in drawn.items() if value is not None}
 
     def clashes_with_study(self, study: optuna.Study) -> list[str]:
