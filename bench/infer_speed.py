@@ -1,8 +1,9 @@
 """Inference speed: PyTorch eager against ONNX Runtime on the CPU, and the GPU path when there is one.
 
 Same model (smp U-Net, random weights), same normalised batches, in one run; prints images/s of each side
-and the ratio. CPU sizes: the ``cpu`` preset (128x160, resnet18) and the recipe (448x608, resnet34). GPU
-(when CUDA is available): fp32 eager against bf16 + channels-last at 448x608, TTA off.
+and the ratio. CPU sizes: 128x160 with resnet18 (the ``cpu`` preset's size until 2026-12-02, 128x128 since)
+and the recipe (448x608, resnet34). GPU (when CUDA is available): fp32 eager against bf16 + channels-last at
+448x608, TTA off.
 
 Usage: ``.venv/bin/python bench/infer_speed.py [--batch N] [--repeats N]``.
 """

@@ -26,7 +26,7 @@ STEP_TYPES = {
 
 
 def config_with(probs: dict[str, float], *extra: str) -> Config:
-    """The cpu preset at 128x160 with the given augmentation probabilities, every other one 0."""
+    """The cpu preset at 128x160 (a frame shape that is not square) with the given augmentation probabilities, every other one 0."""
     overrides = [f"augment.{name}.p={probs.get(name, 0)}" for name in AUGMENTS]
     return load_config("cpu", overrides=[f"input.height={HEIGHT}", f"input.width={WIDTH}", *overrides, *extra])
 

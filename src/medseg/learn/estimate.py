@@ -30,7 +30,7 @@ from medseg.progress import format_duration
 
 __all__ = ["GPU_SIZED_PIXELS", "FoldFrames", "StepTimes", "TrainingPlan", "cpu_warning", "may_stop_early", "tell_warning", "time_steps"]
 
-GPU_SIZED_PIXELS = 200_000  # the default and kaggle presets' 448x608 is 272,384; the cpu preset's 128x160 is 20,480
+GPU_SIZED_PIXELS = 200_000  # the default and kaggle presets' 448x608 is 272,384; the cpu preset's 128x128 is 16,384
 WARMUP_STEPS = 1
 
 
