@@ -89,19 +89,21 @@ class Param:
     def clash_with(self, recorded: optuna.distributions.BaseDistribution) -> str | None:
         """Why a study that recorded ``recorded`` for this parameter cannot draw it from this entry, else ``None``.
 
-        Optuna lets a range widen or narrow within a study (its trials keep their values); it refuses another kind
-        of value, another scale and other choices.
+        Optuna decides (:func:`optuna.distributions.check_distribution_compatibility`: a range may widen or narrow
+        within a study, another kind of value, another scale or other choices may not); this only words its refusal.
         """
         mine = self.distribution()
+        try:
+            optuna.distributions.check_distribution_compatibility(recorded, mine)
+        except ValueError:
+            pass
+        else:
+            return None
         if type(mine) is not type(recorded):
             return f"{self.key} is {_kind_words(mine)} here but {_kind_words(recorded)} in the study"
         if isinstance(mine, optuna.distributions.CategoricalDistribution):
-            if mine.choices != recorded.choices:
-                return f"{self.key} chooses among {list(mine.choices)} here but {list(recorded.choices)} in the study"
-            return None
-        if mine.log != recorded.log:
-            return f"{self.key} is drawn on a {_scale(mine)} scale here but a {_scale(recorded)} one in the study"
-        return None
+            return f"{self.key} chooses among {list(mine.choices)} here but {list(recorded.choices)} in the study"
+        return f"{self.key} is drawn on a {_scale(mine)} scale here but a {_scale(recorded)} one in the study"
 
     def values(self, drawn: Any) -> dict[str, Any]:
         """The configuration values, by dotted key, of a drawn value."""
