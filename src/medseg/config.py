@@ -9,10 +9,15 @@ at the end of training, predicting as a five-model ensemble), then a YAML file (
 ``--set key=value`` overrides with dotted keys and YAML-typed values (``trainer.max_epochs=2``,
 ``augment.hflip.p=0``, ``model.encoder_weights=none``, ``split.fold=null``, lists as ``[1, 2]``). The resolved
 configuration is what a run saves as ``RUN/config.yaml`` and what every later stage reads back.
+
+Every value is range-checked where it is read: numbers are finite, seeds are what numpy takes, counts and sizes
+have sane upper bounds (:data:`MAX_SIDE`, :data:`MAX_EPOCHS`, ...), and names that become paths follow
+:data:`~medseg.files.NAME_RULE`. YAML is read bounded in size and without anchors or aliases (:func:`read_yaml`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -20,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg.errors import UsageError
-from medseg.files import atomic_write
+from medseg.files import NAME_RULE, atomic_write, is_safe_name, parse_yaml, read_yaml, shown
 
 PRESETS = ("default", "cpu", "kaggle")
 Layout = Literal["kaggle", "folders", "rle-csv"]
@@ -28,9 +33,22 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 RleFormat = Literal["kaggle", "row-major", "siim"]
 RLE_FORMATS: tuple[str, ...] = get_args(RleFormat)
 
+SEED_MAX = 2**32 - 1  # the seeds numpy, torch and Lightning all take: 0 to 2**32 - 1
+MAX_SIDE = 16384  # network input side, pixels
+MAX_EPOCHS = 100_000  # also the bound of the patience settings
+MAX_BATCH = 4096  # frames a batch; more does not fit a GPU at the smallest input
+MAX_FOLDS = 1000  # folds of a split (leave-one-subject-out of a large study stays below it)
+MAX_STRUCTURES = 256  # structures (output channels) of a model
+MAX_WORKERS = 256  # DataLoader worker processes
+MAX_DEVICES = 1024  # devices a machine, and machines a run
+MAX_LABEL = 2**32 - 1  # mask values of class-index masks (up to 32-bit label images)
+MAX_SIGMA = 100.0  # Gaussian sigma of blur and elastic warps, pixels: the kernel grows with it
+MAX_ALPHA = 10_000.0  # elastic displacement scale, pixels
+MAX_HOLES = 256  # coarse dropout rectangles a frame
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataOptions(_Section):
@@ -59,13 +77,17 @@ class DataOptions(_Section):
             DICOM file's own window, else each frame's 0.5th-99.5th percentile), ``percentile`` (every frame,
             8-bit too), ``none`` (the full range of the pixel type) or fixed ``[low, high]`` values
             (:mod:`medseg.data.intensity`).
+        max_pixels: The most pixels (height x width x frames) a frame or mask may declare in its header; a
+            larger one is refused before it is decoded, as Pillow's decompression-bomb guard does. The default,
+            100 million, is four times a full-field mammogram (about 4,000 x 6,000), the largest single frames
+            medicine stores, and keeps a decoded frame under about 400 MB.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     layout: Layout | None = None
-    mask_value: int | None = None
-    mask_threshold: int | None = None
+    mask_value: int | None = Field(None, ge=0, le=MAX_LABEL)
+    mask_threshold: int | None = Field(None, ge=0, le=MAX_LABEL)
     subject_pattern: str | None = None
     rle_order: Literal["F", "C"] = "F"
     rle_format: RleFormat | None = None
@@ -76,6 +98,7 @@ class DataOptions(_Section):
     classes: dict[str, int | str] | None = None
     exclude: str | None = None
     intensity_window: Literal["auto", "percentile", "none"] | tuple[float, float] = "auto"
+    max_pixels: int = Field(100_000_000, ge=1)
 
     @field_validator("intensity_window")
     @classmethod
@@ -99,6 +122,26 @@ class DataOptions(_Section):
     def _classes_from_text(cls, value: Any) -> Any:
         return parse_classes(value) if isinstance(value, str) else value
 
+    @field_validator("csv", "exclude")
+    @classmethod
+    def _path_text(cls, value: str | None) -> str | None:
+        return value if value is None else check_path_text(value)
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names_and_labels(cls, value: dict[str, int | str] | None) -> dict[str, int | str] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_STRUCTURES:
+            raise ValueError(f"{len(value)} structures; a model has at most {MAX_STRUCTURES}")
+        for name, label in value.items():
+            check_class_name(name)
+            if isinstance(label, int) and not 0 <= label <= MAX_LABEL:
+                raise ValueError(f"class {name!r}: label {label} is not a mask value (0 to {MAX_LABEL})")
+            if isinstance(label, str) and not label.strip():
+                raise ValueError(f"class {name!r}: the label is empty; give its mask value, folder or class id")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _row_major_order(cls, data: Any) -> Any:
@@ -120,6 +163,29 @@ class DataOptions(_Section):
                 "drop rle_order, or use rle_format=row-major"
             )
         return self
+
+
+def check_path_text(text: str) -> str:
+    """Return text that names a file when the operating system can take it as a path (no NUL byte, at most 4,096 characters).
+
+    Raises:
+        ValueError: Saying why, for pydantic to place under its key.
+    """
+    if "\x00" in text or len(text) > 4096:
+        raise ValueError("not a file path (a NUL byte, or more than 4,096 characters); give the path of a file")
+    return text
+
+
+def check_class_name(name: object) -> str:
+    """Return a structure's name when it may become a file name (``predict --masks-dir D/<class>/``, ``tuning_<class>.png``).
+
+    Raises:
+        ValueError: Naming the rule (:data:`~medseg.files.NAME_RULE`), for pydantic to place under its key.
+    """
+    if not is_safe_name(name):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ValueError(f"class name {shown} cannot become a file name ({NAME_RULE}); rename it")
+    return name
 
 
 def parse_classes(text: str) -> dict[str, int | str]:
@@ -145,8 +211,8 @@ def parse_classes(text: str) -> dict[str, int | str]:
 class InputConfig(_Section):
     """Network input size; frames are resized to it and predictions resized back."""
 
-    height: int = Field(448, ge=32)
-    width: int = Field(608, ge=32)
+    height: int = Field(448, ge=32, le=MAX_SIDE)
+    width: int = Field(608, ge=32, le=MAX_SIDE)
 
     @field_validator("height", "width")
     @classmethod
@@ -171,7 +237,12 @@ class ModelConfig(_Section):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     presence_head: bool = True
     presence_dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    structures: int = Field(1, ge=1)
+    structures: int = Field(1, ge=1, le=MAX_STRUCTURES)
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _weights_text(cls, value: str) -> str:
+        return check_path_text(value)
 
 
 class ElasticConfig(_Section):
@@ -181,16 +252,16 @@ class ElasticConfig(_Section):
     """
 
     p: float = Field(0.0, ge=0.0, le=1.0)
-    alpha: float = Field(120.0, ge=0.0)
-    sigma: float = Field(6.0, gt=0.0)
+    alpha: float = Field(120.0, ge=0.0, le=MAX_ALPHA)
+    sigma: float = Field(6.0, gt=0.0, le=MAX_SIGMA)
 
 
 class BlurConfig(_Section):
     """``GaussianBlur`` with a random sigma in [sigma_min, sigma_max]."""
 
     p: float = Field(0.2, ge=0.0, le=1.0)
-    sigma_min: float = Field(0.5, gt=0.0)
-    sigma_max: float = Field(1.5, gt=0.0)
+    sigma_min: float = Field(0.5, gt=0.0, le=MAX_SIGMA)
+    sigma_max: float = Field(1.5, gt=0.0, le=MAX_SIGMA)
 
     @model_validator(mode="after")
     def _ordered(self) -> BlurConfig:
@@ -217,7 +288,7 @@ class DropoutConfig(_Section):
     """``CoarseDropout``: 1..max_holes rectangles of the image (not the mask) set to 0."""
 
     p: float = Field(0.3, ge=0.0, le=1.0)
-    max_holes: int = Field(4, ge=1)
+    max_holes: int = Field(4, ge=1, le=MAX_HOLES)
     max_size: float = Field(0.1, gt=0.0, lt=1.0)
 
 
@@ -255,6 +326,8 @@ class LossConfig(_Section):
     def _positive_weights(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and (not value or any(weight < 0 for weight in value) or sum(value) <= 0):
             raise ValueError("give one weight of 0 or more per structure, not all 0, e.g. [1, 2]")
+        if value is not None and len(value) > MAX_STRUCTURES:
+            raise ValueError(f"{len(value)} weights; a model has at most {MAX_STRUCTURES} structures")
         return value
 
 
@@ -266,38 +339,94 @@ class OptimConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["plateau", "cosine"] = "plateau"
     plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
-    plateau_patience: int = Field(5, ge=0)
+    plateau_patience: int = Field(5, ge=0, le=MAX_EPOCHS)
     cosine_floor: float = Field(0.01, ge=0.0, le=1.0)
 
 
 class TrainerConfig(_Section):
-    """The training loop; ``tune_after`` runs ``medseg tune`` on the run when training ends."""
+    """The training loop; ``tune_after`` runs ``medseg tune`` on the run when training ends.
 
-    max_epochs: int = Field(100, ge=1)
-    batch_size: int = Field(32, ge=1)
-    early_stopping_patience: int = Field(10, ge=1)
+    ``devices`` is what Lightning takes: a number of devices (``-1``: all), a list of device indices, or ``auto``;
+    ``strategy`` is a Lightning strategy name (checked against Lightning's registry before a run starts:
+    :func:`medseg.learn.fit.check_trainer`). ``limit_*_batches`` is a number of batches, or a fraction of them in (0, 1].
+    """
+
+    max_epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    early_stopping_patience: int = Field(10, ge=1, le=MAX_EPOCHS)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"
     compile: bool = False
     gradient_clip: float | None = Field(None, gt=0.0)
-    num_workers: int | None = Field(None, ge=0)
+    num_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = Field(1, ge=1)
+    devices: Literal["auto"] | int | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1, le=MAX_DEVICES)
     strategy: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     tune_after: bool = False
     limit_train_batches: int | float | None = None
     limit_val_batches: int | float | None = None
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        return parse_devices(value)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_name(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        name = value.strip().lower()
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+            raise ValueError(f"{value!r} is not a Lightning strategy name; use auto, ddp, ddp_spawn, ...")
+        return name
+
+    @field_validator("limit_train_batches", "limit_val_batches", mode="before")
+    @classmethod
+    def _batch_limit(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value is None or (whole and 1 <= value <= 2**31 - 1) or (isinstance(value, float) and 0.0 < value <= 1.0):
+            return value
+        raise ValueError("give a number of batches (1 or more), a fraction of them in (0, 1], or null for all")
+
+
+def parse_devices(value: Any) -> Any:
+    """``trainer.devices`` as Lightning takes it: ``auto``, a number (``-1``: every device) or a list of device indices.
+
+    Text (``--devices 2``, ``--devices 0,1``) becomes the number or the list.
+
+    Raises:
+        ValueError: If it is none of those, or out of range.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"-?\d{1,9}", text):
+            value = int(text)
+        elif re.fullmatch(r"\d{1,9}(\s*,\s*\d{1,9})+", text):
+            value = [int(part) for part in text.split(",")]
+        elif text == "auto":
+            return text
+    if _is_count(value, -1, MAX_DEVICES) and value != 0:
+        return value
+    if isinstance(value, list) and value and all(_is_count(index, 0, MAX_DEVICES - 1) for index in value) and len(set(value)) == len(value):
+        return value
+    raise ValueError("give a number of devices (1 or more, -1 for all), a list of distinct device indices such as [0, 1], or auto")
+
+
+def _is_count(value: Any, low: int, high: int) -> bool:
+    """Whether ``value`` is a whole number (not a bool) from ``low`` to ``high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class SplitConfig(_Section):
     """Subject-grouped K-fold split; ``fold`` is the validation fold of a single run, ``null`` for a run
     that trains every fold (cross-validation and a fold ensemble, like ``--folds``)."""
 
-    n_folds: int = Field(5, ge=2)
-    fold: int | None = Field(0, ge=0)
-    seed: int = 0
+    n_folds: int = Field(5, ge=2, le=MAX_FOLDS)
+    fold: int | None = Field(0, ge=0, lt=MAX_FOLDS)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class Config(_Section):
@@ -403,25 +532,20 @@ def read_run_config(path: Path) -> Config:
     """
     tree = _merge(Config().model_dump(), _ABSENT_IN_OLDER_RUNS, "")
     content = _read_yaml(Path(path))
-    tree = _merge(tree, content, "")
-    if not isinstance(content.get("data"), dict) or "rle_format" not in content["data"]:  # saved before RLE dialects
-        tree["data"]["rle_format"] = "row-major" if tree["data"]["rle_order"] == "C" else "kaggle"
-    return _validate(tree)
+    try:
+        tree = _merge(tree, content, "")
+        if not isinstance(content.get("data"), dict) or "rle_format" not in content["data"]:  # saved before RLE dialects
+            tree["data"]["rle_format"] = "row-major" if tree["data"]["rle_order"] == "C" else "kaggle"
+        return _validate(tree)
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = read_yaml(path, path, "configuration")
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot read the config file ({error})") from error
-    except RecursionError:
-        raise UsageError(f"{path}: nested too deeply to be a configuration") from None
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise UsageError(f"{path}: not valid YAML{line}; fix the file") from error
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -430,17 +554,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` of ``--set``: the value read as YAML, or as the text itself where it is not plain YAML (invalid,
+    with anchors or aliases, or nested too deeply), so that e.g. a regular expression needs no quotes."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UsageError(f"--set {text!r}: write key=value, e.g. --set trainer.max_epochs=2")
+    if not raw.strip():
+        return key, None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    except RecursionError:
-        raise UsageError(f"--set {key}: the value is nested too deeply") from None
-    return key, value
+        return key, parse_yaml(raw, f"--set {key}")
+    except UsageError:
+        return key, raw
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -485,8 +610,16 @@ def _validate(tree: dict[str, Any]) -> Config:
 
 
 def _problem(item: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in item["loc"])
+    key = ".".join(str(part) for part in item["loc"] if not _is_type_tag(part))
     message = item["msg"].removeprefix("Value error, ")
     if item["type"] == "value_error" and isinstance(item.get("input"), dict):
         return f"config key {key!r}: {message}" if key else message
-    return f"config key {key!r}: {message} (got {item.get('input')!r})"
+    return f"config key {key!r}: {message} (got {shown(item.get('input'))})"
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """Whether a part of pydantic's error location names a member of a union (``int``, ``tuple[float, float]``), not a key."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)

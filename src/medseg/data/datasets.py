@@ -10,10 +10,17 @@ Three layouts are read (see DESIGN.md):
   Its RLE dialect (:mod:`medseg.data.rle`) is told from the cells unless named; in the siim dialect a
   frame may have several rows, OR-ed together.
 
-Loading reads file names, CSV tables and image headers only. Structural problems (a frame without a
-mask, a CSV row without a frame, duplicate ids, unexpected files) are collected in
-:attr:`Dataset.problems`, never skipped silently. :func:`read_sample` decodes one frame and its mask and
-raises a :class:`~medseg.errors.FileError` for every pixel-level problem (unreadable file, size mismatch,
+Loading reads file names, CSV tables and image headers only (and, where ``--mask-value``,
+``--mask-threshold`` or the labels of class-index masks are given, mask files until one shows the label is
+there). Structural problems (a frame without a mask, a CSV row without a frame, duplicate ids, unexpected
+files, ids that cannot be file names, a label no mask holds) are collected in :attr:`Dataset.problems`,
+never skipped silently. Names that become paths are checked where they enter: a class (a long table's
+class column, a ``masks/<class>/`` folder) must follow :data:`~medseg.files.NAME_RULE`, else loading is
+refused; a frame id (a file's name, a CSV row's id) must follow :data:`~medseg.data.io.FRAME_ID_RULE`,
+else it is an ``unsafe_name`` problem and the frame or row is left out.
+
+:func:`read_sample` decodes one frame and its mask and raises a :class:`~medseg.errors.FileError` for every
+pixel-level problem (unreadable file, a frame above ``data.max_pixels`` or with NaN pixels, size mismatch,
 non-binary mask, malformed RLE row, mask file and RLE row that disagree); the inspector collects them.
 """
 
@@ -30,11 +37,13 @@ import numpy as np
 from medseg.config import DataOptions
 from medseg.data import io, long_rle, rle
 from medseg.errors import DataError, FileError, ImageReadError, UsageError
+from medseg.files import check_name, shown
 
 KAGGLE_MASKS_CSV = "train_masks.csv"
 KAGGLE_SAMPLE_CSV = "sample_submission.csv"
 RLE_COLUMN_GUESSES = (("id", "rle"), ("ImageId", "EncodedPixels"), ("img", "pixels"), ("id", "pixels"))
 _KAGGLE_NAME = re.compile(r"^(?P<subject>[^_]+)_(?P<n>[^_]+?)(?P<mask>_mask)?$")
+_SHOWN_LEVELS = 8
 
 
 @dataclass(frozen=True)
@@ -124,20 +133,107 @@ def load_dataset(root: Path, options: DataOptions | None = None) -> Dataset:
         The data set with its structural problems.
 
     Raises:
-        UsageError: If the folder does not exist, is empty, has no recognisable layout, or a named
-            option (layout, CSV, subject pattern) does not fit it.
-        DataError: If a CSV table of the data set cannot be read or lacks its columns.
+        UsageError: If the folder does not exist, is empty, has no recognisable layout, a named option
+            (layout, CSV, subject pattern) does not fit it, or a class (a long table's class, a
+            ``masks/<class>/`` folder) cannot become a file name.
+        DataError: If a CSV table of the data set cannot be read, names a column twice or lacks its columns.
     """
     root = Path(root)
     options = options or DataOptions()
     layout = options.layout or detect_layout(root)
     loader = {"kaggle": _load_kaggle, "folders": _load_folders, "rle-csv": _load_rle_csv}[layout]
     dataset = loader(root, options)
+    dataset.problems[:0] = label_problems(dataset)
     if dataset.options.rle_format is None:
         dataset.options = dataset.options.model_copy(update={"rle_format": options.dialect})
     if not dataset.train:
         raise DataError(f"{root}: no labelled images found for the {layout} layout; check the folder or --layout")
     return dataset
+
+
+def label_problems(dataset: Dataset) -> list[Problem]:
+    """The labels the options name that no mask file holds, as problems of the masks' folder.
+
+    ``--mask-value V`` (one structure) and each label of class-index ``--classes NAME=V`` must be held by
+    at least one mask file (some masks may well be empty); ``--mask-threshold T`` must leave at least one
+    mask non-empty where the masks have values above 0. Mask files are read in order until every label
+    is found, so usually a few; all of them only where a label is missing. Unreadable masks are skipped
+    (the inspector lists them).
+    """
+    options = dataset.options
+    wanted = _wanted_labels(dataset)
+    paths = [record.mask_path for record in dataset.train if record.mask_path is not None and not record.class_masks]
+    if not paths or (not wanted and options.mask_threshold is None):
+        return []
+    missing, levels = _scan_levels(paths, set(wanted.values()), options.mask_threshold, options.max_pixels)
+    if levels is None:
+        return []
+    folder, held = paths[0].parent, _levels_text(levels)
+    problems = [_absent_label(folder, name, value, held) for name, value in wanted.items() if value in missing]
+    top = levels.max()
+    if options.mask_threshold is not None and 0 < top <= options.mask_threshold:
+        message = (
+            f"every mask is empty above --mask-threshold {options.mask_threshold} (the highest mask value is {top:g}); "
+            f"use a threshold below {top:g}"
+        )
+        problems.append(Problem("empty_after_threshold", folder, message))
+    return problems
+
+
+def _absent_label(folder: Path, name: str | None, value: int, held: str) -> Problem:
+    """The problem of a mask value no mask holds: ``--mask-value``'s (``name`` ``None``) or a class-index class's."""
+    if name is None:
+        named, fix = f"(--mask-value {value})", "pick one of those with --mask-value"
+    else:
+        named, fix = f"of class {name} (--classes {name}={value})", f"fix the label of {name}"
+    return Problem("absent_label", folder, f"no mask holds the value {value} {named}; the masks hold {held}; {fix}")
+
+
+def _wanted_labels(dataset: Dataset) -> dict[str | None, int]:
+    """The mask values the options name, by structure (``None`` for ``--mask-value``'s one structure)."""
+    options = dataset.options
+    if options.mask_value is not None:
+        return {None: options.mask_value}
+    if options.classes is not None and dataset.layout == "folders":
+        return {name: label for name, label in options.classes.items() if isinstance(label, int)}
+    return {}
+
+
+def _scan_levels(paths: list[Path], wanted: set[int], threshold: int | None, max_pixels: int) -> tuple[set[int], np.ndarray | None]:
+    """Read mask files until every wanted value is found (and one is above ``threshold``, if given).
+
+    Returns:
+        The wanted values no mask read holds, and the distinct values of the masks read (``None`` if none could be).
+    """
+    missing, levels = set(wanted), None
+    for path in paths:
+        try:
+            found = _levels(io.read_mask_values(path, max_pixels=max_pixels))
+        except ImageReadError:
+            continue
+        levels = found if levels is None else np.union1d(levels, found)
+        missing.difference_update(found.tolist())
+        if not missing and (threshold is None or levels.max() > threshold):
+            break
+    return missing, levels
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a mask, sorted (counted in one pass for 8- and 16-bit masks)."""
+    if values.dtype == np.bool_:
+        values = values.view(np.uint8)
+    if values.dtype in (np.uint8, np.uint16):
+        return np.flatnonzero(np.bincount(values.ravel()))
+    return np.unique(values)
+
+
+def _levels_text(levels: np.ndarray) -> str:
+    """The first few values of a sorted array, and how many more there are."""
+    shown = ", ".join(f"{value:g}" for value in levels[:_SHOWN_LEVELS].tolist())
+    if levels.size == 1:
+        return f"only {shown}"
+    more = levels.size - _SHOWN_LEVELS
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def require_clean(dataset: Dataset) -> Dataset:
@@ -196,7 +292,7 @@ def read_sample(record: Record, options: DataOptions) -> tuple[np.ndarray, np.nd
     Shape:
         Returns: (H, W) and (H, W).
     """
-    image = io.read_image(record.image_path, options.intensity_window)
+    image = io.read_image(record.image_path, options.intensity_window, max_pixels=options.max_pixels)
     if is_multi_structure(record, options):
         return image, structure_masks(record, options, image.shape)
     return image, mask_of(record, options, image.shape)
@@ -233,12 +329,12 @@ def structure_masks(record: Record, options: DataOptions, shape: tuple[int, int]
     if not record.has_mask:
         raise FileError(record.image_path, f"no mask file or RLE row for id {record.id}; add one or remove the frame", "missing_mask")
     if record.class_rles:
-        shape = shape or record.size or io.image_size(record.image_path)
+        shape = shape or record.size or io.image_size(record.image_path, max_pixels=options.max_pixels)
         return np.stack([_decode_row(record, name, text, shape, options) for name, text in record.class_rles])
     if record.class_masks:
         single = options.model_copy(update={"classes": None})
         return np.stack([_mask_file(replace(record, mask_path=path), single, shape) for _, path in record.class_masks])
-    values = _mask_values(record, shape)
+    values = _mask_values(record, shape, options.max_pixels)
     return np.stack([values == int(value) for value in (options.classes or {}).values()])
 
 
@@ -280,7 +376,8 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
     from_file = _mask_file(record, options, shape) if record.mask_path is not None else None
     if record.rle is None:
         return from_file
-    shape = shape or (from_file.shape if from_file is not None else None) or record.size or io.image_size(record.image_path)
+    shape = shape or (from_file.shape if from_file is not None else None) or record.size
+    shape = shape or io.image_size(record.image_path, max_pixels=options.max_pixels)
     try:
         from_rle = rle.decode_union((record.rle, *record.extra_rles), shape, dialect=options.dialect)
     except rle.RLEError as error:
@@ -297,10 +394,10 @@ def mask_of(record: Record, options: DataOptions, shape: tuple[int, int] | None 
     return from_rle
 
 
-def _mask_values(record: Record, shape: tuple[int, int] | None) -> np.ndarray:
+def _mask_values(record: Record, shape: tuple[int, int] | None, max_pixels: int = io.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The pixel values of a record's mask file, checked against the frame's size."""
     try:
-        values = io.read_mask_values(record.mask_path)
+        values = io.read_mask_values(record.mask_path, max_pixels=max_pixels)
     except ImageReadError as error:
         raise FileError(error.path, error.reason, "unreadable_mask") from error
     if shape is not None and values.shape != tuple(shape):
@@ -313,7 +410,7 @@ def _mask_values(record: Record, shape: tuple[int, int] | None) -> np.ndarray:
 
 
 def _mask_file(record: Record, options: DataOptions, shape: tuple[int, int] | None) -> np.ndarray:
-    values = _mask_values(record, shape)
+    values = _mask_values(record, shape, options.max_pixels)
     if options.mask_value is None and options.mask_threshold is None and not io.is_binary_mask(values):
         levels = np.unique(values)
         shown = ", ".join(map(str, levels[:6])) + (", ..." if levels.size > 6 else "")
@@ -379,9 +476,9 @@ def _unexpected_file_message(path: Path, folder: Path) -> str:
     return f"not an image file ({', '.join(io.IMAGE_SUFFIXES)}); move it out of {folder.name}/"
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
+def _header_size(path: Path, max_pixels: int) -> tuple[int, int] | None:
     try:
-        return io.image_size(path)
+        return io.image_size(path, max_pixels=max_pixels)
     except ImageReadError:
         return None
 
@@ -391,6 +488,10 @@ def _index_by_id(paths: list[Path], id_of, problems: list[Problem], what: str) -
     found: dict[str, Path] = {}
     for path in paths:
         sample_id = id_of(path)
+        if not io.is_frame_id(sample_id):
+            rule = f"cannot be a frame id ({io.FRAME_ID_RULE}); rename the file"
+            problems.append(Problem("unsafe_name", path, f"{what} id {shown(sample_id)} {rule}"))
+            continue
         if sample_id in found:
             problems.append(
                 Problem("duplicate_id", path, f"{what} id {sample_id} also used by {found[sample_id].name}; keep one file per id")
@@ -405,6 +506,8 @@ def _rle_rows(csv_path: Path, ids: list[str], rles: list[str], problems: list[Pr
     rows: dict[str, str] = {}
     first_row: dict[str, int] = {}
     for number, (sample_id, text) in enumerate(zip(ids, rles), start=2):
+        if not _safe_row_id(csv_path, number, sample_id, problems):
+            continue
         if sample_id in rows:
             problems.append(
                 Problem(
@@ -417,21 +520,35 @@ def _rle_rows(csv_path: Path, ids: list[str], rles: list[str], problems: list[Pr
     return rows
 
 
-def image_records(folder: Path) -> tuple[list[Record], list[Problem]]:
+def _safe_row_id(csv_path: Path, number: int, sample_id: str, problems: list[Problem]) -> bool:
+    """Whether a CSV row's id may be a frame id (:data:`~medseg.data.io.FRAME_ID_RULE`); if not, an ``unsafe_name`` problem."""
+    if io.is_frame_id(sample_id):
+        return True
+    reason = "is empty" if not sample_id else f"{shown(sample_id)} cannot be a frame id ({io.FRAME_ID_RULE})"
+    problems.append(Problem("unsafe_name", csv_path, f"row {number}: the id {reason}; fix the id or drop the row"))
+    return False
+
+
+def image_records(folder: Path, max_pixels: int = io.DEFAULT_MAX_PIXELS) -> tuple[list[Record], list[Problem]]:
     """Unlabelled records of every image in a folder (id = file stem), and what else the folder holds.
 
+    Args:
+        folder: The folder.
+        max_pixels: The pixel limit of the frames' headers (``data.max_pixels``); a larger frame has no size.
+
     Returns:
-        The records in natural order of their names, and problems: non-image files, ids found twice.
+        The records in natural order of their names, and problems: non-image files, ids found twice, names
+        that cannot be frame ids (those files are not records).
     """
     problems: list[Problem] = []
-    return _test_records(Path(folder), problems), problems
+    return _test_records(Path(folder), problems, max_pixels), problems
 
 
-def _test_records(folder: Path, problems: list[Problem]) -> list[Record]:
+def _test_records(folder: Path, problems: list[Problem], max_pixels: int = io.DEFAULT_MAX_PIXELS) -> list[Record]:
     if not folder.is_dir():
         return []
     paths = _index_by_id(_list_files(folder, problems), io.frame_id, problems, "image")
-    return [Record(id=sample_id, image_path=path, size=_header_size(path)) for sample_id, path in paths.items()]
+    return [Record(id=sample_id, image_path=path, size=_header_size(path, max_pixels)) for sample_id, path in paths.items()]
 
 
 def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
@@ -449,7 +566,15 @@ def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
     records = []
     for sample_id, path in images.items():
         subject = _KAGGLE_NAME.match(sample_id).group("subject")
-        record = Record(sample_id, path, masks.get(sample_id), rows.get(sample_id), subject, _header_size(path), root / KAGGLE_MASKS_CSV)
+        record = Record(
+            sample_id,
+            path,
+            masks.get(sample_id),
+            rows.get(sample_id),
+            subject,
+            _header_size(path, options.max_pixels),
+            root / KAGGLE_MASKS_CSV,
+        )
         if not record.has_mask:
             problems.append(
                 Problem("missing_mask", path, f"no {sample_id}_mask{path.suffix} and no row in {KAGGLE_MASKS_CSV}; add the mask")
@@ -467,7 +592,7 @@ def _load_kaggle(root: Path, options: DataOptions) -> Dataset:
                     "missing_image", root / KAGGLE_MASKS_CSV, f"id {sample_id} has no frame train/{sample_id}.tif; add it or drop the row"
                 )
             )
-    test = _test_records(root / "test", problems)
+    test = _test_records(root / "test", problems, options.max_pixels)
     sample_path = root / KAGGLE_SAMPLE_CSV
     sample_ids = _sample_ids(sample_path, test, problems) if sample_path.exists() else []
     return Dataset(root, "kaggle", options, records, test, sample_path if sample_path.exists() else None, sample_ids, problems)
@@ -496,7 +621,8 @@ def _kaggle_csv_rows(csv_path: Path, problems: list[Problem]) -> dict[str, str]:
 
 def _sample_ids(sample_path: Path, test: list[Record], problems: list[Problem]) -> list[str]:
     table = io.read_csv(sample_path, ("img", "pixels"))
-    ids = [value.strip() for value in table["img"]]
+    rows = enumerate((value.strip() for value in table["img"]), start=2)
+    ids = [sample_id for number, sample_id in rows if _safe_row_id(sample_path, number, sample_id, problems)]
     for sample_id, count in Counter(ids).items():
         if count > 1:
             problems.append(Problem("duplicate_id", sample_path, f"id {sample_id} is listed {count} times; keep one row per id"))
@@ -522,6 +648,8 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
         (path for path in (root / "masks").iterdir() if path.is_dir() and not path.name.startswith(".")), key=lambda p: _natural_key(p.name)
     )
     if class_dirs:
+        for path in class_dirs:
+            check_name(path.name, "class folder", root / "masks")
         return _load_class_folders(root, options, class_dirs)
     subject_of = subject_matcher(options.subject_pattern)
     images = _index_by_id(_list_files(root / "images", problems), io.frame_id, problems, "image")
@@ -529,7 +657,12 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
     records = []
     for sample_id, path in images.items():
         record = Record(
-            sample_id, path, masks.get(sample_id), None, _subject(sample_id, path, subject_of, options, problems), _header_size(path)
+            sample_id,
+            path,
+            masks.get(sample_id),
+            None,
+            _subject(sample_id, path, subject_of, options, problems),
+            _header_size(path, options.max_pixels),
         )
         if not record.has_mask:
             problems.append(Problem("missing_mask", path, f"no mask masks/{sample_id}.* for this image; add it"))
@@ -543,7 +676,9 @@ def _load_folders(root: Path, options: DataOptions) -> Dataset:
             raise UsageError(
                 f"{root / 'masks'}: class-index masks name each class by its mask value, not {label!r}; write e.g. --classes {name}=2"
             )
-    return Dataset(root, "folders", options, records, _test_records(root / "test", problems), problems=problems, classes=classes)
+    return Dataset(
+        root, "folders", options, records, _test_records(root / "test", problems, options.max_pixels), problems=problems, classes=classes
+    )
 
 
 def _load_class_folders(root: Path, options: DataOptions, class_dirs: list[Path]) -> Dataset:
@@ -567,14 +702,14 @@ def _load_class_folders(root: Path, options: DataOptions, class_dirs: list[Path]
             )
         found = () if missing else tuple((name, per_class[name][sample_id]) for name in wanted)
         subject = _subject(sample_id, path, subject_of, options, problems)
-        records.append(Record(sample_id, path, subject=subject, size=_header_size(path), class_masks=found))
+        records.append(Record(sample_id, path, subject=subject, size=_header_size(path, options.max_pixels), class_masks=found))
     for name, masks in per_class.items():
         for sample_id, path in masks.items():
             if sample_id not in images:
                 problems.append(
                     Problem("missing_image", path, f"{name} mask without an image images/{sample_id}.*; add the image or remove the mask")
                 )
-    test = _test_records(root / "test", problems)
+    test = _test_records(root / "test", problems, options.max_pixels)
     return Dataset(root, "folders", options, records, test, problems=problems, classes=tuple(wanted))
 
 
@@ -587,6 +722,7 @@ def _wanted_classes(options: DataOptions, found: list[str], where: Path) -> dict
     if options.classes is None:
         return {label: label for label in found}
     for name, label in options.classes.items():
+        check_name(name, "class", "--classes")
         if str(label) not in found:
             raise UsageError(f"{where}: no class {str(label)!r} (--classes {name}={label}); the data has {', '.join(found)}")
     return {name: str(label) for name, label in options.classes.items()}
@@ -626,9 +762,12 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
     cells = list(table[rle_column])
     listing: list[Problem] = []
     images = _index_by_id(_list_files(root / "images", listing), io.frame_id, listing, "image")
-    sizes = {sample_id: _header_size(path) for sample_id, path in images.items()}
+    sizes = {sample_id: _header_size(path, options.max_pixels) for sample_id, path in images.items()}
     dialect = options.rle_dialect or _told_dialect(csv_path, ids, cells, sizes)
-    rows = _grouped_rows(ids, cells) if dialect == "siim" else {i: (text,) for i, text in _rle_rows(csv_path, ids, cells, problems).items()}
+    if dialect == "siim":
+        rows = _grouped_rows(csv_path, ids, cells, problems)
+    else:
+        rows = {i: (text,) for i, text in _rle_rows(csv_path, ids, cells, problems).items()}
     problems += listing
     subject_of = subject_matcher(options.subject_pattern)
     records = []
@@ -653,7 +792,7 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
         if sample_id not in images:
             problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop the row"))
     read_as = options.model_copy(update={"rle_format": dialect})
-    return Dataset(root, "rle-csv", read_as, records, _test_records(root / "test", problems), problems=problems)
+    return Dataset(root, "rle-csv", read_as, records, _test_records(root / "test", problems, options.max_pixels), problems=problems)
 
 
 def _told_dialect(csv_path: Path, ids: list[str], cells: list[str], sizes: dict[str, tuple[int, int] | None]) -> str:
@@ -669,11 +808,12 @@ def _told_dialect(csv_path: Path, ids: list[str], cells: list[str], sizes: dict[
     return guess.dialect
 
 
-def _grouped_rows(ids: list[str], cells: list[str]) -> dict[str, tuple[str, ...]]:
-    """Every RLE row of each id, in file order (a siim table's rows of one frame are OR-ed)."""
+def _grouped_rows(csv_path: Path, ids: list[str], cells: list[str], problems: list[Problem]) -> dict[str, tuple[str, ...]]:
+    """Every RLE row of each id, in file order (a siim table's rows of one frame are OR-ed); unsafe ids are problems."""
     rows: dict[str, list[str]] = {}
-    for sample_id, text in zip(ids, cells, strict=True):
-        rows.setdefault(sample_id, []).append(text)
+    for number, (sample_id, text) in enumerate(zip(ids, cells, strict=True), start=2):
+        if _safe_row_id(csv_path, number, sample_id, problems):
+            rows.setdefault(sample_id, []).append(text)
     return {sample_id: tuple(texts) for sample_id, texts in rows.items()}
 
 
@@ -690,6 +830,8 @@ def _load_long_table(root: Path, options: DataOptions, csv_path: Path, dialect: 
     """The rle-csv layout with a long table: one row per frame and structure (:mod:`medseg.data.long_rle`)."""
     problems: list[Problem] = []
     table = long_rle.read_long_table(csv_path, dialect)
+    for number, sample_id in table.unsafe:
+        _safe_row_id(csv_path, number, sample_id, problems)
     for number, sample_id, label, first in table.duplicates:
         problems.append(
             Problem(
@@ -714,11 +856,13 @@ def _load_long_table(root: Path, options: DataOptions, csv_path: Path, dialect: 
             )
         rles = () if missing else tuple((name, found[label]) for name, label in wanted.items())
         subject = _subject(sample_id, path, subject_of, options, problems)
-        records.append(Record(sample_id, path, subject=subject, size=_header_size(path), rle_source=csv_path, class_rles=rles))
+        records.append(
+            Record(sample_id, path, subject=subject, size=_header_size(path, options.max_pixels), rle_source=csv_path, class_rles=rles)
+        )
     for sample_id in table.rows:
         if sample_id not in images:
             problems.append(Problem("missing_image", csv_path, f"id {sample_id} has no image in images/; add it or drop its rows"))
-    test = _test_records(root / "test", problems)
+    test = _test_records(root / "test", problems, options.max_pixels)
     return Dataset(root, "rle-csv", options, records, test, problems=problems, classes=tuple(wanted))
 
 
@@ -745,8 +889,9 @@ def _rle_columns(csv_path: Path, header: list[str], options: DataOptions) -> tup
 
 
 def _strip_image_suffix(sample_id: str) -> str:
+    """An id without its image suffix; one that is no frame id (``../x.png``) as written, to be refused as such."""
     path = Path(sample_id)
-    return path.stem if io.has_image_suffix(path) else sample_id
+    return path.stem if io.has_image_suffix(path) and io.is_frame_id(sample_id) else sample_id
 
 
 def sample_data_path() -> Path:

@@ -26,10 +26,11 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from medseg.data import io
 from medseg.data.datasets import Dataset
 from medseg.data.inspector import Contradiction
 from medseg.errors import DataError, UsageError
-from medseg.files import atomic_write
+from medseg.files import atomic_write, shown
 
 COLUMNS = ("id", "reason")
 RULE = (
@@ -38,6 +39,8 @@ RULE = (
     "(which one is right is unknown); with several structures the rule applies per structure"
 )
 _PREVIEW = 5
+MAX_BYTES = 16 * 1024 * 1024
+"""The largest exclusions file read (16 MiB): one of every frame of a 100,000-frame data set, with reasons, is about 10 MB."""
 
 
 def leave_out(contradictions: Iterable[Contradiction]) -> dict[str, str]:
@@ -73,13 +76,14 @@ def _reason(item: Contradiction, frame: str, other: str) -> str:
     return f"{prefix}no mask, but {near} has one of {max(item.areas)} px"
 
 
-def write_exclusions(path: Path, excluded: dict[str, str], source: str = "") -> None:
+def write_exclusions(path: Path, excluded: dict[str, str], source: str = "", exclusive: bool = False) -> None:
     """Write an exclusions file atomically: the rule as a comment, the header, one row per frame.
 
     Args:
         path: The file.
         excluded: Reason by frame id.
         source: What the frames were found in (the data folder), for the comment.
+        exclusive: Never replace a file another process wrote meanwhile (:func:`medseg.files.atomic_write`).
     """
     buffer = text_io.StringIO()
     found_in = f" of {source}" if source else ""
@@ -88,7 +92,7 @@ def write_exclusions(path: Path, excluded: dict[str, str], source: str = "") -> 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows(excluded.items())
-    with atomic_write(path) as stream:
+    with atomic_write(path, exclusive=exclusive) as stream:
         stream.write(buffer.getvalue())
 
 
@@ -100,11 +104,13 @@ def read_exclusions(path: Path) -> dict[str, str]:
 
     Raises:
         UsageError: If the file is missing or unreadable.
-        DataError: If it is not an exclusions file: no ``id`` column, an empty or repeated id, a row with
-            too many cells. The message names the file, the line and the fix.
+        DataError: If it is not an exclusions file: larger than :data:`MAX_BYTES`, no ``id`` column, a column
+            named twice, an empty, repeated or unsafe id (:data:`~medseg.data.io.FRAME_ID_RULE`), a row with
+            too many cells, a cell longer than Python's CSV field limit. The message names the file, the line and the fix.
     """
     path = Path(path)
     try:
+        _check_size(path)
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UsageError(f"{path}: exclusions file not found; write one with `medseg inspect DATA --write-exclusions {path}`") from None
@@ -118,6 +124,13 @@ def read_exclusions(path: Path) -> dict[str, str]:
     (header_line, header), body = rows[0], rows[1:]
     columns = _columns(path, header_line, header)
     return _entries(path, body, columns)
+
+
+def _check_size(path: Path) -> None:
+    """Refuse a file larger than :data:`MAX_BYTES` before it is read (``FileNotFoundError`` passes through)."""
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise DataError(f"{path}: {size:,} bytes, more than an exclusions file can be ({MAX_BYTES:,}); is it the right file?")
 
 
 def _rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
@@ -139,6 +152,9 @@ def _rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
 
 def _columns(path: Path, line: int, header: list[str]) -> int:
     names = tuple(cell.strip().lower() for cell in header)
+    repeated = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if repeated is not None:
+        raise DataError(f"{path}: line {line}: column {shown(repeated)} appears more than once in the header; keep one")
     if names not in (COLUMNS[:1], COLUMNS):
         raise DataError(f"{path}: line {line}: the header is {','.join(header)!r}, not id,reason; start the file with the line id,reason")
     return len(names)
@@ -153,6 +169,8 @@ def _entries(path: Path, body: list[tuple[int, list[str]]], columns: int) -> dic
         frame = row[0].strip()
         if not frame:
             raise DataError(f"{path}: line {line}: no id; give the frame's id (as in a submission) or delete the line")
+        if not io.is_frame_id(frame):
+            raise DataError(f"{path}: line {line}: {shown(frame)} cannot be a frame id ({io.FRAME_ID_RULE}); fix it or delete the line")
         if frame in seen:
             raise DataError(f"{path}: line {line}: {frame} is listed already on line {seen[frame]}; list each frame once")
         seen[frame] = line

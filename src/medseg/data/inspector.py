@@ -5,6 +5,11 @@ the GIL). Near-duplicate frames are found by correlating small normalised thumbn
 subject (one matrix product per subject); a pair whose masks contradict (one empty and one not, or a
 Dice below 0.5) is a problem, because one of the two labels is wrong and a model cannot learn both;
 :mod:`medseg.data.exclusions` says which frame of such a pair to leave out of training.
+
+A frame is read as training and prediction read it (:func:`medseg.data.io.read_image`, with the data
+options' window and pixel limit), so what they would refuse is listed here, each with its file: a frame
+whose header declares more pixels than ``data.max_pixels``, NaN or infinite pixels, a malformed DICOM
+window or header.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def examine_labelled(record: Record, options: DataOptions) -> FrameFacts:
     """Decode a labelled frame and its mask sources and check them against each other."""
     facts = FrameFacts(record)
     try:
-        image = io.read_image(record.image_path, options.intensity_window)
+        image = io.read_image(record.image_path, options.intensity_window, max_pixels=options.max_pixels)
         facts.size = image.shape
         facts.thumb = image_thumbnail(image)
         if not record.has_mask:
@@ -163,7 +168,7 @@ def mask_thumbnail(mask: np.ndarray) -> np.ndarray:
 
 def _examine_unlabelled(record: Record, options: DataOptions) -> list[Problem]:
     try:
-        io.read_image(record.image_path, options.intensity_window)
+        io.read_image(record.image_path, options.intensity_window, max_pixels=options.max_pixels)
     except ImageReadError as error:
         return [Problem(error.kind, error.path, error.reason)]
     return []

@@ -18,6 +18,7 @@ the window and the constants into its JSON.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -73,10 +74,12 @@ def window_of(values: np.ndarray, window: IntensityWindow, stored_window: tuple[
     """The ``(low, high)`` values a frame's window maps to 0 and 1 (``high > low``).
 
     Raises:
-        ValueError: If a fixed window has ``high <= low``.
+        ValueError: If a fixed window is not two finite numbers, or has ``high <= low``.
     """
     if isinstance(window, tuple):
         low, high = (float(value) for value in window)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"intensity window [{low:g}, {high:g}] is not two finite numbers; give [low, high], e.g. [0, 2000]")
         if high <= low:
             raise ValueError(f"intensity window [{low:g}, {high:g}] is empty; give [low, high] with high above low")
         return low, high

@@ -9,8 +9,10 @@ Three dialects are recognised by their header (or named with ``--id-column``, ``
   pairs with a defect are listed, so a missing row is an empty mask.
 
 Where a dialect lists every pair, a missing (frame, class) row is a problem, never silently an empty
-mask. This module owns the format: reading a table into per-frame, per-class RLE strings and writing one
-(training tables and long submissions alike).
+mask. A class label becomes a folder name (``predict --masks-dir``) and must follow
+:data:`~medseg.files.NAME_RULE`; a frame id must follow :data:`~medseg.data.io.FRAME_ID_RULE`, else its row
+is set aside as unsafe (the loader lists it). This module owns the format: reading a table into per-frame,
+per-class RLE strings and writing one (training tables and long submissions alike).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from medseg.data import io
 from medseg.errors import DataError
-from medseg.files import atomic_write
+from medseg.files import atomic_write, check_name
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class LongTable:
         rows: RLE string by frame id, then by class label.
         row_numbers: The row (counting the header as row 1) of each (id, label).
         duplicates: ``(row, id, label, first row)`` of every pair listed twice (the first row is kept).
+        unsafe: ``(row, id)`` of every row whose id cannot be a frame id (the row is not read).
     """
 
     path: Path
@@ -71,6 +74,7 @@ class LongTable:
     rows: dict[str, dict[str, str]] = field(default_factory=dict)
     row_numbers: dict[tuple[str, str], int] = field(default_factory=dict)
     duplicates: list[tuple[int, str, str, int]] = field(default_factory=list)
+    unsafe: list[tuple[int, str]] = field(default_factory=list)
 
     def masks_of(self, sample_id: str, labels: Iterable[str]) -> tuple[dict[str, str], list[str]]:
         """The RLE string of each wanted label of one frame, and the labels that have no row.
@@ -118,7 +122,8 @@ def read_long_table(path: Path, dialect: LongFormat) -> LongTable:
     Ids that name an image file (``0002cc93b.jpg``) are taken without the suffix, as frame ids are.
 
     Raises:
-        DataError: If the file cannot be read as a CSV with the dialect's columns.
+        DataError: If the file cannot be read as a CSV with the dialect's columns, or a row has no class.
+        UsageError: If a class label cannot become a folder name (:data:`~medseg.files.NAME_RULE`).
     """
     path = Path(path)
     table = io.read_csv(path, (dialect.id_column, dialect.class_column, dialect.rle_column))
@@ -128,33 +133,42 @@ def read_long_table(path: Path, dialect: LongFormat) -> LongTable:
         sample_id, label = frame_id(raw_id.strip()), raw_label.strip()
         if not label:
             raise DataError(f"{path}: row {number}: the {dialect.class_column} cell is empty; give every row its class")
+        if label not in result.labels:
+            result.labels.append(check_name(label, "class", f"{path}: row {number}"))
+        if not io.is_frame_id(sample_id):
+            result.unsafe.append((number, sample_id))
+            continue
         if (sample_id, label) in result.row_numbers:
             result.duplicates.append((number, sample_id, label, result.row_numbers[sample_id, label]))
             continue
-        if label not in result.labels:
-            result.labels.append(label)
         result.rows.setdefault(sample_id, {})[label] = text.strip()
         result.row_numbers[sample_id, label] = number
     return result
 
 
 def frame_id(value: str) -> str:
-    """A frame id as a table writes it, without an image suffix (``0002cc93b.jpg`` -> ``0002cc93b``)."""
+    """A frame id as a table writes it, without an image suffix (``0002cc93b.jpg`` -> ``0002cc93b``).
+
+    A value that is no frame id (``../x.png``) is kept as written, to be refused as such, not cut to a safe ``x``.
+    """
     path = Path(value)
-    return path.stem if io.has_image_suffix(path) else value
+    return path.stem if io.has_image_suffix(path) and io.is_frame_id(value) else value
 
 
-def write_long_table(path: Path, rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("id", "class", "rle")) -> None:
+def write_long_table(
+    path: Path, rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("id", "class", "rle"), exclusive: bool = False
+) -> None:
     """Write ``(id, class, rle)`` rows under ``header``, atomically, in the order given.
 
     Args:
         path: The CSV file.
         rows: One row per (frame, class); an empty RLE is an empty mask.
         header: The id, class and RLE column names (e.g. a sample submission's).
+        exclusive: Never replace a file another process wrote meanwhile (:func:`medseg.files.atomic_write`).
     """
     buffer = text_io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    with atomic_write(Path(path)) as stream:
+    with atomic_write(Path(path), exclusive=exclusive) as stream:
         stream.write(buffer.getvalue())

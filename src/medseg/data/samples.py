@@ -6,6 +6,7 @@ Frames are ``uint8`` when every one is stored with 8 bits, else all ``float32`` 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,3 +50,18 @@ def load_samples(records: list[Record], options: DataOptions, workers: int | Non
         raise DataError(f"{len(failures)} sample(s) cannot be used, first: {failures[0]}; `medseg inspect DATA` lists them all")
     frames = common_type([image for image, _ in results])
     return {record.id: (frame, mask) for record, frame, (_, mask) in zip(records, frames, results, strict=True)}
+
+
+def frame_digest(frame: np.ndarray) -> str:
+    """A digest of a frame's content: the same for the same pixels under another name, path or file format.
+
+    Frames deeper than 8 bits are digested at 8 bits (their [0, 1] values times 255, rounded), so that a frame
+    read alone and the same frame batched with others (:func:`~medseg.data.intensity.common_type`) agree.
+
+    Shape:
+        frame: (H, W).
+    """
+    values = frame if frame.dtype == np.uint8 else np.rint(np.clip(frame, 0, 1) * 255).astype(np.uint8)
+    digest = hashlib.sha256(f"{values.shape}".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()[:32]

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
-from medseg.files import atomic_write
+from medseg.errors import MedsegError, UsageError
+from medseg.files import MAX_TEXT_BYTES, atomic_write, read_bounded
 
 __all__ = [
     "Split",
@@ -372,15 +372,17 @@ def _json_default(value: Any) -> Any:
 def _read_json(path: Path) -> Any:
     """Read a JSON file, turning every read or parse failure into SplitError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_TEXT_BYTES, "split file")
     except FileNotFoundError:
         raise SplitError(f"split file {path} not found; create it with the split step or check the path") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UsageError) as err:
         raise SplitError(f"cannot read split file {path} ({err}); delete it and re-split") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise SplitError(f"split file {path} is not valid JSON ({err.msg}, line {err.lineno}); delete it and re-split") from None
+    except RecursionError:
+        raise SplitError(f"split file {path} is nested too deeply to be a split; delete it and re-split") from None
 
 
 def _split_from_json(data: Any, path: Path) -> Split:
