@@ -160,7 +160,9 @@ def describe_device(config: Config) -> str:
     else:
         where = "cpu (trainer.accelerator=cpu)" if config.trainer.accelerator == "cpu" else "cpu (no CUDA device)"
     trainer = config.trainer
-    several = (isinstance(trainer.devices, int) and trainer.devices > 1) or trainer.num_nodes > 1
+    devices = trainer.devices
+    several = devices == -1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, list) and len(devices) > 1)
+    several = several or trainer.num_nodes > 1
     return where + (f", {trainer.devices} device(s) x {trainer.num_nodes} machine(s); timed on one device" if several else "")
 
 

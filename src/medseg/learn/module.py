@@ -23,7 +23,21 @@ from medseg.learn.models import split_outputs
 
 
 class NonFiniteLossError(MedsegError):
-    """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
+    """The loss became NaN or infinite; training stops, and the checkpoints of earlier epochs (if any) stay.
+
+    :func:`medseg.learn.fit.fit_fold` words the whole line (which checkpoints exist, what to try).
+
+    Attributes:
+        phase: ``training`` or ``validation``.
+        epoch: The epoch, from 0.
+        step: Training steps done before it, from 0.
+    """
+
+    def __init__(self, message: str, phase: str = "training", epoch: int = 0, step: int = 0) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.epoch = epoch
+        self.step = step
 
 
 def default_masks(outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -120,10 +134,9 @@ class SegmentationModule(L.LightningModule):
     def _check_finite(self, loss: torch.Tensor, phase: str) -> None:
         if not torch.isfinite(loss.detach()):
             self.nonfinite_at = self.current_epoch
-            raise NonFiniteLossError(
-                f"{phase} loss is {float(loss.detach())} at epoch {self.current_epoch + 1}; training stopped, the last good "
-                "checkpoint is kept; lower optim.lr or set trainer.gradient_clip"
-            )
+            epoch, step = self.current_epoch, self.global_step
+            where = f"at epoch {epoch + 1}, step {step + 1}" if phase == "training" else f"at epoch {epoch + 1}"
+            raise NonFiniteLossError(f"{phase} loss is {float(loss.detach())} {where}", phase, epoch, step)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.config.optim

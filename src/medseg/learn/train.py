@@ -14,16 +14,17 @@ from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
+from pydantic import ValidationError
 
 from medseg import __version__, runs
-from medseg.config import Config, read_run_config, save_config
+from medseg.config import MAX_FOLDS, Config, read_run_config, save_config
 from medseg.data import exclusions, splits
 from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.inspector import FrameFacts, structure_facts, summarize
-from medseg.data.samples import Sample, load_samples
+from medseg.data.samples import Sample, frame_digest, load_samples
 from medseg.errors import UsageError
 from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, tell_warning, time_steps
-from medseg.learn.fit import fit_fold, is_ddp_child
+from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
 from medseg.learn.models import check_model_config
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
@@ -78,8 +79,8 @@ def train_run(
     fresh = _prepare(data, config, folds, fold, on_message)
     tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
+    _write_run_files(run, fresh)
     _save_split(run, fresh.split, fresh.dataset, fresh.empty)
-    _write_run_files(run, fresh.config, fresh.plan, fresh.dataset, fresh.facts)
     return _train_folds(run, fresh.config, fresh.plan, fresh.samples, fresh.split, show_progress, on_message, extra_callbacks, child)
 
 
@@ -139,10 +140,12 @@ class _Fresh:
 
 
 def _prepare(data: Path, config: Config, folds: int | None, fold: int | None, on_message: Callable[[str], None]) -> _Fresh:
-    """Load and check the data of a new run, resolve its configuration and plan, and split it; writes nothing."""
+    """Check the settings, load and check the data of a new run, resolve its configuration and plan, and split it;
+    writes nothing. The cheap checks (folds, model, trainer) come before the data are read."""
     plan = _plan(data, config, folds, fold)
     config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": plan.n_folds})})
     check_model_config(config.model)
+    check_trainer(config)
     dataset = require_clean(load_dataset(data, config.data))
     config = config.model_copy(update={"data": dataset.options})  # the RLE dialect the data was read in, told from its table when not named
     excluded = _exclusions(config, dataset, on_message)
@@ -155,14 +158,27 @@ def _prepare(data: Path, config: Config, folds: int | None, fold: int | None, on
     empty = {item.record.id: item.area == 0 for item in facts}
     split = _new_split(dataset, facts, config, len(excluded))
     counted = {"train_non_empty": sum(not value for value in empty.values()), "excluded": excluded}
-    plan = plan.model_copy(update={**counted, **_structure_plan(dataset, facts)})
+    plan = _checked_plan(plan.model_copy(update={**counted, **_structure_plan(dataset, facts)}), data)
     return _Fresh(config, plan, dataset, samples, facts, empty, split)
+
+
+def _checked_plan(plan: runs.RunPlan, data: Path) -> runs.RunPlan:
+    """The plan, validated as ``run.json`` will be read back (``model_copy`` does not validate), before it is written.
+
+    Raises:
+        UsageError: If it would not read back (e.g. a structure name that cannot become a file name).
+    """
+    try:
+        return runs.RunPlan.model_validate(plan.model_dump())
+    except ValidationError as error:
+        raise UsageError(f"{data}: the run could not be read back ({runs.validation_errors(error)}); fix the data or the options") from None
 
 
 def _prepare_resumed(data: Path, run: Path) -> tuple[Config, runs.RunPlan, dict[str, Sample], splits.Split]:
     """The configuration, plan, frames and split of a run being resumed (or of a DDP worker's run)."""
     config, plan = read_run_config(run / runs.CONFIG_FILE), runs.RunPlan.read(run / runs.RUN_FILE)
     _check_same_data(data, plan, run)
+    check_trainer(config)
     dataset = exclusions.without(require_clean(load_dataset(data, config.data)), plan.excluded)
     _check_structures(config, max(1, len(dataset.classes)))
     samples = load_samples(dataset.train, config.data)
@@ -222,15 +238,16 @@ def _plan(data: Path, config: Config, folds: int | None, fold: int | None) -> ru
     if folds is not None and fold is not None:
         raise UsageError("--folds and --fold exclude each other: --folds N trains every fold, --fold K one")
     if folds is not None:
-        if folds < 2:
-            raise UsageError(f"--folds {folds}: use 2 or more folds, or --fold K for one run")
+        if not 2 <= folds <= MAX_FOLDS:
+            raise UsageError(f"--folds {folds}: use 2 to {MAX_FOLDS} folds, or --fold K for one run")
         return _new_plan(data, folds, list(range(folds)), several=True)
     if fold is None and config.split.fold is None:
         n_folds = config.split.n_folds
         return _new_plan(data, n_folds, list(range(n_folds)), several=True)
     chosen = config.split.fold if fold is None else fold
     if not 0 <= chosen < config.split.n_folds:
-        raise UsageError(f"--fold {chosen}: choose a fold from 0 to {config.split.n_folds - 1}")
+        option = "split.fold" if fold is None else "--fold"
+        raise UsageError(f"{option} {chosen}: choose a fold from 0 to {config.split.n_folds - 1} (split.n_folds={config.split.n_folds})")
     return _new_plan(data, config.split.n_folds, [chosen], several=False)
 
 
@@ -286,10 +303,14 @@ def _save_split(run: Path, split: splits.Split, dataset: Dataset, empty: dict[st
     splits.save_split(split, run / runs.SPLIT_FILE, extra=info)
 
 
-def _write_run_files(run: Path, config: Config, plan: runs.RunPlan, dataset: Dataset, facts: list[FrameFacts]) -> None:
-    runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(dataset, facts))
-    save_config(config, run / runs.CONFIG_FILE)
-    plan.write(run / runs.RUN_FILE)
+def _write_run_files(run: Path, fresh: _Fresh) -> None:
+    """The run's files before its first fold: the plan first (``run.json`` marks the folder as medseg's, so that
+    ``--force`` may replace even a run killed at its start), data summary, frame digests, configuration, versions."""
+    fresh.plan.write(run / runs.RUN_FILE)
+    runs.write_json(run / runs.DATA_SUMMARY_FILE, summarize(fresh.dataset, fresh.facts))
+    digests = {sample_id: frame_digest(frame) for sample_id, (frame, _) in fresh.samples.items()}
+    runs.TrainedFrames(digests=digests).write(run / runs.FRAMES_FILE)
+    save_config(fresh.config, run / runs.CONFIG_FILE)
     runs.versions().write(run / runs.VERSIONS_FILE)
 
 

@@ -14,6 +14,7 @@ the data are the study's. :data:`DEFAULT_SPACE` is the space of a sweep without 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 
 from medseg.config import Config
 from medseg.errors import UsageError
+from medseg.files import read_yaml, shown
 
 DEFAULT_SPACE = """\
 # medseg sweep's default search space (copy it, edit it, and pass it with --space FILE)
@@ -42,6 +44,7 @@ model.encoder: {choices: [resnet18, resnet34, efficientnet-b0]}
 input: {choices: [{height: 128, width: 160}, {height: 256, width: 352}, {height: 448, width: 608}]}
 """
 RANGE_FIELDS = {"low", "high", "log", "step"}
+MAX_WHOLE = 2**53  # whole numbers of a range stay below it: Optuna computes with floats, exact up to 2**53
 SCALARS = (str, int, float, bool, type(None))
 _TREE = Config().model_dump()
 
@@ -196,6 +199,9 @@ def _scale(distribution: optuna.distributions.FloatDistribution | optuna.distrib
 def load_space(path: Path | None) -> Space:
     """The space of a file, or :data:`DEFAULT_SPACE` for ``None``.
 
+    The file is read as any YAML medseg reads (:func:`medseg.files.read_yaml`): bounded in size, without anchors
+    or aliases.
+
     Raises:
         UsageError: If the file cannot be read, is not a mapping of entries, or an entry is malformed or names a
             key the configuration does not have; the message starts with ``--space FILE``.
@@ -204,15 +210,9 @@ def load_space(path: Path | None) -> Space:
         return parse_space(yaml.safe_load(DEFAULT_SPACE), "default")
     where = f"--space {path}"
     try:
-        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        content = read_yaml(Path(path), where, "search space")
     except FileNotFoundError:
         raise UsageError(f"{where}: file not found; give a YAML file of `key: {{low: ..., high: ...}}` entries") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{where}: cannot read the file ({error})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"{where}: not valid YAML{line}; fix the file") from None
     return parse_space(content, where)
 
 
@@ -233,7 +233,7 @@ def parse_space(content: Any, where: str) -> Space:
 def _param(key: str, entry: Any, where: str) -> Param:
     node = _config_node(key, where)
     if not isinstance(entry, dict):
-        raise UsageError(f"{where}: {key}: give {{low: L, high: H}} or {{choices: [...]}}, not {entry!r}")
+        raise UsageError(f"{where}: {key}: give {{low: L, high: H}} or {{choices: [...]}}, not {shown(entry)}")
     if "choices" in entry:
         if set(entry) != {"choices"}:
             raise UsageError(f"{where}: {key}: choices go alone; drop {', '.join(sorted(set(entry) - {'choices'}))}")
@@ -275,7 +275,7 @@ def _range(key: str, entry: dict, where: str) -> Param:
     step = None if entry.get("step") is None else _number(entry["step"], key, "step", where)
     log = entry.get("log", False)
     if not isinstance(log, bool):
-        raise UsageError(f"{where}: {key}: log is true or false, not {log!r}")
+        raise UsageError(f"{where}: {key}: log is true or false, not {shown(log)}")
     if not low < high:
         raise UsageError(f"{where}: {key}: low ({low:g}) must be below high ({high:g})")
     if log and low <= 0:
@@ -287,15 +287,25 @@ def _range(key: str, entry: dict, where: str) -> Param:
 
 
 def _number(value: Any, key: str, name: str, where: str) -> int | float:
-    """A range's number; YAML reads ``1e-4`` (without a dot) as text, so numeric text is a number too."""
+    """A range's number, finite (whole numbers below :data:`MAX_WHOLE`); YAML reads ``1e-4`` (without a dot) as
+    text, so numeric text is a number too."""
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{where}: {key}: {name} must be a number, not {value!r}")
+        raise UsageError(f"{where}: {key}: {name} must be a number, not {shown(value)}")
+    if not _finite(value):
+        raise UsageError(f"{where}: {key}: {name} must be a finite number below {MAX_WHOLE:.0e} in size, not {shown(value)}")
     return value
+
+
+def _finite(value: Any) -> bool:
+    """Whether a number is finite and, when whole, within :data:`MAX_WHOLE`; anything else counts as finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not isinstance(value, int) or abs(value) <= MAX_WHOLE
 
 
 def _choices(key: str, choices: Any, section: bool, where: str) -> Param:
@@ -310,8 +320,8 @@ def _choices(key: str, choices: Any, section: bool, where: str) -> Param:
             raise UsageError(f"{where}: {key}: a choice is listed twice; list each once")
         return Param(key, "choice", choices=tuple(expansions), expansions=expansions)
     for choice in choices:
-        if not isinstance(choice, SCALARS):
-            raise UsageError(f"{where}: {key}: choices are plain values (numbers, text, true/false, null), not {choice!r}")
+        if not isinstance(choice, SCALARS) or not _finite(choice):
+            raise UsageError(f"{where}: {key}: choices are plain values (finite numbers, text, true/false, null), not {shown(choice)}")
     if len(set(map(repr, choices))) < len(choices):
         raise UsageError(f"{where}: {key}: a choice is listed twice; list each once")
     return Param(key, "choice", choices=tuple(choices))
@@ -325,8 +335,10 @@ def _section_choice(key: str, choice: Any, where: str) -> dict[str, Any]:
         )
     values = {}
     for name, value in _flatten(choice, f"{key}.").items():
-        if isinstance(_config_node(name, where), dict) or not isinstance(value, SCALARS):
-            raise UsageError(f"{where}: {name}: a choice gives plain values to keys of the section, not {value!r}")
+        if isinstance(_config_node(name, where), dict) or not isinstance(value, SCALARS) or not _finite(value):
+            raise UsageError(
+                f"{where}: {name}: a choice gives plain values (finite numbers, text, ...) to keys of the section, not {shown(value)}"
+            )
         values[name] = value
     return values
 

@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medseg import __version__, runs
-from medseg.config import Config, load_config
+from medseg.config import MAX_FOLDS, SEED_MAX, Config, load_config
 from medseg.data import exclusions, splits
 from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.samples import load_samples
@@ -59,6 +59,7 @@ from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.infer.tune import tune_run
 from medseg.learn.estimate import cpu_warning, tell_warning
+from medseg.learn.fit import check_trainer
 from medseg.learn.run_progress import best_score
 from medseg.learn.train import train_run
 from medseg.report.evaluate import score_frames, scores_summary
@@ -77,6 +78,7 @@ OUTER_ATTR = "outer_result"
 HEARTBEAT_S = 60  # a running trial's process writes a heartbeat this often
 GRACE_S = 180  # a running trial silent this long is failed (its process was killed)
 PRUNER_STARTUP_TRIALS = 2  # trials that complete before the median pruner stops any
+MAX_TRIALS = 100_000  # trials one sweep process adds
 _OURS = {SWEEP_FILE, STUDY_DB, f"{STUDY_DB}-journal", f"{STUDY_DB}-wal", f"{STUDY_DB}-shm", TRIALS_DIR, OUTER_DIR, PAGE_FILE}
 _OURS |= {outputs.TRIALS_FILE, outputs.BEST_FILE}
 
@@ -270,14 +272,16 @@ def _check_space_fits(study: optuna.Study, space: Space, request: SweepRequest) 
 
 
 def _check_request(request: SweepRequest) -> None:
-    if request.trials < 1:
-        raise UsageError(f"--trials {request.trials}: run at least 1 trial, e.g. --trials 20")
-    if request.timeout_min is not None and not request.timeout_min > 0:
+    if not 1 <= request.trials <= MAX_TRIALS:
+        raise UsageError(f"--trials {request.trials}: run at least 1 trial (at most {MAX_TRIALS:,}), e.g. --trials 20")
+    if request.timeout_min is not None and not 0 < request.timeout_min < math.inf:
         raise UsageError(f"--timeout {request.timeout_min:g}: give the minutes after which no trial starts, above 0")
-    if request.folds is not None and request.folds < 2:
-        raise UsageError(f"--folds {request.folds}: each trial needs 2 or more folds for its cross-fitted score")
-    if request.outer_folds < 2:
-        raise UsageError(f"--outer-folds {request.outer_folds}: split the data into 2 or more outer folds")
+    if request.folds is not None and not 2 <= request.folds <= MAX_FOLDS:
+        raise UsageError(f"--folds {request.folds}: each trial needs 2 or more folds for its cross-fitted score (at most {MAX_FOLDS})")
+    if not 2 <= request.outer_folds <= MAX_FOLDS:
+        raise UsageError(f"--outer-folds {request.outer_folds}: split the data into 2 or more outer folds (at most {MAX_FOLDS})")
+    if request.seed is not None and not 0 <= request.seed <= SEED_MAX:
+        raise UsageError(f"--seed {request.seed}: give a seed from 0 to {SEED_MAX} (what numpy and Optuna take)")
     if request.outer_fold is not None and not 0 <= request.outer_fold < request.outer_folds:
         raise UsageError(
             f"--outer-fold {request.outer_fold}: choose a fold from 0 to {request.outer_folds - 1} (--outer-folds {request.outer_folds})"
@@ -300,6 +304,7 @@ def _base_config(request: SweepRequest, space: Space) -> Config:
             "a sweep trains each trial on one device (drop --set trainer.devices, trainer.num_nodes, trainer.strategy); "
             "for several GPUs run one medseg sweep per GPU (CUDA_VISIBLE_DEVICES=K), all with the same --out or --storage"
         )
+    check_trainer(_run_config(config, None))  # settings Lightning refuses would fail every trial alike
     return config
 
 
@@ -532,7 +537,7 @@ def _write_outer_exclusions(request: SweepRequest, dataset: Dataset, outer_ids: 
 
 def _seed(request: SweepRequest, study: optuna.Study) -> int | None:
     """The sampler's seed: the request's, moved on by the trials the study holds (a resumed sweep does not draw its first trials again)."""
-    return None if request.seed is None else request.seed + len(study.get_trials(deepcopy=False))
+    return None if request.seed is None else (request.seed + len(study.get_trials(deepcopy=False))) % (SEED_MAX + 1)
 
 
 def _run_config(config: Config, exclude: Path | None) -> Config:
