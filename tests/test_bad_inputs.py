@@ -285,7 +285,7 @@ def test_force_keeps_the_earlier_run_when_the_new_one_is_refused(capsys, copy, t
     not cost the earlier run."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "run.json").write_text("{}\n")
+    (run / "run.json").write_text('{"data": "/earlier/data", "n_folds": 5, "folds": [0], "several": false}\n')  # --force needs a real one
     (run / "checkpoints" / "best.ckpt").write_bytes(b"the earlier run's weights")
     before = sorted(str(path.relative_to(run)) for path in run.rglob("*"))
     data, extra = copy, []

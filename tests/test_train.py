@@ -90,10 +90,10 @@ def test_force_replaces_the_run(tmp_path, capsys):
     base = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     base += [item for override in [*TINY, "trainer.max_epochs=1"] for item in ("--set", override)]
     assert main(base) == 0
-    (run / "stale.txt").write_text("old")
+    (run / "postprocess.json").write_text('{"threshold": 0.5, "min_area": 0}\n')  # the earlier run's tuning: medseg's own file
     assert main(base) == 2
     assert main([*base, "--force"]) == 0
-    assert not (run / "stale.txt").exists()
+    assert not (run / "postprocess.json").exists()
     assert len(metric_rows(run / "metrics.csv")) == 1
 
 

@@ -7,12 +7,14 @@ check it -> evaluate on the sample's held-out test frames (their true masks ship
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from medseg import __version__
 from medseg.config import load_config
 from medseg.data.datasets import load_dataset, sample_data_path
 from medseg.data.inspector import inspect_dataset
@@ -22,6 +24,16 @@ from medseg.infer.tune import tune_run
 from medseg.learn.train import train_run
 from medseg.report.evaluate import evaluate_run
 from medseg.report.page import build_report
+from medseg.runs import ANY, RUN_FILE, RUN_TREE, RunFile, RunPlan, check_replaceable, delete_ours
+
+DEMO_FILE = "demo.json"
+DEMO_TREE = {
+    re.escape(DEMO_FILE): None,
+    "run": RUN_TREE,
+    r"submission\.csv": None,
+    "holdout": {"images": ANY, r"truth\.csv": None},
+    r"\..+\.tmp": None,
+}
 
 CPU_DEMO = [
     "trainer.max_epochs=30",
@@ -45,13 +57,8 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
         UsageError: If ``out`` holds files and ``force`` is not given.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"{out}: exists and is not empty; use --force to replace the demo or --out for another folder")
-        if not (out / "run").is_dir():
-            raise UsageError(f"{out}: not a medseg demo folder, so --force will not delete it; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _replace_demo_folder(out, force)
+    DemoFolder().write(out / DEMO_FILE)
     sample = sample_data_path()
     inspection = inspect_dataset(load_dataset(sample))
     on_message(
@@ -83,6 +90,45 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     if report is not None:
         outputs["report"] = report
     return outputs
+
+
+class DemoFolder(RunFile):
+    """``demo.json``: marks a folder as the outputs of ``medseg demo``, the only folder ``demo --force`` replaces.
+
+    Attributes:
+        medseg: The medseg version that wrote it.
+    """
+
+    medseg: str = __version__
+
+
+def _replace_demo_folder(out: Path, force: bool) -> None:
+    """Create ``out``; with ``force`` first delete an earlier demo's outputs there, and only those.
+
+    Raises:
+        UsageError: If ``out`` holds files and ``force`` is not given, is not a demo folder, or holds files the
+            demo did not write.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"{out}: exists and is not empty; use --force to replace the demo or --out for another folder")
+        if (out / DEMO_FILE).is_file():
+            check_replaceable(out, DEMO_TREE, DEMO_FILE, DemoFolder, "demo folder")
+        elif _legacy_demo(out):
+            check_replaceable(out, DEMO_TREE, f"run/{RUN_FILE}", RunPlan, "demo folder")
+        else:
+            raise UsageError(
+                f"{out}: not a medseg demo folder (no {DEMO_FILE}), so --force will not delete anything in it; choose another --out"
+            )
+        delete_ours(out, DEMO_TREE)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _legacy_demo(out: Path) -> bool:
+    """Whether ``out`` is the outputs of a demo written before ``demo.json``: exactly its run, submission and held-out frames."""
+    return {entry.name for entry in out.iterdir()} == {"run", "submission.csv", "holdout"} and (out / "run" / RUN_FILE).is_file()
 
 
 def _holdout_folder(sample: Path, target: Path) -> Path:

@@ -7,6 +7,7 @@ RUN/
   split.json         the subject-grouped folds (read and written by medseg.data.splits)
   versions.json      Versions: python, torch, smp, lightning, CUDA, GPU; encoder weights used and why
   data_summary.json  frames, empty share, subjects, sizes, mask areas of the training data (the inspector's summary)
+  frames.json        TrainedFrames: a content digest of every frame the folds trained or validated on
   postprocess.json   Tuning: threshold, minimum area, presence threshold, the grid and its scores (medseg tune)
   checkpoints/       best.ckpt (weights at the lowest validation loss), last.ckpt (for --resume)   (single run)
   metrics.csv        one row per epoch                                                         (single run)
@@ -24,9 +25,11 @@ read with ``weights_only=True``: loading a run someone hands you never runs code
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as text_io
 import json
+import math
 import os
 import pickle
 import platform
@@ -36,14 +39,14 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medseg import __version__
-from medseg.config import Config, read_run_config
+from medseg.config import MAX_EPOCHS, MAX_FOLDS, MAX_LABEL, MAX_STRUCTURES, Config, check_class_name, read_run_config
 from medseg.errors import MedsegError, UsageError
-from medseg.files import atomic_write
+from medseg.files import MAX_TEXT_BYTES, atomic_write, read_bounded
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -51,6 +54,7 @@ SPLIT_FILE = "split.json"
 VERSIONS_FILE = "versions.json"
 DATA_SUMMARY_FILE = "data_summary.json"
 POSTPROCESS_FILE = "postprocess.json"
+FRAMES_FILE = "frames.json"
 METRICS_FILE = "metrics.csv"
 DONE_FILE = "done.json"
 CHECKPOINTS = "checkpoints"
@@ -65,6 +69,10 @@ FORMAT = 1  # the run-file format this medseg writes and reads; a newer medseg t
 _PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "lightning", "albumentations", "numpy", "timm")
 
 File = TypeVar("File", bound="RunFile")
+MAX_AREA = 2**31 - 1  # pixels: a minimum mask area above any frame's (an int32 count)
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Score = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]  # a Dice mean
+Area = Annotated[int, Field(ge=0, le=MAX_AREA)]
 
 
 class CheckpointError(MedsegError):
@@ -126,16 +134,47 @@ class RunPlan(RunFile):
     """
 
     data: str
-    n_folds: int = Field(ge=2)
-    folds: list[int]
+    n_folds: int = Field(ge=2, le=MAX_FOLDS)
+    folds: list[int] = Field(min_length=1)
     several: bool
-    train_non_empty: int | None = None
+    train_non_empty: int | None = Field(None, ge=0)
     medseg: str | None = None
-    classes: list[str] = []
-    class_non_empty: dict[str, int] = {}
+    classes: list[str] = Field([], max_length=MAX_STRUCTURES)
+    class_non_empty: dict[str, Annotated[int, Field(ge=0)]] = {}
     class_labels: dict[str, str] = {}
-    class_values: dict[str, int] = {}
+    class_values: dict[str, Annotated[int, Field(ge=0, le=MAX_LABEL)]] = {}
     excluded: dict[str, str] = {}
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_class_name(name)
+        if len(set(value)) < len(value):
+            raise ValueError("a structure is listed twice")
+        return value
+
+    @field_validator("class_non_empty", "class_labels", "class_values")
+    @classmethod
+    def _keys_are_class_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            check_class_name(name)
+        return value
+
+    @model_validator(mode="after")
+    def _folds_and_structures(self) -> RunPlan:
+        outside = [fold for fold in self.folds if not 0 <= fold < self.n_folds]
+        if outside:
+            raise ValueError(f"folds {outside[:5]} are not folds of a {self.n_folds}-fold split (0 to {self.n_folds - 1})")
+        if len(set(self.folds)) < len(self.folds):
+            raise ValueError(f"folds {self.folds[:10]} lists a fold twice")
+        if not self.several and len(self.folds) != 1:
+            raise ValueError(f"several=false (one run at the top of the folder) trains one fold, not {len(self.folds)}")
+        for key in ("class_non_empty", "class_labels", "class_values"):
+            unknown = sorted(set(getattr(self, key)) - set(self.classes))
+            if unknown:
+                raise ValueError(f"{key} names {unknown[:3]}, which classes does not list")
+        return self
 
 
 class FoldResult(RunFile):
@@ -149,11 +188,18 @@ class FoldResult(RunFile):
         stopped_early: Whether early stopping ended it.
     """
 
-    fold: int
-    epochs: int
+    fold: int = Field(ge=0, lt=MAX_FOLDS)
+    epochs: int = Field(ge=0, le=MAX_EPOCHS)
     best_val_loss: float
     best_val_score: float
     stopped_early: bool
+
+    @field_validator("best_val_loss", "best_val_score")
+    @classmethod
+    def _not_infinite(cls, value: float) -> float:
+        if value in (math.inf, -math.inf):
+            raise ValueError("is infinite; a fold that recorded no epoch keeps NaN")
+        return value
 
 
 class EncoderWeights(BaseModel):
@@ -194,7 +240,7 @@ class Versions(RunFile):
     cuda: str | None = None
     cuda_available: bool = False
     gpu: str | None = None
-    cpu_count: int | None = None
+    cpu_count: int | None = Field(None, ge=1)
     encoder_weights: EncoderWeights | None = None
 
     def package(self, name: str) -> str | None:
@@ -226,25 +272,42 @@ class Tuning(RunFile):
         presence_thresholds: The presence thresholds searched.
         presence_scores: Best score per presence threshold.
 
+    Every number is range-checked when the file is read: thresholds and scores in [0, 1], areas from 0 to
+    :data:`MAX_AREA`, and the grid's lists as long as the scores say.
+
     Shape:
         scores: (T, A).
     """
 
-    threshold: float
-    min_area: int
-    presence_threshold: float = 0.0
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    threshold: Probability
+    min_area: Area
+    presence_threshold: Probability = 0.0
     presence_head: bool = False
-    score_before: float | None = None
-    score_after: float | None = None
-    cross_fitted: float | None = None
-    frames: int | None = None
+    score_before: Score | None = None
+    score_after: Score | None = None
+    cross_fitted: Score | None = None
+    frames: int | None = Field(None, ge=0)
     out_of_fold: bool | None = None
     tta: str | None = None
-    thresholds: list[float] = []
-    min_areas: list[int] = []
-    scores: list[list[float]] = []
-    presence_thresholds: list[float] = [0.0]
-    presence_scores: list[float] = []
+    thresholds: list[Probability] = []
+    min_areas: list[Area] = []
+    scores: list[list[Score]] = []
+    presence_thresholds: list[Probability] = [0.0]
+    presence_scores: list[Score] = []
+
+    @model_validator(mode="after")
+    def _grid_shape(self) -> Tuning:
+        if self.scores and (len(self.scores) != len(self.thresholds) or any(len(row) != len(self.min_areas) for row in self.scores)):
+            raise ValueError(
+                f"scores must have one row per threshold ({len(self.thresholds)}) and one column per minimum area ({len(self.min_areas)})"
+            )
+        if self.presence_scores and len(self.presence_scores) != len(self.presence_thresholds):
+            raise ValueError(
+                f"presence_scores has {len(self.presence_scores)} values for {len(self.presence_thresholds)} presence_thresholds"
+            )
+        return self
 
     @property
     def searched(self) -> bool:
@@ -266,13 +329,32 @@ class StructuresTuning(RunFile):
         tta: Test-time augmentation of the predictions.
     """
 
-    classes: dict[str, Tuning]
-    score_before: float
-    score_after: float
-    cross_fitted: float | None = None
-    frames: int
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    classes: dict[str, Tuning] = Field(min_length=1, max_length=MAX_STRUCTURES)
+    score_before: Score
+    score_after: Score
+    cross_fitted: Score | None = None
+    frames: int = Field(ge=0)
     out_of_fold: bool
     tta: str
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: dict[str, Tuning]) -> dict[str, Tuning]:
+        for name in value:
+            check_class_name(name)
+        return value
+
+
+class TrainedFrames(RunFile):
+    """``frames.json``: what a run trained on, by content, so that a copy of its data elsewhere is recognised.
+
+    Attributes:
+        digests: Each frame's :func:`~medseg.data.samples.frame_digest`, by id: every frame of the split.
+    """
+
+    digests: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -353,12 +435,32 @@ class Run:
         """The structures of a run with several per frame, in channel order; empty for one."""
         return self.plan.classes
 
+    @property
+    def inputs(self) -> list[Path]:
+        """The files later stages read from the run: no command may write its output over one of them."""
+        names = (RUN_FILE, CONFIG_FILE, SPLIT_FILE, VERSIONS_FILE, DATA_SUMMARY_FILE, POSTPROCESS_FILE, FRAMES_FILE)
+        files = [self.path / name for name in names]
+        return files + [path for fold in self.folds for path in (fold.best, fold.last, fold.metrics, fold.done_file)]
+
     def tuning(self) -> Tuning | StructuresTuning | None:
         """The tuned post-processing (one per structure when there are several), or ``None`` before ``medseg tune``."""
         path = self.path / POSTPROCESS_FILE
         if not path.is_file():
             return None
-        return StructuresTuning.read(path) if self.classes else Tuning.read(path)
+        if not self.classes:
+            return Tuning.read(path)
+        tuning = StructuresTuning.read(path)
+        if list(tuning.classes) != self.classes:
+            raise UsageError(
+                f"{path}: tunes the structures {list(tuning.classes)[:5]}, but the run has {self.classes[:5]}; "
+                f"tune it again with `medseg tune {self.path} --force`"
+            )
+        return tuning
+
+    def trained_frames(self) -> TrainedFrames | None:
+        """The digests of the frames the run trained on, or ``None`` for a run written before they were kept."""
+        path = self.path / FRAMES_FILE
+        return TrainedFrames.read(path) if path.is_file() else None
 
     def versions(self) -> Versions:
         """The software and hardware it trained with."""
@@ -367,7 +469,12 @@ class Run:
     def data_summary(self) -> dict[str, Any] | None:
         """The inspector's summary of the training data, or ``None`` for a run written before it was kept."""
         path = self.path / DATA_SUMMARY_FILE
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        summary = read_json(path)
+        if not isinstance(summary, dict):
+            raise UsageError(f"{path}: not a data summary (a JSON object); the run folder is damaged")
+        return summary
 
     def best_weights(self, fold: FoldDir) -> dict[str, Any]:
         """The state dict of a fold's best checkpoint, read without running code from the file.
@@ -385,20 +492,39 @@ class Run:
 
 
 def open_run(path: Path) -> Run:
-    """Read a run folder and check that every fold has its best checkpoint.
+    """Read a run folder and check that its plan and configuration agree and every fold has its best checkpoint.
 
     Raises:
-        UsageError: If it is not a run folder, a run file is damaged, or a fold has no checkpoint yet.
+        UsageError: If it is not a run folder, a run file is damaged, ``run.json`` and ``config.yaml`` disagree,
+            or a fold has no checkpoint yet.
     """
     path = Path(path)
     if not (path / RUN_FILE).is_file():
         raise UsageError(f"{path}: not a medseg run folder ({RUN_FILE} missing); train one with `medseg train DATA --out {path}`")
     plan = RunPlan.read(path / RUN_FILE)
+    config = read_run_config(path / CONFIG_FILE)
+    _check_plan_fits_config(path, plan, config)
     folds = fold_dirs(path, plan.folds, plan.several)
     for fold in folds:
         if not fold.best.is_file():
             raise UsageError(f"{fold.best}: missing; the run did not finish a first epoch, continue it with `medseg train --resume`")
-    return Run(path, read_run_config(path / CONFIG_FILE), plan, folds)
+    return Run(path, config, plan, folds)
+
+
+def _check_plan_fits_config(path: Path, plan: RunPlan, config: Config) -> None:
+    """``run.json``'s folds and structures must be the ones ``config.yaml`` trained (a run writes both from one plan).
+
+    Raises:
+        UsageError: Naming both files and what they disagree on.
+    """
+    structures = max(1, len(plan.classes))
+    problem = None
+    if config.split.n_folds != plan.n_folds:
+        problem = f"n_folds {plan.n_folds} against split.n_folds {config.split.n_folds}"
+    elif config.model.structures != structures:
+        problem = f"{structures} structure(s) against model.structures {config.model.structures}"
+    if problem:
+        raise UsageError(f"{path}: {RUN_FILE} and {CONFIG_FILE} disagree ({problem}); the run folder is damaged")
 
 
 def read_checkpoint(path: Path, fix: str) -> Any:
@@ -413,13 +539,32 @@ def read_checkpoint(path: Path, fix: str) -> Any:
     """
     import torch
 
+    _check_checkpoint_file(Path(path), fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _first_line(error).split(". ")[0]
         raise CheckpointError(f"{path}: refused: it holds objects other than weights, which could run code ({reason}); {fix}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({_first_line(error)}); {fix}") from None
+    except Exception as error:  # the weights-only unpickler fails in many ways on a damaged file
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({reason}); {fix}") from error
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+
+
+def _check_checkpoint_file(path: Path, fix: str) -> None:
+    """Refuse, before unpickling, what cannot be a checkpoint: no regular file (a folder, a device, a pipe) or no zip archive.
+
+    Raises:
+        CheckpointError: Naming the file and the fix.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a link to a folder, a device or a pipe?); {fix}")
+    with open(path, "rb") as handle:
+        start = handle.read(len(_ZIP_MAGIC))
+    if start != _ZIP_MAGIC:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (no zip archive); {fix}")
 
 
 def check_run_folder(run: Path, force: bool, resume: bool) -> None:
@@ -432,7 +577,8 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
 
     Raises:
         UsageError: If ``run`` holds files and neither flag allows using it, if ``--force`` would delete
-            a folder that is not a medseg run, or if ``--resume`` finds no run to continue.
+            a folder that is not a medseg run or one that holds files medseg did not write, or if
+            ``--resume`` finds no run to continue.
     """
     run = Path(run)
     if resume and force:
@@ -446,24 +592,116 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
         return
     if occupied and not force:
         raise UsageError(f"{run}: folder exists and is not empty; use --force to replace the run or --resume to continue it")
-    if occupied and not (run / RUN_FILE).is_file() and not (run / CONFIG_FILE).is_file():
-        raise UsageError(f"{run}: not a medseg run folder, so --force will not delete it; choose another --out")
+    if occupied:
+        check_replaceable(run, RUN_TREE, RUN_FILE, RunPlan)
 
 
 def replace_run_folder(run: Path, force: bool) -> None:
     """Check again that a new run may be written into ``run`` (:func:`check_run_folder`), then create it.
 
-    With ``force`` an earlier run in ``run`` is deleted: call this only once the new run's data has
-    loaded, so that a mistyped data folder does not cost the old run.
+    With ``force`` the files of an earlier run in ``run`` are deleted, and only those (:data:`RUN_TREE`):
+    call this only once the new run's data has loaded, so that a mistyped data folder does not cost the old run.
 
     Raises:
         UsageError: As :func:`check_run_folder`.
     """
     run = Path(run)
     check_run_folder(run, force=force, resume=False)
-    if run.is_dir() and any(run.iterdir()):
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    if run.is_dir():
+        delete_ours(run, RUN_TREE)
+        return
+    try:
+        run.mkdir(parents=True)
+    except FileExistsError:
+        raise UsageError(f"{run}: appeared while this run was starting (another medseg train?); choose another --out") from None
+
+
+# What medseg writes in a folder, as a tree of name patterns: a pattern maps to None (a file), to a sub-tree
+# (a folder whose entries must match it) or to ANY (a folder medseg fills with whatever its tools write).
+ANY: dict = {}
+_TEMPORARY = r"\..+\.tmp"  # atomic_write's temporary files, left by a killed write
+_CHECKPOINTS_TREE = {re.escape(BEST): None, re.escape(LAST): None, _TEMPORARY: None}
+_FOLD_TREE = {
+    re.escape(CHECKPOINTS): _CHECKPOINTS_TREE,
+    re.escape(METRICS_FILE): None,
+    re.escape(DONE_FILE): None,
+    "tensorboard": ANY,
+    _TEMPORARY: None,
+}
+RUN_TREE: dict = {
+    **_FOLD_TREE,
+    **{
+        re.escape(name): None
+        for name in (RUN_FILE, CONFIG_FILE, SPLIT_FILE, VERSIONS_FILE, DATA_SUMMARY_FILE, POSTPROCESS_FILE, FRAMES_FILE)
+    },
+    **{re.escape(name): None for name in (ONNX_FILE, "model.json", REPORT_FILE)},
+    r"fold_\d+": _FOLD_TREE,
+    re.escape(EVALUATION_DIR): {r"[^/]+": {r"per_image\.csv": None, r"summary\.json": None, _TEMPORARY: None}},
+    re.escape(FIGURES_DIR): {r"[A-Za-z0-9_.\-]+\.png": None, _TEMPORARY: None},
+}
+
+
+def foreign_entries(folder: Path, tree: dict) -> list[Path]:
+    """The files and folders under ``folder`` that ``tree`` does not describe: what medseg did not write.
+
+    A link is never medseg's (deleting through it could reach anything).
+    """
+    found = []
+    for entry in sorted(Path(folder).iterdir()):
+        spec = next((tree[pattern] for pattern in tree if re.fullmatch(pattern, entry.name)), False)
+        if spec is False or entry.is_symlink():
+            found.append(entry)
+        elif spec is None:
+            found += [] if entry.is_file() else [entry]
+        elif not entry.is_dir():
+            found.append(entry)
+        elif spec is not ANY:
+            found += foreign_entries(entry, spec)
+    return found
+
+
+def check_replaceable(folder: Path, tree: dict, marker: str, marker_type: type[RunFile], what: str = "run folder") -> None:
+    """Refuse to let ``--force`` replace ``folder`` unless medseg wrote it and it holds nothing else.
+
+    Args:
+        folder: The folder ``--force`` would replace.
+        tree: What medseg writes there (:data:`RUN_TREE`).
+        marker: The typed file only medseg writes there (``run.json``).
+        marker_type: Its type: the file must read back as one.
+        what: What the folder is (``run folder``, ``demo folder``), for the message.
+
+    Raises:
+        UsageError: If the marker is missing or does not read back, or anything else is in the folder.
+    """
+    try:
+        marker_type.read(folder / marker)
+    except MedsegError:
+        raise UsageError(
+            f"{folder}: not a medseg {what} (no readable {marker}), so --force will not delete anything in it; choose another --out"
+        ) from None
+    foreign = foreign_entries(folder, tree)
+    if foreign:
+        shown = ", ".join(str(path.relative_to(folder)) for path in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(
+            f"{folder}: holds {len(foreign)} file(s) medseg did not write ({shown}), so --force will not replace it; "
+            "move them out or choose another --out"
+        )
+
+
+def delete_ours(folder: Path, tree: dict) -> None:
+    """Delete what ``tree`` describes in ``folder`` (checked first with :func:`check_replaceable`), nothing else."""
+    for entry in Path(folder).iterdir():
+        spec = next((tree[pattern] for pattern in tree if re.fullmatch(pattern, entry.name)), False)
+        if spec is False or entry.is_symlink():
+            continue
+        if spec is None and entry.is_file():
+            entry.unlink()
+        elif spec is ANY and entry.is_dir():
+            shutil.rmtree(entry)
+        elif isinstance(spec, dict) and entry.is_dir():
+            delete_ours(entry, spec)
+            with contextlib.suppress(OSError):
+                entry.rmdir()
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -477,9 +715,39 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
-    """The rows of a ``metrics.csv``."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """The rows of a ``metrics.csv``, read bounded in size and checked: ``epoch`` a whole number from 1, the
+    losses, score, learning rate and throughput numbers where a row has them (NaN where an epoch had none).
+
+    Raises:
+        UsageError: If the file is too large, not CSV, or a row lacks one of those or holds something else.
+    """
+    try:
+        rows = list(csv.DictReader(text_io.StringIO(read_bounded(Path(path), MAX_TEXT_BYTES, "metrics table"), newline="")))
+    except csv.Error as error:
+        raise UsageError(f"{path}: not a metrics table ({_first_line(error)}); the run folder is damaged") from None
+    for line, row in enumerate(rows, start=2):
+        problem = _metrics_row_problem(row)
+        if problem:
+            raise UsageError(f"{path}: line {line}: {problem}; the run folder is damaged (train that fold again)")
+    return rows
+
+
+_METRIC_NUMBERS = ("train_loss", "val_loss", "val_score", "lr", "images_per_s")
+
+
+def _metrics_row_problem(row: dict[str, str]) -> str | None:
+    """What is wrong with one row of ``metrics.csv``, or ``None``."""
+    epoch = row.get("epoch")
+    if not isinstance(epoch, str) or not epoch.strip().isdigit() or not 1 <= int(epoch) <= MAX_EPOCHS:
+        return f"epoch {epoch!r} is not an epoch number (1 to {MAX_EPOCHS})"
+    for column in _METRIC_NUMBERS:
+        if row.get(column) in (None, ""):  # a column an older medseg did not write, or an epoch without the value
+            continue
+        try:
+            float(row[column])
+        except ValueError:
+            return f"{column} {row.get(column)!r} is not a number"
+    return None
 
 
 def write_json(path: Path, content: Any) -> None:
@@ -490,17 +758,19 @@ def write_json(path: Path, content: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file of a run.
+    """Read a JSON file of a run (or of a study folder), bounded in size (:data:`~medseg.files.MAX_TEXT_BYTES`).
 
     Raises:
-        UsageError: If it is missing or not JSON.
+        UsageError: If it is missing, too large, not UTF-8, not JSON, or nested deeper than Python can read.
     """
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(read_bounded(Path(path), MAX_TEXT_BYTES, "run file"))
     except FileNotFoundError:
         raise UsageError(f"{path}: not found; is this a medseg run folder?") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to be a medseg file; the run folder is damaged") from None
     except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: unreadable ({error}); the run folder is damaged") from error
+        raise UsageError(f"{path}: unreadable ({_first_line(error)}); the run folder is damaged") from None
 
 
 def validation_errors(error: ValidationError) -> str:
