@@ -26,6 +26,7 @@ from medseg.config import LAYOUTS, PRESETS, DataOptions, read_run_config
 from medseg.data.datasets import load_dataset
 from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import MedsegError, UsageError
+from medseg.files import printable
 from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, StructuresTuning, Tuning, installation_versions
 
 EXIT_PROBLEMS = 1
@@ -86,6 +87,15 @@ ClassesOption = Annotated[
         metavar="NAME=LABEL,...",
     ),
 ]
+MaxPixelsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        help="Most pixels a frame or mask may declare in its header (data.max_pixels; default 100,000,000): a larger one is "
+        "refused before it is decoded.",
+        metavar="N",
+    ),
+]
 TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
@@ -105,6 +115,7 @@ def data_flags(
     class_column: str | None = None,
     classes: str | None = None,
     rle_format: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """The data flags a command was given, by :class:`~medseg.config.DataOptions` field, checked.
 
@@ -168,6 +179,7 @@ def inspect_command(
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
     rle_format: RleFormatOption = None,
+    max_pixels: MaxPixelsOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
@@ -187,8 +199,9 @@ def inspect_command(
 ) -> int:
     """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
     flags = data_flags(
-        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
-    )
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format,
+        max_pixels,
+    )  # fmt: skip
     if write_exclusions is not None:
         _check_new_file(write_exclusions, force, "--write-exclusions")
     elif force:
@@ -199,7 +212,7 @@ def inspect_command(
     else:
         print_inspection(inspection)
     if write_exclusions is not None:
-        _write_exclusions(write_exclusions, inspection, data, stderr if as_json else stdout)
+        _write_exclusions(write_exclusions, inspection, data, stderr if as_json else stdout, force)
     return 0 if inspection.ok else EXIT_PROBLEMS
 
 
@@ -211,12 +224,12 @@ def _check_new_file(path: Path, force: bool, option: str) -> None:
         raise UsageError(f"{option} {path}: the file exists; use --force to replace it or choose another name")
 
 
-def _write_exclusions(path: Path, inspection: Inspection, data: Path, console: Console) -> None:
+def _write_exclusions(path: Path, inspection: Inspection, data: Path, console: Console, force: bool) -> None:
     """Write the frames the exclusion rule leaves out (:mod:`medseg.data.exclusions`) and say how many."""
     from medseg.data import exclusions
 
     excluded = exclusions.leave_out(inspection.contradictions)
-    exclusions.write_exclusions(path, excluded, source=str(Path(data).resolve()))
+    exclusions.write_exclusions(path, excluded, source=str(Path(data).resolve()), exclusive=not force)
     pairs = len({(item.first.id, item.second.id) for item in inspection.contradictions})
     console.print(
         f"written: {escape(str(path))}: {len(excluded)} frame(s) to leave out of {pairs} contradicting near-duplicate pair(s); "
@@ -306,6 +319,7 @@ def train_command(
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
     rle_format: RleFormatOption = None,
+    max_pixels: MaxPixelsOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
@@ -337,8 +351,9 @@ def train_command(
     from medseg.learn.train import plan_run, train_run
 
     flags = data_flags(
-        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
-    )
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format,
+        max_pixels,
+    )  # fmt: skip
     shortcuts = {
         **{f"data.{key}": value for key, value in flags.items()},
         "data.exclude": None if exclude is None else str(exclude),
@@ -349,8 +364,6 @@ def train_command(
     values = {key: value for key, value in shortcuts.items() if value is not None}
     if resume and (config_file or overrides or preset != "default" or values):
         raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
-    if "trainer.devices" in values and values["trainer.devices"].isdigit():
-        values["trainer.devices"] = int(values["trainer.devices"])
     config = load_config(preset, config_file, overrides, values)
     if dry_run:
         if resume:
@@ -518,14 +531,21 @@ def predict_command(
         Path | None,
         typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE"),
     ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-pixels", help="Most pixels a frame may declare in its header (default: the run's data.max_pixels).", metavar="N"
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> int:
     """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
     from medseg.infer.outputs import PredictRequest, predict_folder
 
     request = PredictRequest(
-        run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file
-    )
+        run, images, out, masks_dir, sample, _tta(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file,
+        data_options({"max_pixels": max_pixels}).max_pixels if max_pixels is not None else None,
+    )  # fmt: skip
     result = predict_folder(request, on_message=_say(quiet))
     stdout.print(f"{result['frames']} frames, {result['empty']} empty masks; written: {', '.join(result['written'])}")
     return 0
@@ -596,6 +616,7 @@ def evaluate_command(
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
     rle_format: RleFormatOption = None,
+    max_pixels: MaxPixelsOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
@@ -612,8 +633,9 @@ def evaluate_command(
     from medseg.report.evaluate import evaluate_run
 
     flags = data_flags(
-        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
-    )
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format,
+        max_pixels,
+    )  # fmt: skip
     options = data_options(flags) if flags else None
     summary = evaluate_run(run, data, options, _tta(tta, vflip), out, force, on_message=_say(quiet), skip_excluded=skip_excluded)
     print_evaluation(summary)
@@ -693,6 +715,7 @@ def sweep_command(
     subject_pattern: SubjectPatternOption = None,
     rle_order: RleOrderOption = None,
     rle_format: RleFormatOption = None,
+    max_pixels: MaxPixelsOption = None,
     csv: CsvOption = None,
     id_column: IdColumnOption = None,
     rle_column: RleColumnOption = None,
@@ -704,8 +727,9 @@ def sweep_command(
     from medseg.sweep.study import SweepRequest, run_sweep
 
     flags = data_flags(
-        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format
-    )
+        layout, mask_value, mask_threshold, subject_pattern, rle_order, csv, id_column, rle_column, class_column, classes, rle_format,
+        max_pixels,
+    )  # fmt: skip
     request = SweepRequest(
         data, out, preset, config_file, overrides or [], {f"data.{key}": value for key, value in flags.items()}, space, trials, timeout,
         storage, study_name, folds, outer_fold, outer_folds, seed, keep_checkpoints,
@@ -795,13 +819,13 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print("Aborted.")
         return 130
     except UsageError as error:
-        stderr.print(f"[red]error:[/red] {escape(str(error))}")
+        stderr.print(f"[red]error:[/red] {escape(printable(error))}")
         return EXIT_USAGE
     except MedsegError as error:
-        stderr.print(f"[red]error:[/red] {escape(str(error))}")
+        stderr.print(f"[red]error:[/red] {escape(printable(error))}")
         return EXIT_PROBLEMS
     except OSError as error:
-        stderr.print(f"[red]error:[/red] {escape(os_error_line(error))}")
+        stderr.print(f"[red]error:[/red] {escape(printable(os_error_line(error)))}")
         return EXIT_PROBLEMS
     return result if isinstance(result, int) else 0
 

@@ -10,7 +10,6 @@ code runs them for both engines.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -25,6 +24,7 @@ from medseg import __version__, runs
 from medseg.data.intensity import GRAY_MEAN, GRAY_STD
 from medseg.data.intensity import describe as describe_window
 from medseg.errors import UsageError
+from medseg.files import Output, check_outputs
 from medseg.infer.predict import PostProcess, Probabilities, load_fold_model, mean_sigmoid, read_postprocess
 from medseg.runs import open_run
 
@@ -71,8 +71,9 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     run = open_run(run_path)  # before the outputs: a mistyped run is told before an existing file is
     out = Path(out)
     meta_out = metadata_path(out)
-    if not force and (out.exists() or meta_out.exists()):
-        raise UsageError(f"{out}: exists; use --force to replace it")
+    if meta_out == out:
+        raise UsageError(f"--onnx {out}: its settings are written to {meta_out.name} beside it, the same file; name the model .onnx")
+    check_outputs([Output("--onnx", out), Output("its settings file", meta_out)], force, inputs=[*run.inputs, run.path])
     graph = EnsembleProbabilities([load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]).eval()
     example = torch.zeros(1, 1, run.config.input.height, run.config.input.width)
     outputs = OUTPUTS if run.config.model.presence_head else OUTPUTS[:1]
@@ -179,7 +180,7 @@ class OnnxEnsemble:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as error:
             raise UsageError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:160]}); export it again") from error
-        self.meta = json.loads(metadata_path(path).read_text()) if metadata_path(path).is_file() else {}
+        self.meta = runs.read_json(metadata_path(path)) if metadata_path(path).is_file() else {}
 
     def __call__(self, inputs: torch.Tensor) -> Probabilities:
         names = [output.name for output in self.session.get_outputs()]

@@ -4,11 +4,18 @@ The frames are listed (every non-image file is reported, none is skipped silentl
 run's ensemble (:mod:`medseg.infer.predict`), post-processed with the run's tuned settings, checked by the
 submission validator before anything is written, and written atomically: a killed prediction leaves no
 partial file.
+A masks folder is written whole beside its place and moved in at the end, with a marker
+(:data:`MASKS_MARKER`) that lists what it holds: a rerun with ``--force`` leaves exactly the new masks, and
+replaces only a folder medseg wrote.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,13 +28,27 @@ from medseg import progress
 from medseg.data import io, long_rle, rle
 from medseg.data.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
 from medseg.devices import device_for
-from medseg.errors import UsageError
-from medseg.files import atomic_write
+from medseg.errors import MedsegError, UsageError
+from medseg.files import Output, OutputExistsError, atomic_write, check_outputs, inside, printable
 from medseg.infer import submission
 from medseg.infer.export import OnnxEnsemble, export_onnx
 from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
 from medseg.progress import Item, format_duration
-from medseg.runs import ONNX_FILE, Run, open_run
+from medseg.runs import ONNX_FILE, Run, RunFile, foreign_entries, open_run
+
+MASKS_MARKER = ".medseg-masks.json"
+
+
+class MasksFolder(RunFile):
+    """The marker of a ``predict --masks-dir`` folder: what medseg wrote there, so that ``--force`` replaces only that.
+
+    Attributes:
+        run: The run folder that predicted the masks.
+        files: Every file written, relative to the folder.
+    """
+
+    run: str
+    files: list[str]
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class PredictRequest:
         batch_size: Frames per forward pass.
         engine: ``torch`` (the checkpoints; CUDA when there is one) or ``onnx`` (ONNX Runtime on the CPU).
         onnx: The exported model for the onnx engine; ``RUN/model.onnx`` (exported on first use) when ``None``.
+        max_pixels: The most pixels a frame may declare in its header; the run's ``data.max_pixels`` when ``None``.
     """
 
     run: Path
@@ -63,6 +85,7 @@ class PredictRequest:
     batch_size: int = 16
     engine: str = "torch"
     onnx: Path | None = None
+    max_pixels: int | None = None
 
 
 def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = print) -> dict:
@@ -80,8 +103,9 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         raise UsageError("say where the masks go: --out FILE.csv (a submission) and/or --masks-dir DIR (PNG masks)")
     run = open_run(request.run)
     folder, sample_path = _locate(request)
-    _refuse_overwrite(request)  # after the inputs: a typo in them is told before an existing output is
-    records = _frames(folder, on_message)
+    _check_outputs(request, run, folder, sample_path)  # after the inputs: a typo in them is told before an existing output is
+    max_pixels = request.max_pixels or run.config.data.max_pixels
+    records = _frames(folder, max_pixels, on_message)
     sample_pairs, header = submission.read_sample_pairs(sample_path) if sample_path and run.classes else (None, ("id", "class", "rle"))
     sample_ids = list(dict.fromkeys(i for i, _ in sample_pairs)) if sample_pairs else _sample_ids(sample_path, run)
     if sample_ids is not None:
@@ -90,7 +114,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     post = read_postprocess(run)
     if not any(rule.tuned for rule in (post if isinstance(post, list) else [post])):
         on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
-    frames = [io.read_image(record.image_path, run.config.data.intensity_window) for record in records]
+    frames = [io.read_image(record.image_path, run.config.data.intensity_window, max_pixels=max_pixels) for record in records]
     models = _engine(request, run, on_message)
     passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
     where = f"{request.engine} on {device_for(run.config).type}" if request.engine == "torch" else "onnx on cpu"
@@ -161,10 +185,61 @@ def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
     return OnnxEnsemble(path)
 
 
-def _refuse_overwrite(request: PredictRequest) -> None:
-    for path in (request.out, request.masks_dir):
-        if path is not None and Path(path).exists() and not request.force and (Path(path).is_file() or any(Path(path).iterdir())):
-            raise UsageError(f"{path}: exists; use --force to replace it")
+def _check_outputs(request: PredictRequest, run: Run, folder: Path, sample: Path | None) -> None:
+    """Check every output before anything is predicted (:func:`medseg.files.check_outputs`); a masks folder that
+    ``--force`` would replace must be one medseg wrote, holding nothing else."""
+    outputs = [Output("--out", Path(request.out))] if request.out is not None else []
+    if request.masks_dir is not None:
+        outputs.append(Output("--masks-dir", Path(request.masks_dir), folder=True))
+    if request.save_probs and request.out is not None:
+        outputs.append(Output("--save-probs", probs_path(request)))
+    inputs = [*run.inputs, run.path, folder, *(path for path in (sample, request.onnx) if path is not None)]
+    check_outputs(outputs, request.force, inputs)
+    if request.masks_dir is not None:
+        check_masks_folder(Path(request.masks_dir))
+
+
+def probs_path(request: PredictRequest) -> Path:
+    """Where ``--save-probs`` keeps the probabilities: beside the submission, else in the masks folder."""
+    return Path(f"{request.out}.probs.npz") if request.out is not None else Path(request.masks_dir) / "probs.npz"
+
+
+def check_masks_folder(folder: Path) -> None:
+    """Refuse to replace a non-empty folder that is not a masks folder medseg wrote, or that holds other files.
+
+    Raises:
+        UsageError: Naming the folder and what is in it.
+    """
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    marker = folder / MASKS_MARKER
+    try:
+        written = MasksFolder.read(marker)
+    except MedsegError:
+        raise UsageError(
+            f"--masks-dir {folder}: not a masks folder medseg wrote (no readable {MASKS_MARKER}), so --force will not "
+            "replace it; choose another --masks-dir"
+        ) from None
+    tree = {re.escape(MASKS_MARKER): None, **_tree_of(written.files)}
+    foreign = foreign_entries(folder, tree)
+    if foreign:
+        shown = ", ".join(str(path.relative_to(folder)) for path in foreign[:3])
+        raise UsageError(
+            f"--masks-dir {folder}: holds {len(foreign)} file(s) medseg did not write ({shown}), so --force will not replace it; "
+            "move them out or choose another --masks-dir"
+        )
+
+
+def _tree_of(files: list[str]) -> dict:
+    """The tree of name patterns (:func:`medseg.runs.foreign_entries`) of a list of relative file paths."""
+    tree: dict = {}
+    for name in files:
+        *folders, leaf = Path(name).parts
+        node = tree
+        for part in folders:
+            node = node.setdefault(re.escape(part), {})
+        node[re.escape(leaf)] = None
+    return tree
 
 
 def _locate(request: PredictRequest) -> tuple[Path, Path | None]:
@@ -181,13 +256,15 @@ def _locate(request: PredictRequest) -> tuple[Path, Path | None]:
     return folder, sample
 
 
-def _frames(folder: Path, on_message: Callable[[str], None]) -> list[Record]:
-    records, problems = image_records(folder)
-    duplicates = [p for p in problems if p.kind == "duplicate_id"]
-    if duplicates:
-        raise UsageError(f"{duplicates[0].path}: {duplicates[0].message}")
+def _frames(folder: Path, max_pixels: int, on_message: Callable[[str], None]) -> list[Record]:
+    """The frames to predict; a file that is no image is told and not predicted, a frame that cannot be named
+    (its id twice, or an id that cannot become a file or CSV name) stops the command before anything is predicted."""
+    records, problems = image_records(folder, max_pixels=max_pixels)
+    refused = [p for p in problems if p.kind in ("duplicate_id", "unsafe_name")]
+    if refused:
+        raise UsageError(f"{printable(refused[0].path)}: {refused[0].message}")
     for problem in problems:
-        on_message(f"not predicted: {problem.path} ({problem.message})")
+        on_message(f"not predicted: {printable(problem.path)} ({problem.message})")
     if not records:
         raise UsageError(f"{folder}: no images to predict")
     return records
@@ -232,22 +309,17 @@ def _write_outputs(
             ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=had_masks, dialect=dialect, path=request.out
         )
         submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
-        submission.write_submission(request.out, ids, rles, submission.submission_header(dialect))
+        submission.write_submission(request.out, ids, rles, submission.submission_header(dialect), exclusive=not request.force)
         written.append(str(request.out))
-    if request.masks_dir is not None and index_masks:
-        _write_masks(Path(request.masks_dir), ids, index_masks, scale=1)
+    probs_in_masks = request.save_probs and request.out is None
+    if request.masks_dir is not None:
+        files = _mask_files(run, ids, masks, index_masks)
+        _write_masks_folder(Path(request.masks_dir), run, ids, files, probs if probs_in_masks else [])
         written.append(str(request.masks_dir))
-    elif request.masks_dir is not None and run.classes:
-        for index, name in enumerate(run.classes):
-            _write_masks(Path(request.masks_dir) / name, ids, [mask[index] for mask in masks])
-        written.append(str(request.masks_dir))
-    elif request.masks_dir is not None:
-        _write_masks(Path(request.masks_dir), ids, masks)
-        written.append(str(request.masks_dir))
-    if request.save_probs:
-        target = Path(f"{request.out}.probs.npz") if request.out is not None else Path(request.masks_dir) / "probs.npz"
-        with atomic_write(target, "wb") as stream:
-            np.savez_compressed(stream, ids=np.array(ids), **{f"p{index}": prob for index, prob in enumerate(probs)})
+    if request.save_probs and not probs_in_masks:
+        target = probs_path(request)
+        with atomic_write(target, "wb", exclusive=not request.force) as stream:
+            _save_probs(stream, ids, probs)
         written.append(str(target))
     return written
 
@@ -279,7 +351,7 @@ def _write_long_submission(
     columns = map(list, zip(*rows, strict=True))
     report = submission.validate_long(*columns, sample_pairs, sizes, had_masks or None, dialect=dialect, path=request.out)
     submission.check_or_raise(report, request.allow_degenerate, warn=lambda line: on_message(f"warning: {line}"))
-    long_rle.write_long_table(request.out, rows, header)
+    long_rle.write_long_table(request.out, rows, header, exclusive=not request.force)
 
 
 def class_index_mask(masks: np.ndarray, probs: np.ndarray, values: list[int]) -> np.ndarray:
@@ -301,10 +373,85 @@ def class_index_mask(masks: np.ndarray, probs: np.ndarray, values: list[int]) ->
     return np.where(masks.any(axis=0), np.asarray(values, dtype=dtype)[winner], 0).astype(dtype)
 
 
-def _write_masks(folder: Path, ids: list[str], masks: list[np.ndarray], scale: int = 255) -> None:
-    """One PNG per frame: a binary mask as 0/255 (``scale``), a class-index mask as its values (``scale`` 1)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for sample_id, mask in zip(ids, masks):
-        _, encoded = cv2.imencode(".png", mask.astype(np.uint16 if mask.dtype == np.uint16 else np.uint8) * scale)
-        with atomic_write(folder / f"{sample_id}.png", "wb") as stream:
-            stream.write(encoded.tobytes())
+def _mask_files(run: Run, ids: list[str], masks: list[np.ndarray], index_masks: list[np.ndarray]) -> dict[tuple[str, ...], bytes]:
+    """Every PNG of a masks folder by its relative path: a class-index mask per frame, a 0/255 mask per frame and
+    structure (``<structure>/<id>.png``), or a 0/255 mask per frame."""
+    if index_masks:
+        return {(f"{sample_id}.png",): _png(mask, scale=1) for sample_id, mask in zip(ids, index_masks, strict=True)}
+    if run.classes:
+        return {
+            (name, f"{sample_id}.png"): _png(mask[index])
+            for index, name in enumerate(run.classes)
+            for sample_id, mask in zip(ids, masks, strict=True)
+        }
+    return {(f"{sample_id}.png",): _png(mask) for sample_id, mask in zip(ids, masks, strict=True)}
+
+
+def _png(mask: np.ndarray, scale: int = 255) -> bytes:
+    """A binary mask as a 0/255 PNG (``scale``), a class-index mask as its values (``scale`` 1)."""
+    _, encoded = cv2.imencode(".png", mask.astype(np.uint16 if mask.dtype == np.uint16 else np.uint8) * scale)
+    return encoded.tobytes()
+
+
+def _save_probs(stream, ids: list[str], probs: list[np.ndarray]) -> None:
+    np.savez_compressed(stream, ids=np.array(ids), **{f"p{index}": prob for index, prob in enumerate(probs)})
+
+
+def _write_masks_folder(folder: Path, run: Run, ids: list[str], files: dict[tuple[str, ...], bytes], probs: list[np.ndarray]) -> None:
+    """Write a masks folder whole in a hidden folder beside ``folder``, then move it into place.
+
+    A killed write leaves only the hidden folder, which the next write removes; an earlier masks folder
+    (checked by :func:`check_masks_folder`) is replaced whole, so no stale mask of it survives.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.medseg-partial-{os.getpid()}-", dir=folder.parent))
+    try:
+        for parts, content in files.items():
+            path = inside(staging, *parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        names = ["/".join(parts) for parts in files]
+        if probs:
+            with open(staging / "probs.npz", "wb") as stream:
+                _save_probs(stream, ids, probs)
+            names.append("probs.npz")
+        MasksFolder(run=str(run.path.resolve()), files=names).write(staging / MASKS_MARKER)
+        _move_into_place(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first and deleted after."""
+    old = None
+    if folder.exists() and any(folder.iterdir()):
+        old = folder.parent / f".{folder.name}.medseg-old-{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}"
+        folder.rename(old)
+    try:
+        staging.rename(folder)
+    except OSError as error:
+        raise OutputExistsError(
+            f"--masks-dir {folder}: appeared while medseg was writing it (another process?); nothing was replaced"
+        ) from error
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove what a killed masks write left beside ``folder``: hidden folders of processes that no longer run."""
+    for pattern in (f".{folder.name}.medseg-partial-*", f".{folder.name}.medseg-old-*"):
+        for leftover in folder.parent.glob(pattern):
+            pid = leftover.name.removeprefix(f".{folder.name}.medseg-").split("-")[1]
+            if pid.isdigit() and not _running(int(pid)) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -342,7 +342,9 @@ def validate_long(
     return SubmissionReport(rows, empty, problems, degenerate, bounds_checked and bool(ids), notes, path)
 
 
-def write_submission(path: Path, ids: Sequence[str], rles: Sequence[str], header: tuple[str, str] = ("img", "pixels")) -> None:
+def write_submission(
+    path: Path, ids: Sequence[str], rles: Sequence[str], header: tuple[str, str] = ("img", "pixels"), exclusive: bool = False
+) -> None:
     """Write a submission CSV atomically: a header, then one ``id,rle`` row per id, ``\\n`` line ends.
 
     Args:
@@ -350,9 +352,11 @@ def write_submission(path: Path, ids: Sequence[str], rles: Sequence[str], header
         ids: Row ids, in the order to write them.
         rles: The RLE of each row; ``""`` (an empty cell) for an empty mask.
         header: The two column names.
+        exclusive: Never replace a file (one another process wrote meanwhile): :func:`medseg.files.atomic_write`.
 
     Raises:
         ValueError: If ``ids`` and ``rles`` differ in length.
+        OutputExistsError: With ``exclusive``, if the file exists by the time it is written.
     """
     if len(ids) != len(rles):
         raise ValueError(f"{len(ids)} ids but {len(rles)} RLE strings; give one RLE per id")
@@ -360,7 +364,7 @@ def write_submission(path: Path, ids: Sequence[str], rles: Sequence[str], header
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(zip(ids, rles))
-    with atomic_write(Path(path), "wb") as stream:
+    with atomic_write(Path(path), "wb", exclusive=exclusive) as stream:
         stream.write(buffer.getvalue().encode("utf-8"))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io as text_io
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,13 +20,15 @@ import numpy as np
 
 from medseg import runs
 from medseg.config import DataOptions
-from medseg.data.datasets import Dataset, load_dataset, require_clean
+from medseg.data import io
+from medseg.data.datasets import Dataset, Record, load_dataset, require_clean
+from medseg.data.samples import frame_digest
 from medseg.errors import UsageError
-from medseg.files import atomic_write
+from medseg.files import Output, atomic_write, check_outputs, inside, safe_file_name, spreadsheet_safe
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
 from medseg.infer.predict import PostProcess, read_postprocess
 from medseg.learn import metrics
-from medseg.runs import EVALUATION_DIR, Run, open_run
+from medseg.runs import EVALUATION_DIR, Run, foreign_entries, open_run
 
 PER_IMAGE_FILE = "per_image.csv"
 SUMMARY_FILE = "summary.json"
@@ -64,11 +67,10 @@ def evaluate_run(
         DataError: If the data set has problems.
     """
     run = open_run(path)
-    out = Path(out) if out else run.path / EVALUATION_DIR / Path(data).resolve().name
+    out = Path(out) if out else inside(run.path / EVALUATION_DIR, safe_file_name(Path(data).resolve().name))
     dataset = _same_structures(require_clean(load_dataset(data, options or run.config.data)), run)  # the inputs before the outputs
-    if (out / SUMMARY_FILE).exists() and not force:
-        raise UsageError(f"{out}: an evaluation is already there; use --force to replace it or --out for another folder")
-    out_of_fold = Path(data).resolve() == run.data
+    _check_out(out, force, [*run.inputs, run.path, Path(data)])
+    out_of_fold = Path(data).resolve() == run.data or _copy_of_training_data(run, dataset, on_message)
     if skip_excluded and not out_of_fold:
         raise UsageError(f"--skip-excluded leaves out frames of the run's own data ({run.data}); drop it to evaluate {data}")
     post = read_postprocess(run)
@@ -85,6 +87,61 @@ def evaluate_run(
     _write(out, rows, summary, PER_STRUCTURE_COLUMNS if run.classes else PER_IMAGE_COLUMNS)
     summary["out"] = str(out)
     return summary
+
+
+def _check_out(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Check the output folder before anything is predicted: an earlier evaluation is replaced only with ``--force``,
+    and a folder of other files never (only ``per_image.csv`` and ``summary.json`` are written there).
+
+    Raises:
+        UsageError: Naming the folder and the fix.
+    """
+    check_outputs([Output("--out", out, folder=True)], force, inputs)
+    if out.is_dir():
+        foreign = foreign_entries(out, {re.escape(PER_IMAGE_FILE): None, re.escape(SUMMARY_FILE): None, r"\..+\.tmp": None})
+        if foreign:
+            raise UsageError(
+                f"--out {out}: holds files an evaluation does not write ({', '.join(path.name for path in foreign[:3])}); "
+                "choose another --out"
+            )
+
+
+def _copy_of_training_data(run: Run, dataset: Dataset, on_message: Callable[[str], None]) -> bool:
+    """Whether DATA, at another path than the run's data, is a copy of it: the same frames by content.
+
+    The run records a digest of every frame it trained or validated on (``frames.json``); a run written
+    before that is recognised by its data folder's path only.
+
+    Returns:
+        True when every frame of DATA is the run's frame of the same id (score them out-of-fold), False when
+        none is one of the run's frames.
+
+    Raises:
+        UsageError: When some frames of DATA are frames the run trained on and the rest are not its data.
+    """
+    trained = run.trained_frames()
+    if trained is None:
+        return False
+    by_digest = {digest: frame for frame, digest in trained.digests.items()}
+    digests = {record.id: _digest(record, dataset.options) for record in dataset.train}
+    seen = {sample_id: by_digest.get(digest) for sample_id, digest in digests.items()}
+    matched = {frame: own for frame, own in seen.items() if own is not None}
+    if not matched:
+        return False
+    ids = set(seen)
+    if all(frame == own for frame, own in matched.items()) and ids == set(trained.digests) | set(run.plan.excluded):
+        on_message(f"{dataset.root} holds the frames {run.path} trained on (a copy of {run.data}): scoring them out-of-fold")
+        return True
+    frame, own = next(iter(matched.items()))
+    raise UsageError(
+        f"{dataset.root}: {len(matched)} of {len(ids)} frames are frames {run.path} trained or validated on (by content: {frame} is its "
+        f"{own}), so they cannot be scored as held-out; evaluate the run's own data ({run.data}) for out-of-fold scores, or leave them out"
+    )
+
+
+def _digest(record: Record, options: DataOptions) -> str:
+    """The content digest of a record's frame (:func:`~medseg.data.samples.frame_digest`)."""
+    return frame_digest(io.read_image(record.image_path, options.intensity_window, max_pixels=options.max_pixels))
 
 
 def scores_summary(rows: list[dict], counts: np.ndarray, classes: list[str]) -> dict:
@@ -187,7 +244,7 @@ def _write(out: Path, rows: list[dict], summary: dict, columns: tuple[str, ...])
     buffer = text_io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     with atomic_write(out / PER_IMAGE_FILE) as stream:
         stream.write(buffer.getvalue())
     runs.write_json(out / SUMMARY_FILE, summary)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.datasets import load_dataset
-from medseg.files import atomic_write
+from medseg.files import atomic_write, inside, safe_file_name
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
 from medseg.infer.predict import read_postprocess
 from medseg.learn import metrics
@@ -149,7 +149,7 @@ def build_report(path: Path, tta: str = "hflip", on_message: Callable[[str], Non
     gallery = gallery_figures(data)
     folder = data.run.path / FIGURES_DIR
     for figure in [*figures, *gallery]:
-        with atomic_write(folder / figure.name, "wb") as stream:
+        with atomic_write(inside(folder, safe_file_name(figure.name)), "wb") as stream:
             stream.write(figure.png)
     page = render(data, figures, gallery)
     with atomic_write(data.run.path / REPORT_FILE) as stream:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from medseg.config import Config, save_config
 from medseg.errors import UsageError
-from medseg.files import atomic_write
+from medseg.files import atomic_write, spreadsheet_safe
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.yaml"
@@ -91,12 +91,12 @@ def trial_rows(study: optuna.Study) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def write_trials(study: optuna.Study, path: Path) -> Path:
-    """Write ``trials.csv`` atomically."""
+    """Write ``trials.csv`` atomically; text that a spreadsheet would run as a formula is neutralised."""
     rows, keys = trial_rows(study)
     buffer = text_io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, *keys], lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     with atomic_write(path) as stream:
         stream.write(buffer.getvalue())
     return path
