@@ -25,8 +25,8 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from medseg import config
-from medseg.data import io, rle
+from medseg import config, files
+from medseg.data import exclusions, io, long_rle, rle
 from medseg.errors import DataError, UsageError
 from medseg.infer import submission
 
@@ -570,3 +570,139 @@ def test_deeply_nested_yaml_values_raise_only_usage_error(scratch, depth, bracke
         assert ("model.encoder" in message or (through_file and str(path) in message)) and "\n" not in message, message
     else:
         assert loaded.model.encoder == value, "a nested list or mapping was accepted as an encoder name"
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML reader (issue 31, hostile inputs): random YAML made of anchors, aliases, merge keys, tags, deep
+# nesting, values Python cannot hold and plain text, through the parser every configuration, run config
+# and search space goes through. Only UsageError may escape, fast, and what loads never expands.
+
+YAML_EXAMPLES = 300
+YAML_PIECES = [
+    "&a ",
+    "&b ",
+    "*a",
+    "*b",
+    "[*a, *a, *a]",
+    "<<: *a\n",
+    "a: ",
+    "b: ",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ", ",
+    "\n",
+    "  ",
+    "? ",
+    "#c\n",
+    "---\n",
+    "...\n",
+    "%YAML 1.1\n---\n",
+    "!!python/object/apply:os.system ['true']",
+    "!!binary aGk=",
+    "!!float ",
+    "!!int ",
+    "2020-13-45",
+    "1" * 5000,
+    ".nan",
+    "-.inf",
+    "'q'",
+    '"\\x"',
+    "|\n  x\n",
+    "[" * 100,
+    "trainer:\n  max_epochs: ",
+    "optim.lr: {low: ",
+    "{choices: [",
+]
+hostile_yaml = st.lists(st.sampled_from(YAML_PIECES) | st.text(max_size=8), max_size=12).map("".join)
+
+
+@fuzz(YAML_EXAMPLES)
+@given(text=hostile_yaml | st.text(max_size=120), reader=st.sampled_from(["text", "config", "space", "run_config"]))
+@example(text="a: &a [1, 2]\nb: *a\n", reader="text")
+@example(text="[" * 3000 + "]" * 3000, reader="config")
+@example(text="optim.lr: {low: 1.0e-4, high: .inf}\n", reader="space")
+@example(text="!!int ", reader="text")
+@example(text="a: !!bool maybe", reader="config")
+@example(text="a: !!timestamp soon", reader="run_config")
+def test_yaml_readers_raise_only_usage_error_and_never_expand(scratch, text, reader):
+    import time
+
+    from medseg.sweep import space
+
+    path = scratch / "hostile.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    readers = {
+        "text": lambda: files.parse_yaml(text, "fuzz"),
+        "config": lambda: config.load_config("cpu", config_file=path),
+        "space": lambda: space.load_space(path),
+        "run_config": lambda: config.read_run_config(path),
+    }
+    start = time.perf_counter()
+    try:
+        loaded = readers[reader]()
+    except UsageError as error:
+        assert str(error).strip() and "\n" not in str(error)
+    else:
+        if reader == "text":
+            assert len(repr(loaded)) <= 50 * len(text) + 200, "a value larger than its text: something expanded"
+    assert time.perf_counter() - start < 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# CSV readers (issue 31, hostile inputs): headers that name a column twice (also once padded with blanks,
+# which pandas would keep apart and medseg strips together) and one field up to megabytes long, through
+# every CSV reader of the data layer: the table reader, long RLE tables and exclusions files. Only
+# DataError or UsageError may escape, one line naming the file; a repeated name is always refused; an
+# accepted table has each column once and its long field whole.
+
+CSV_HEADER_EXAMPLES = 120
+HUGE_FIELDS = st.sampled_from([0, 10, 200_000, 3_000_000])
+repeating_names = st.sampled_from(["id", "class", "rle", "reason", "pixels", "img", "ID", " id", "rle ", "pixels.1", ""])
+
+
+@st.composite
+def headers_and_rows(draw):
+    """A header of 1-5 names from a small pool (so names repeat often), and 0-3 rows of its width."""
+    header = draw(st.lists(repeating_names, min_size=1, max_size=5))
+    cell = st.text(st.characters(exclude_categories=["Cs"], exclude_characters='\x00\r"'), max_size=6)
+    rows = draw(st.lists(st.lists(cell, min_size=len(header), max_size=len(header)), max_size=3))
+    return header, rows
+
+
+def _quoted_line(fields: list[str]) -> str:
+    return ",".join(f'"{field}"' for field in fields)
+
+
+@fuzz(CSV_HEADER_EXAMPLES)
+@given(table=headers_and_rows(), huge=HUGE_FIELDS, reader=st.sampled_from(["table", "long", "exclusions"]))
+@example(table=(["subject", "img", "pixels", "pixels"], [["1", "1", "", ""]]), huge=0, reader="table")
+@example(table=(["id", "class", "rle", "class"], [["f", "nerve", "", "x"]]), huge=0, reader="long")
+@example(table=(["id", "reason", "id"], [["1_1", "x", "1_1"]]), huge=0, reader="exclusions")
+@example(table=(["id", "reason"], [["1_1", "x"]]), huge=3_000_000, reader="exclusions")
+def test_csv_readers_refuse_repeated_columns_and_survive_huge_fields(scratch, table, huge, reader):
+    header, rows = table
+    if huge and rows:
+        rows[0][-1] = "7 " * (huge // 2)
+    path = scratch / "header.csv"
+    path.write_text("\n".join(_quoted_line(row) for row in [header, *rows]) + "\n", encoding="utf-8")
+    stripped = [name.strip() for name in header]
+    repeated = len(set(filter(None, stripped))) < len([name for name in stripped if name])
+    try:
+        if reader == "table":
+            read = io.read_csv(path, ())
+        elif reader == "long":
+            read = long_rle.read_long_table(path, long_rle.LONG_FORMATS[0])
+        else:
+            read = exclusions.read_exclusions(path)
+    except (DataError, UsageError) as error:
+        assert str(path) in str(error) and "\n" not in str(error), str(error)
+        if repeated and reader == "table":
+            assert "appears more than once in the header" in str(error)
+        return
+    assert not repeated, f"a header that names a column twice was accepted: {header}"
+    if reader == "table":
+        assert len(set(read.columns)) == len(read.columns) == len(header)
+        assert [list(row) for row in read.values.tolist()] == rows
