@@ -257,9 +257,13 @@ def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, 
     assert not run.exists(), f"a refused run left {sorted(p.name for p in run.rglob('*'))}"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry_run", "real_run"])
-def test_a_gpu_run_without_a_gpu_is_refused_before_anything_is_written(tmp_path, capsys, uns_mini, dry_run):
+def test_a_gpu_run_without_a_gpu_is_refused_before_anything_is_written(tmp_path, capsys, uns_mini, dry_run, monkeypatch):
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    for accelerator in (CUDAAccelerator, MPSAccelerator):  # a machine without a GPU, also where the test runs on one
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run = tmp_path / "run"
     code, err, _ = run_cli(capsys, *train_args(uns_mini, run, "--set", "trainer.accelerator=gpu"), *(["--dry-run"] if dry_run else []))
     assert code == 2

@@ -364,7 +364,6 @@ def test_a_best_checkpoint_that_is_no_checkpoint_is_one_line(run_copy, shared_da
     assert not (tmp_path / "s.csv").exists()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="file names of arbitrary bytes are a Linux file system's")
 def test_a_frame_whose_name_is_not_utf8_is_refused_before_predicting(run_copy, shared_data, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
