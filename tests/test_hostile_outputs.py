@@ -221,10 +221,15 @@ def test_a_masks_folder_rerun_with_force_holds_exactly_the_new_masks(run_copy, s
     (frames / "3.tif").unlink()
     killed = tmp_path / ".masks.medseg-partial-999999999-abc"  # what a killed write leaves: a process id that runs no more
     killed.mkdir()
+    outputs.MasksFolder(run=str(run_copy), files=["1.png", "2.png"]).write(killed / outputs.MASKS_MARKER)  # its marker comes first
     (killed / "1.png").write_bytes(b"partial")
+    lookalike = tmp_path / ".masks.medseg-old-999999999-xyz"  # named like medseg's, but no marker: not medseg's to delete
+    lookalike.mkdir()
+    (lookalike / "mine.png").write_bytes(b"a user's")
     assert main([*args, "--force", "--save-probs"]) == 0
     assert tree(masks) == {".medseg-masks.json", "1.png", "2.png", "probs.npz"}  # 3.png of the earlier run is gone
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["frames", "masks", "run"]  # the killed write's folder is gone
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [lookalike.name, "frames", "masks", "run"]  # the killed write's is gone
+    assert (lookalike / "mine.png").read_bytes() == b"a user's"
 
 
 def test_a_masks_folder_medseg_did_not_write_is_not_replaced(run_copy, shared_data, tmp_path, capsys):

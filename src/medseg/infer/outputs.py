@@ -11,10 +11,10 @@ replaces only a folder medseg wrote.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +34,7 @@ from medseg.infer import submission
 from medseg.infer.export import OnnxEnsemble, export_onnx
 from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
 from medseg.progress import Item, format_duration
-from medseg.runs import ONNX_FILE, Run, RunFile, foreign_entries, open_run
+from medseg.runs import ONNX_FILE, Run, RunFile, delete_ours, foreign_entries, open_run
 
 MASKS_MARKER = ".medseg-masks.json"
 
@@ -212,15 +212,12 @@ def check_masks_folder(folder: Path) -> None:
     """
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    marker = folder / MASKS_MARKER
-    try:
-        written = MasksFolder.read(marker)
-    except MedsegError:
+    tree = _written_tree(folder)
+    if tree is None:
         raise UsageError(
             f"--masks-dir {folder}: not a masks folder medseg wrote (no readable {MASKS_MARKER}), so --force will not "
             "replace it; choose another --masks-dir"
-        ) from None
-    tree = {re.escape(MASKS_MARKER): None, **_tree_of(written.files)}
+        )
     foreign = foreign_entries(folder, tree)
     if foreign:
         shown = ", ".join(str(path.relative_to(folder)) for path in foreign[:3])
@@ -228,6 +225,30 @@ def check_masks_folder(folder: Path) -> None:
             f"--masks-dir {folder}: holds {len(foreign)} file(s) medseg did not write ({shown}), so --force will not replace it; "
             "move them out or choose another --masks-dir"
         )
+
+
+def _written_tree(folder: Path) -> dict | None:
+    """What medseg wrote in a masks folder, by its marker (:func:`medseg.runs.foreign_entries`'s tree), or ``None``
+    where the marker is missing or does not read back."""
+    try:
+        written = MasksFolder.read(folder / MASKS_MARKER)
+    except MedsegError:
+        return None
+    return {re.escape(MASKS_MARKER): None, **_tree_of(written.files)}
+
+
+def _delete_written(folder: Path) -> None:
+    """Delete the files a masks folder's marker lists, the marker, and the folder once empty; nothing else.
+
+    A folder without a readable marker, or one where a file appeared that the marker does not list, keeps
+    what it holds.
+    """
+    tree = _written_tree(folder)
+    if tree is None or folder.is_symlink():
+        return
+    delete_ours(folder, tree)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _tree_of(files: list[str]) -> dict:
@@ -400,51 +421,57 @@ def _save_probs(stream, ids: list[str], probs: list[np.ndarray]) -> None:
 def _write_masks_folder(folder: Path, run: Run, ids: list[str], files: dict[tuple[str, ...], bytes], probs: list[np.ndarray]) -> None:
     """Write a masks folder whole in a hidden folder beside ``folder``, then move it into place.
 
-    A killed write leaves only the hidden folder, which the next write removes; an earlier masks folder
-    (checked by :func:`check_masks_folder`) is replaced whole, so no stale mask of it survives.
+    The marker that lists every file is written first, so that whatever a killed write leaves is known to be
+    medseg's: the next write deletes it (:func:`_remove_stale`), file by file from that list. An earlier masks
+    folder (checked by :func:`check_masks_folder`) is replaced whole, so no stale mask of it survives.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.medseg-partial-{os.getpid()}-", dir=folder.parent))
+    names = ["/".join(parts) for parts in files] + (["probs.npz"] if probs else [])
     try:
+        MasksFolder(run=str(run.path.resolve()), files=names).write(staging / MASKS_MARKER)
         for parts, content in files.items():
             path = inside(staging, *parts)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
-        names = ["/".join(parts) for parts in files]
         if probs:
             with open(staging / "probs.npz", "wb") as stream:
                 _save_probs(stream, ids, probs)
-            names.append("probs.npz")
-        MasksFolder(run=str(run.path.resolve()), files=names).write(staging / MASKS_MARKER)
         _move_into_place(staging, folder)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_dir():
+            _delete_written(staging)
 
 
 def _move_into_place(staging: Path, folder: Path) -> None:
-    """Rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first and deleted after."""
+    """Rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first, checked again and deleted after
+    (only the files its marker lists), or moved back when ``staging`` cannot take its place."""
     old = None
     if folder.exists() and any(folder.iterdir()):
+        check_masks_folder(folder)  # again: a file may have appeared in it while the frames were predicted
         old = folder.parent / f".{folder.name}.medseg-old-{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}"
         folder.rename(old)
     try:
         staging.rename(folder)
     except OSError as error:
+        if old is not None:
+            old.rename(folder)
         raise OutputExistsError(
             f"--masks-dir {folder}: appeared while medseg was writing it (another process?); nothing was replaced"
         ) from error
     if old is not None:
-        shutil.rmtree(old)
+        _delete_written(old)
 
 
 def _remove_stale(folder: Path) -> None:
-    """Remove what a killed masks write left beside ``folder``: hidden folders of processes that no longer run."""
+    """Remove what a killed masks write left beside ``folder``: hidden folders of processes that no longer run,
+    holding a marker of their own (file by file, :func:`_delete_written`)."""
     for pattern in (f".{folder.name}.medseg-partial-*", f".{folder.name}.medseg-old-*"):
         for leftover in folder.parent.glob(pattern):
             pid = leftover.name.removeprefix(f".{folder.name}.medseg-").split("-")[1]
-            if pid.isdigit() and not _running(int(pid)) and leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover)
+            if pid.isdigit() and not _running(int(pid)) and leftover.is_dir():
+                _delete_written(leftover)
 
 
 def _running(pid: int) -> bool:
