@@ -24,14 +24,14 @@ from medseg.infer.tune import tune_run
 from medseg.learn.train import train_run
 from medseg.report.evaluate import evaluate_run
 from medseg.report.page import build_report
-from medseg.runs import ANY, RUN_FILE, RUN_TREE, RunFile, RunPlan, check_replaceable, delete_ours
+from medseg.runs import RUN_FILE, RUN_TREE, RunFile, RunPlan, check_replaceable, delete_ours
 
 DEMO_FILE = "demo.json"
 DEMO_TREE = {
     re.escape(DEMO_FILE): None,
     "run": RUN_TREE,
     r"submission\.csv": None,
-    "holdout": {"images": ANY, r"truth\.csv": None},
+    "holdout": {"images": {r"\d+\.tif": None}, r"truth\.csv": None},  # the sample's test frames, copied
     r"\..+\.tmp": None,
 }
 

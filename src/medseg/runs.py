@@ -34,7 +34,6 @@ import os
 import pickle
 import platform
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -616,16 +615,15 @@ def replace_run_folder(run: Path, force: bool) -> None:
         raise UsageError(f"{run}: appeared while this run was starting (another medseg train?); choose another --out") from None
 
 
-# What medseg writes in a folder, as a tree of name patterns: a pattern maps to None (a file), to a sub-tree
-# (a folder whose entries must match it) or to ANY (a folder medseg fills with whatever its tools write).
-ANY: dict = {}
+# What medseg writes in a folder, as a tree of name patterns: a pattern maps to None (a file) or to a sub-tree
+# (a folder whose entries must match it).
 _TEMPORARY = r"\..+\.tmp"  # atomic_write's temporary files, left by a killed write
 _CHECKPOINTS_TREE = {re.escape(BEST): None, re.escape(LAST): None, _TEMPORARY: None}
 _FOLD_TREE = {
     re.escape(CHECKPOINTS): _CHECKPOINTS_TREE,
     re.escape(METRICS_FILE): None,
     re.escape(DONE_FILE): None,
-    "tensorboard": ANY,
+    "tensorboard": {r"version_\d+": {r"events\.out\.tfevents\..+": None, r"hparams\.yaml": None}},  # Lightning's TensorBoard logs
     _TEMPORARY: None,
 }
 RUN_TREE: dict = {
@@ -648,16 +646,20 @@ def foreign_entries(folder: Path, tree: dict) -> list[Path]:
     """
     found = []
     for entry in sorted(Path(folder).iterdir()):
-        spec = next((tree[pattern] for pattern in tree if re.fullmatch(pattern, entry.name)), False)
-        if spec is False or entry.is_symlink():
+        spec = _spec_of(tree, entry)
+        if spec is False or (spec is None) != entry.is_file():
             found.append(entry)
-        elif spec is None:
-            found += [] if entry.is_file() else [entry]
-        elif not entry.is_dir():
-            found.append(entry)
-        elif spec is not ANY:
+        elif spec is not None:
             found += foreign_entries(entry, spec)
     return found
+
+
+def _spec_of(tree: dict, entry: Path) -> dict | None | bool:
+    """What ``tree`` says of ``entry``: None (a file of medseg's), a sub-tree (a folder of medseg's), or False (not
+    medseg's: no pattern matches, or it is a link, which deleting through could reach anything)."""
+    if entry.is_symlink():
+        return False
+    return next((tree[pattern] for pattern in tree if re.fullmatch(pattern, entry.name)), False)
 
 
 def check_replaceable(folder: Path, tree: dict, marker: str, marker_type: type[RunFile], what: str = "run folder") -> None:
@@ -691,13 +693,9 @@ def check_replaceable(folder: Path, tree: dict, marker: str, marker_type: type[R
 def delete_ours(folder: Path, tree: dict) -> None:
     """Delete what ``tree`` describes in ``folder`` (checked first with :func:`check_replaceable`), nothing else."""
     for entry in Path(folder).iterdir():
-        spec = next((tree[pattern] for pattern in tree if re.fullmatch(pattern, entry.name)), False)
-        if spec is False or entry.is_symlink():
-            continue
+        spec = _spec_of(tree, entry)
         if spec is None and entry.is_file():
             entry.unlink()
-        elif spec is ANY and entry.is_dir():
-            shutil.rmtree(entry)
         elif isinstance(spec, dict) and entry.is_dir():
             delete_ours(entry, spec)
             with contextlib.suppress(OSError):
