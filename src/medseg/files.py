@@ -270,22 +270,20 @@ def read_yaml(path: Path, where: object, what: str, limit: int = CONFIG_BYTES) -
 
 
 def parse_yaml(text: str, where: object) -> object:
-    """The content of a YAML text, refused in one line when it could hang or crash the reader.
+    """The content of a YAML text, read in one pass and refused in one line when it could hang or crash the reader.
 
     Refused: an anchor or an alias (``&a``, ``*a``: a few hundred bytes of them expand to gigabytes), nesting
-    deeper than :data:`MAX_YAML_DEPTH` (checked first: PyYAML's scanner is quadratic in it), invalid YAML, and
-    a value Python cannot make (a 5,000-digit number, a 13th month).
+    deeper than :data:`MAX_YAML_DEPTH` (stopped as the scanner reaches it: PyYAML's scanner is quadratic in it),
+    invalid YAML, and a value Python cannot make (a 5,000-digit number, a 13th month).
 
     Raises:
         UsageError: Naming ``where``, the line where known, and the fix.
     """
-    _check_flow_depth(text, where)
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                line = event.start_mark.line + 1
-                raise UsageError(f"{where}: YAML anchors and aliases (&, *) are not accepted (line {line}); write the values out")
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _Refused as refused:
+        what, line = refused.args
+        raise UsageError(f"{where}: {what} (line {line}); " + _REFUSED_FIX[what]) from None
     except RecursionError:
         raise UsageError(f"{where}: nested too deeply to be a medseg file") from None
     except yaml.YAMLError as error:
@@ -297,30 +295,25 @@ def parse_yaml(text: str, where: object) -> object:
         raise UsageError(f"{where}: a value cannot be read ({reason}); fix the file") from None
 
 
-class _TooDeep(Exception):
-    """A YAML text nests more than :data:`MAX_YAML_DEPTH` flow collections."""
+_ALIASES = "YAML anchors and aliases (&, *) are not accepted"
+_TOO_DEEP = f"nested deeper than {MAX_YAML_DEPTH} levels"
+_REFUSED_FIX = {_ALIASES: "write the values out", _TOO_DEEP: "a medseg file nests a few"}
 
 
-class _DepthLimitedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, whose scanner stops at the :data:`MAX_YAML_DEPTH`-th nested ``[`` or ``{``."""
+class _Refused(Exception):
+    """What :class:`_BoundedLoader` refuses, and the line where it met it."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops at an anchor or alias and at the :data:`MAX_YAML_DEPTH`-th nested ``[`` or ``{``."""
 
     def fetch_flow_collection_start(self, token_class: type) -> None:
         if self.flow_level >= MAX_YAML_DEPTH:
-            raise _TooDeep(self.get_mark().line + 1)
+            raise _Refused(_TOO_DEEP, self.get_mark().line + 1)
         super().fetch_flow_collection_start(token_class)
 
-
-def _check_flow_depth(text: str, where: object) -> None:
-    """Refuse YAML nested deeper than :data:`MAX_YAML_DEPTH` before PyYAML parses it (10 KB of ``[`` take it seconds,
-    1 MB hours). Only the tokens are scanned, up to that depth: linear in the text.
-
-    Raises:
-        UsageError: Naming the line.
-    """
-    try:
-        for _ in yaml.scan(text, Loader=_DepthLimitedLoader):
-            pass
-    except _TooDeep as error:
-        raise UsageError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels (line {error.args[0]}); a medseg file nests a few") from None
-    except (yaml.YAMLError, RecursionError):
-        pass  # parse_yaml words these
+    def compose_node(self, parent: object, index: object) -> object:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(_ALIASES, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
