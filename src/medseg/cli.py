@@ -26,7 +26,7 @@ from medseg.config import LAYOUTS, PRESETS, DataOptions, read_run_config
 from medseg.data.datasets import load_dataset
 from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import MedsegError, UsageError
-from medseg.files import printable
+from medseg.files import Output, check_outputs, printable
 from medseg.runs import CONFIG_FILE, POSTPROCESS_FILE, StructuresTuning, Tuning, installation_versions
 
 EXIT_PROBLEMS = 1
@@ -203,7 +203,7 @@ def inspect_command(
         max_pixels,
     )  # fmt: skip
     if write_exclusions is not None:
-        _check_new_file(write_exclusions, force, "--write-exclusions")
+        check_outputs([Output("--write-exclusions", write_exclusions)], force, inputs=[data])
     elif force:
         raise UsageError("--force replaces the --write-exclusions file; give --write-exclusions FILE or drop --force")
     inspection = inspect_dataset(load_dataset(data, data_options(flags)))
@@ -214,14 +214,6 @@ def inspect_command(
     if write_exclusions is not None:
         _write_exclusions(write_exclusions, inspection, data, stderr if as_json else stdout, force)
     return 0 if inspection.ok else EXIT_PROBLEMS
-
-
-def _check_new_file(path: Path, force: bool, option: str) -> None:
-    """Refuse to replace an existing output file without ``--force``, before any work is done."""
-    if path.is_dir():
-        raise UsageError(f"{option} {path}: is a folder; give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"{option} {path}: the file exists; use --force to replace it or choose another name")
 
 
 def _write_exclusions(path: Path, inspection: Inspection, data: Path, console: Console, force: bool) -> None:

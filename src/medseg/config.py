@@ -12,7 +12,7 @@ configuration is what a run saves as ``RUN/config.yaml`` and what every later st
 
 Every value is range-checked where it is read: numbers are finite, seeds are what numpy takes, counts and sizes
 have sane upper bounds (:data:`MAX_SIDE`, :data:`MAX_EPOCHS`, ...), and names that become paths follow
-:data:`~medseg.files.NAME_RULE`. YAML is read bounded in size and without anchors or aliases (:func:`read_yaml`).
+:data:`~medseg.files.NAME_RULE`. YAML is read bounded in size and without anchors or aliases (:func:`medseg.files.read_yaml`).
 """
 
 from __future__ import annotations
@@ -183,8 +183,7 @@ def check_class_name(name: object) -> str:
         ValueError: Naming the rule (:data:`~medseg.files.NAME_RULE`), for pydantic to place under its key.
     """
     if not is_safe_name(name):
-        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
-        raise ValueError(f"class name {shown} cannot become a file name ({NAME_RULE}); rename it")
+        raise ValueError(f"class name {shown(name, 60)} cannot become a file name ({NAME_RULE}); rename it")
     return name
 
 
