@@ -1,0 +1,181 @@
+"""The commands of the training stage: ``train`` (a run folder) and ``sweep`` (an Optuna study of configurations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medseg.cli.options import DataArgument, DataFlags, NoReportOption, with_data_flags
+from medseg.cli.printers import print_plan, print_sweep, print_tuning, say, stdout, warn
+from medseg.cli.report_commands import write_report
+from medseg.config import PRESETS, read_run_config
+from medseg.errors import MedsegError, UsageError
+from medseg.runs import CONFIG_FILE
+
+
+@with_data_flags
+def train_command(
+    data: DataArgument,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder to create (checkpoints, metrics, config, split).", metavar="RUN", show_default=False)
+    ],
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help=f"Starting configuration: {', '.join(PRESETS)} "
+            "(cpu: small input and encoder; kaggle: every fold of a 5-fold split, tuned out-of-fold).",
+            metavar="NAME",
+        ),
+    ] = "default",
+    config_file: Annotated[Path | None, typer.Option("--config", help="YAML file with configuration keys.", metavar="FILE")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    folds: Annotated[int | None, typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
+    fold: Annotated[int | None, typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last checkpoints.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+    devices: Annotated[str | None, typer.Option("--devices", help="Devices per machine for Lightning (e.g. 2, or auto).")] = None,
+    num_nodes: Annotated[int | None, typer.Option("--num-nodes", help="Machines for Lightning's DDP.")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", help="Lightning strategy, e.g. ddp.")] = None,
+    *,
+    data_flags: DataFlags,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude",
+            help="Leave the frames of an exclusions file (id,reason; see inspect --write-exclusions) out of training, "
+            "validation and tuning (data.exclude).",
+            metavar="FILE",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
+    no_report: NoReportOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Load and check the data, print the plan (folds, frames, input, epochs, device, precision, augmentation) "
+            "and a time estimate from a few timed training steps; write nothing.",
+        ),
+    ] = False,
+) -> int:
+    """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
+    from medseg.config import load_config
+    from medseg.learn.fit import is_ddp_child, show_progress_default
+    from medseg.learn.train import plan_run, train_run
+
+    shortcuts = {
+        **data_flags.overrides(),
+        "data.exclude": None if exclude is None else str(exclude),
+        "trainer.devices": devices,
+        "trainer.num_nodes": num_nodes,
+        "trainer.strategy": strategy,
+    }
+    values = {key: value for key, value in shortcuts.items() if value is not None}
+    if resume and (config_file or overrides or preset != "default" or values):
+        raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
+    config = load_config(preset, config_file, overrides, values)
+    if dry_run:
+        if resume:
+            raise UsageError("--dry-run plans a new run; drop --resume (a resumed run continues the plan of RUN/run.json)")
+        print_plan(plan_run(data, out, config, folds, fold, force, on_message=say(quiet), on_warning=warn), out)
+        return 0
+    results = train_run(
+        data,
+        out,
+        config,
+        folds,
+        fold,
+        resume,
+        force,
+        show_progress=not quiet and show_progress_default(),
+        on_message=say(quiet),
+        on_warning=warn,
+    )
+    if is_ddp_child():
+        return 0
+    stdout.print(f"run folder: {out}")
+    for result in results:
+        stdout.print(
+            f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, "
+            f"score {result.best_val_score:.4f} ({result.epochs} epochs)"
+        )
+    if read_run_config(Path(out) / CONFIG_FILE).trainer.tune_after:
+        from medseg.infer.tune import tune_run
+
+        print_tuning(tune_run(out, on_message=say(quiet), force=True), out)
+    write_report(out, no_report, quiet)
+    return 0
+
+
+@with_data_flags
+def sweep_command(
+    data: DataArgument,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Study folder (trials, trials.csv, best.yaml, study.html; study.db by default).", metavar="STUDY"),
+    ],
+    preset: Annotated[
+        str, typer.Option("--preset", help=f"Starting configuration of every trial: {', '.join(PRESETS)}.", metavar="NAME")
+    ] = "default",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of configuration keys for every trial.", metavar="FILE")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Fix a key for every trial, e.g. --set trainer.batch_size=16 (repeatable).", metavar="KEY=VALUE"),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Trials this process adds to the study.")] = 20,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Start no trial after MIN minutes.", metavar="MIN")] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(
+            "--space", help="Search space: YAML of key: {low, high, log, step} or {choices: [...]} (default: README).", metavar="FILE"
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL shared by several sweeps, e.g. postgresql://user:pw@host/db (default: STUDY/study.db).",
+            metavar="URL",
+        ),
+    ] = None,
+    study_name: Annotated[str, typer.Option("--study-name", help="The study's name in the storage.", metavar="NAME")] = "medseg",
+    folds: Annotated[
+        int | None, typer.Option("--folds", help="Folds of each trial's subject-grouped split (default: split.n_folds).")
+    ] = None,
+    outer_fold: Annotated[
+        int | None,
+        typer.Option(
+            "--outer-fold",
+            help="Keep fold K of an outer split out of every trial; score the best configuration on it at the end.",
+            metavar="K",
+        ),
+    ] = None,
+    outer_folds: Annotated[int, typer.Option("--outer-folds", help="Folds of the outer split (with --outer-fold).")] = 5,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampler (default: a fresh one per process).")] = None,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep each trial's checkpoints (deleted once scored).")
+    ] = False,
+    *,
+    data_flags: DataFlags,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No line per trial.")] = False,
+) -> int:
+    """Search the configuration with Optuna: each trial trains every fold and scores its cross-fitted out-of-fold score."""
+    from medseg.sweep.study import SweepRequest, run_sweep
+
+    request = SweepRequest(
+        data, out, preset, config_file, overrides or [], data_flags.overrides(), space, trials, timeout,
+        storage, study_name, folds, outer_fold, outer_folds, seed, keep_checkpoints,
+    )  # fmt: skip
+    result = run_sweep(request, on_message=say(quiet), on_warning=warn)
+    print_sweep(result)
+    if result.best is None:
+        raise MedsegError("no trial of the study completed; trials.csv and study.html give each one's reason")
+    return 0
