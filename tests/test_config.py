@@ -84,7 +84,7 @@ def test_a_run_saved_before_rle_dialects_reads_back_in_the_dialect_it_was_traine
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
     saved = read_run_config(tmp_path / "config.yaml")
     assert saved.data.rle_order == order and saved.data.rle_format == dialect and saved.data.csv == "masks.csv"
-    assert saved.data.rle_dialect == dialect  # not None: no detection, decoded and written as before
+    assert saved.data.named_dialect == dialect  # not None: no detection, decoded and written as before
 
 
 def test_rle_format_is_a_data_key_and_row_major_sets_the_order():

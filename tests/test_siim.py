@@ -146,7 +146,7 @@ def test_contradicting_or_unknown_rle_flags_are_one_line(tmp_path, capsys, flags
 
 def test_row_major_is_rle_order_c():
     assert DataOptions(rle_format="row-major") == DataOptions(rle_format="row-major", rle_order="C")
-    assert DataOptions(rle_order="C").rle_dialect == "row-major" and DataOptions().rle_dialect is None
+    assert DataOptions(rle_order="C").named_dialect == "row-major" and DataOptions().named_dialect is None
 
 
 # --------------------------------------------------------------------------- inspect, train, predict, check-submission

@@ -30,8 +30,10 @@ from medseg.files import NAME_RULE, atomic_write, is_safe_name, parse_yaml, read
 PRESETS = ("default", "cpu", "kaggle")
 Layout = Literal["kaggle", "folders", "rle-csv"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
-RleFormat = Literal["kaggle", "row-major", "siim"]
-RLE_FORMATS: tuple[str, ...] = get_args(RleFormat)
+# The RLE convention has one name, the dialect (medseg.data.rle): kaggle, row-major or siim. The keys rle_format (the
+# dialect) and rle_order (C: row-major, the older way to name it) are the two ways a configuration or a flag names one.
+Dialect = Literal["kaggle", "row-major", "siim"]
+DIALECTS: tuple[str, ...] = get_args(Dialect)
 
 SEED_MAX = 2**32 - 1  # the seeds numpy, torch and Lightning all take: 0 to 2**32 - 1
 MAX_SIDE = 16384  # network input side, pixels
@@ -90,7 +92,7 @@ class DataOptions(_Section):
     mask_threshold: int | None = Field(None, ge=0, le=MAX_LABEL)
     subject_pattern: str | None = None
     rle_order: Literal["F", "C"] = "F"
-    rle_format: RleFormat | None = None
+    rle_format: Dialect | None = None
     csv: str | None = None
     id_column: str | None = None
     rle_column: str | None = None
@@ -108,14 +110,14 @@ class DataOptions(_Section):
         return value
 
     @property
-    def rle_dialect(self) -> RleFormat | None:
+    def named_dialect(self) -> Dialect | None:
         """The RLE dialect named by ``rle_format``, or by ``rle_order`` C (row-major); ``None``: to be told from the data."""
         return self.rle_format or ("row-major" if self.rle_order == "C" else None)
 
     @property
-    def dialect(self) -> RleFormat:
-        """The dialect RLE is read and written in: :attr:`rle_dialect`, or ``kaggle`` where nothing names or tells one."""
-        return self.rle_dialect or "kaggle"
+    def dialect(self) -> Dialect:
+        """The dialect RLE is read and written in: :attr:`named_dialect`, or ``kaggle`` where nothing names or tells one."""
+        return self.named_dialect or "kaggle"
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -763,7 +763,7 @@ def _load_rle_csv(root: Path, options: DataOptions) -> Dataset:
     listing: list[Problem] = []
     images = _index_by_id(_list_files(root / "images", listing), io.frame_id, listing, "image")
     sizes = {sample_id: _header_size(path, options.max_pixels) for sample_id, path in images.items()}
-    dialect = options.rle_dialect or _told_dialect(csv_path, ids, cells, sizes)
+    dialect = options.named_dialect or _told_dialect(csv_path, ids, cells, sizes)
     if dialect == "siim":
         rows = _grouped_rows(csv_path, ids, cells, problems)
     else:
