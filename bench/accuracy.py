@@ -61,7 +61,7 @@ from medseg.infer.tune import (
 )
 from medseg.learn import metrics
 from medseg.learn.fit import fit_fold
-from medseg.learn.train import train_run
+from medseg.learn.train import TrainRequest, train_run
 from medseg.runs import Run, open_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -131,7 +131,7 @@ def medseg_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> 
     start = time.perf_counter()
     run_path = out / name / "medseg"
     config = config.model_copy(update={"split": config.split.model_copy(update={"n_folds": folds, "fold": None})})
-    train_run(data, run_path, config, force=True, on_message=_say)
+    train_run(TrainRequest(data, run_path, config), force=True, on_message=_say)
     run = open_run(run_path)
     thresholds, min_areas, presence_thresholds = grids(config.model.presence_head, THRESHOLDS, MIN_AREAS, PRESENCE_THRESHOLDS)
     oof = oof_predictions(run, thresholds, "hflip", on_message=_say)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from medseg.config import load_config
 from medseg.errors import MedsegError
-from medseg.infer.tune import tune_run
-from medseg.learn.train import train_run
+from medseg.infer.tune import TuneRequest, tune_run
+from medseg.learn.train import TrainRequest, train_run
 from medseg.runs import StructuresTuning, write_json
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -35,8 +35,9 @@ def run_arm(name: str, data: Path, out: Path, preset: str, overrides: list[str],
     """Train and tune one arm; its per-structure scores and minutes."""
     start = time.perf_counter()
     config = load_config(preset, None, overrides, ARMS[name])
-    train_run(data, out / name, config, folds=folds, force=True, on_message=lambda line: print(f"  {name} {line}", flush=True))
-    tuning = tune_run(out / name, force=True, on_message=lambda line: None)
+    request = TrainRequest(data, out / name, config, folds=folds)
+    trained = train_run(request, force=True, on_message=lambda line: print(f"  {name} {line}", flush=True))
+    tuning = tune_run(TuneRequest(out / name), force=True, on_message=lambda line: None, samples=trained.samples)
     minutes = (time.perf_counter() - start) / 60
     blocks = tuning.classes if isinstance(tuning, StructuresTuning) else {name: tuning}
     return {

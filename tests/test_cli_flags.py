@@ -175,7 +175,7 @@ def test_train_gives_the_flags_as_data_overrides(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(("given", "options"), [([], None), (GIVEN, DataOptions(mask_value=1, csv="masks.csv"))])
 def test_evaluate_gives_data_options_only_when_a_flag_is_given(given, options, tmp_path, monkeypatch, capsys):
     recorded = {}
-    monkeypatch.setattr("medseg.report.evaluate.evaluate_run", stop_and_record(recorded, options=lambda args, kwargs: args[2]))
+    monkeypatch.setattr("medseg.report.evaluate.evaluate_run", stop_and_record(recorded, options=lambda args, kwargs: args[0].options))
     assert main([*data_command_args("evaluate", tmp_path), *given]) == 1
     assert recorded["options"] == options
 

@@ -50,13 +50,13 @@ def written(real, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def excluded_run(real, written, tmp_path_factory) -> Path:
     """Both folds of a tiny 2-fold run on kaggle-uns-real without the written exclusions, tuned, with its report."""
-    from medseg.infer.tune import tune_run
-    from medseg.report.page import build_report
+    from medseg.infer.tune import TuneRequest, tune_run
+    from medseg.report.page import ReportRequest, build_report
 
     run = tmp_path_factory.mktemp("runs") / "excluded"
     assert main(train_args(real, run, "--exclude", str(written))) == 0
-    tune_run(run, tta="none", on_message=lambda line: None)
-    build_report(run, tta="none", on_message=lambda line: None)
+    tune_run(TuneRequest(run, tta="none"), on_message=lambda line: None)
+    build_report(ReportRequest(run, tta="none"), on_message=lambda line: None)
     return run
 
 

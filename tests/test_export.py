@@ -11,7 +11,7 @@ import torch
 from medseg.cli import main
 from medseg.data import io, rle
 from medseg.errors import UsageError
-from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.export import ExportRequest, OnnxEnsemble, export_onnx
 from medseg.infer.predict import load_fold_model, predict_frames
 from medseg.runs import open_run
 
@@ -33,14 +33,14 @@ def test_export_writes_a_dynamic_batch_model_and_its_settings(run_copy, capsys):
 
 def test_onnx_runtime_probabilities_match_torch_within_1e_3(run_copy, shared_data):
     run = open_run(run_copy)
-    model, _ = export_onnx(run_copy, run_copy / "model.onnx")
+    model, _ = export_onnx(ExportRequest(run_copy, run_copy / "model.onnx"))
     frames = [io.read_image(shared_data / "uns-mini" / "test" / f"{n}.tif") for n in range(1, 9)]
     torch_probs = [
         prediction.probs for prediction in predict_frames([load_fold_model(run, run.folds[0], torch.device("cpu"))], frames, run.config)
     ]
     onnx_probs = [prediction.probs for prediction in predict_frames(OnnxEnsemble(model), frames, run.config)]
     for a, b in zip(torch_probs, onnx_probs):
-        assert a.shape == b.shape == (420, 580)
+        assert a.shape == b.shape == (1, 420, 580)
         assert np.abs(a - b).max() < 1e-3
 
 

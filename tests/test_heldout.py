@@ -21,7 +21,7 @@ def test_every_frame_of_the_own_data_is_predicted_once_by_its_own_fold(run_copy)
     validation = heldout.oof_groups(run, [record.id for record in dataset.train])[0]
     assert [frame.id for frame in frames] == validation and {frame.fold for frame in frames} == {0}
     for frame in frames:
-        assert frame.prediction.probs.shape == frame.image.shape == frame.truth.shape and frame.truth.dtype == bool
+        assert frame.prediction.probs.shape == frame.truth.shape == (1, *frame.image.shape) and frame.truth.dtype == bool
 
 
 def test_other_data_is_predicted_by_the_ensemble(run_copy, shared_data):
@@ -41,7 +41,7 @@ def test_the_report_predicts_each_held_out_frame_once(run_copy, monkeypatch):
         yield from original(models, frames, *args, **kwargs)
 
     monkeypatch.setattr(heldout, "predict_frames", counting)
-    page.build_report(run_copy, on_message=lambda line: None)
+    page.build_report(page.ReportRequest(run_copy), on_message=lambda line: None)
     held_out = len(heldout.oof_groups(open_run(run_copy), _ids(run_copy))[0])
     assert sum(predicted) == held_out
     assert len(list((run_copy / "report").glob("gallery_*.png"))) == min(held_out, page.GALLERY_WORST + page.GALLERY_RANDOM)
@@ -53,7 +53,13 @@ def _ids(run_path) -> list[str]:
 
 
 def scored(index: int, dice: float) -> tuple[HeldOutFrame, dict]:
-    frame = HeldOutFrame(f"f{index}", 0, np.zeros((2, 2), np.uint8), np.zeros((2, 2), bool), Prediction(np.zeros((2, 2), np.float32)))
+    frame = HeldOutFrame(
+        f"f{index}",
+        0,
+        np.zeros((2, 2), np.uint8),
+        np.zeros((1, 2, 2), bool),
+        Prediction(np.zeros((1, 2, 2), np.float32), np.full(1, np.nan)),
+    )
     return frame, {"id": frame.id, "dice": dice}
 
 

@@ -76,13 +76,13 @@ def sync_playwright():
 def report_run(tiny_uns_run: Path, tmp_path_factory) -> Path:
     """A tuned copy of the tiny uns-mini run with its report built by ``build_report``."""
     from medseg.cli import main
-    from medseg.report.page import build_report
+    from medseg.report.page import ReportRequest, build_report
 
     run = tmp_path_factory.mktemp("report") / "uns"
     shutil.copytree(tiny_uns_run, run, ignore=shutil.ignore_patterns("last.ckpt"))
     assert main(["tune", str(run), "--quiet", "--no-report"]) == 0
     assert not (run / "report.html").exists()
-    html = build_report(run)
+    html = build_report(ReportRequest(run))
     assert html == run / "report.html" and html.is_file()
     return run
 

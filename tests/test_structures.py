@@ -27,7 +27,7 @@ from medseg.data.long_rle import LONG_FORMATS, detect_format, read_long_table, w
 from medseg.data.samples import load_samples
 from medseg.errors import UsageError
 from medseg.infer import submission as checker
-from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.export import ExportRequest, OnnxEnsemble, export_onnx
 from medseg.infer.outputs import class_index_mask
 from medseg.infer.predict import load_fold_model, predict_frames
 from medseg.learn.fit import fit_fold
@@ -285,7 +285,7 @@ def test_a_class_index_mask_gives_an_overlapped_pixel_to_the_likelier_structure(
 
 def test_onnx_export_of_two_structures_matches_torch_per_structure(two_structure_run, tmp_path):
     run_path, class_index = two_structure_run
-    model, settings = export_onnx(run_path, tmp_path / "model.onnx")
+    model, settings = export_onnx(ExportRequest(run_path, tmp_path / "model.onnx"))
     meta = json.loads(settings.read_text())
     assert meta["classes"] == ["nerve", "vessel"] and set(meta["postprocess"]["classes"]) == {"nerve", "vessel"}
     run = runs.open_run(run_path)

@@ -20,10 +20,10 @@ from medseg.data.datasets import load_dataset, sample_data_path
 from medseg.data.inspector import inspect_dataset
 from medseg.errors import UsageError
 from medseg.infer.outputs import PredictRequest, predict_folder
-from medseg.infer.tune import tune_run
-from medseg.learn.train import train_run
-from medseg.report.evaluate import evaluate_run
-from medseg.report.page import build_report
+from medseg.infer.tune import TuneRequest, tune_run
+from medseg.learn.train import TrainRequest, train_run
+from medseg.report.evaluate import EvaluateRequest, evaluate_run
+from medseg.report.page import ReportRequest, build_report
 from medseg.runs import RUN_FILE, RUN_TREE, RunFile, RunPlan, check_replaceable, delete_ours
 
 DEMO_FILE = "demo.json"
@@ -68,8 +68,8 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     gpu = torch.cuda.is_available()
     config = load_config("default" if gpu else "cpu", overrides=[] if gpu else CPU_DEMO)
     on_message(f"2/5 train ({'default' if gpu else 'cpu'} preset, {config.input.height}x{config.input.width}, {config.model.encoder})")
-    train_run(sample, out / "run", config, on_message=on_message)
-    tuned = tune_run(out / "run", on_message=on_message)
+    trained = train_run(TrainRequest(sample, out / "run", config), on_message=on_message)
+    tuned = tune_run(TuneRequest(out / "run"), on_message=on_message, samples=trained.samples)
     presence = f", presence above {tuned.presence_threshold:.2f}" if tuned.presence_head else ""
     on_message(
         f"3/5 tune: threshold {tuned.threshold:.2f}, min area {tuned.min_area} px{presence}, validation score {tuned.score_after:.3f}"
@@ -77,9 +77,9 @@ def run_demo(out: Path, force: bool = False, on_message: Callable[[str], None] =
     predict_folder(PredictRequest(out / "run", sample / "test", out / "submission.csv", allow_degenerate=True), on_message=on_message)
     on_message(f"4/5 predict: {out / 'submission.csv'} (checked)")
     holdout = _holdout_folder(sample, out / "holdout")
-    summary = evaluate_run(out / "run", holdout, on_message=on_message)
+    summary = evaluate_run(EvaluateRequest(out / "run", holdout), on_message=on_message)
     on_message(f"5/5 evaluate on {summary['n_images']} held-out frames: score {summary['score']:.3f}")
-    report = build_report(out / "run", on_message=on_message) if with_report else None
+    report = build_report(ReportRequest(out / "run"), on_message=on_message, samples=trained.samples) if with_report else None
     outputs = {
         "run folder": out / "run",
         "metrics per epoch": out / "run" / "metrics.csv",

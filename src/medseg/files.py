@@ -56,6 +56,12 @@ def check_name(name: object, what: str, where: object) -> str:
     return name
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (its type's name when it has none), cut to ``limit`` characters."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` on one line, cut to ``limit`` characters: a hostile name or a huge number in a message."""
     try:

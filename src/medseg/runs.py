@@ -15,6 +15,9 @@ RUN/
   tensorboard/       Lightning's TensorBoard logs, when tensorboard is installed                (single run)
   fold_K/            checkpoints/, metrics.csv, done.json, tensorboard/ per fold                 (--folds N)
   model.onnx         the fold ensemble for ONNX Runtime, model.json its settings (medseg export, predict --engine onnx)
+  held_out/          the held-out predictions, made once and read by tune, evaluate and report (medseg.infer.kept):
+                     fold_K.TTA.npz (fold K's validation frames by fold K's model), left_out.TTA.npz (the frames
+                     left out of training, by every fold); 8-bit probabilities at the frame's size, deflated
   evaluation/NAME/   per_image.csv and summary.json of `medseg evaluate RUN NAME`
   report.html        the report (medseg report, and train, tune and demo at their end); report/ its figures as PNGs
 ```
@@ -45,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medseg import __version__
 from medseg.config import MAX_EPOCHS, MAX_FOLDS, MAX_LABEL, MAX_STRUCTURES, Config, check_class_name, read_run_config
 from medseg.errors import MedsegError, UsageError
-from medseg.files import MAX_TEXT_BYTES, atomic_write, read_bounded
+from medseg.files import MAX_TEXT_BYTES, atomic_write, first_line, inside, read_bounded, safe_file_name
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -61,6 +64,8 @@ LAST = "last.ckpt"
 BEST = "best.ckpt"
 ONNX_FILE = "model.onnx"
 EVALUATION_DIR = "evaluation"
+KEPT_DIR = "held_out"
+KEPT_GROUPS = (r"fold_\d+", "left_out")  # the kept files' groups (medseg.infer.kept)
 REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_score", "lr", "images_per_s", "epoch_seconds")
@@ -435,6 +440,45 @@ class Run:
         return self.plan.classes
 
     @property
+    def config_file(self) -> Path:
+        """``config.yaml``."""
+        return self.path / CONFIG_FILE
+
+    @property
+    def split_file(self) -> Path:
+        """``split.json``."""
+        return self.path / SPLIT_FILE
+
+    @property
+    def postprocess_file(self) -> Path:
+        """``postprocess.json`` (written by ``medseg tune``)."""
+        return self.path / POSTPROCESS_FILE
+
+    @property
+    def report_file(self) -> Path:
+        """``report.html``."""
+        return self.path / REPORT_FILE
+
+    @property
+    def figures_dir(self) -> Path:
+        """``report/``: the report's figures as PNGs."""
+        return self.path / FIGURES_DIR
+
+    @property
+    def onnx_file(self) -> Path:
+        """``model.onnx`` (``medseg export``, ``predict --engine onnx``)."""
+        return self.path / ONNX_FILE
+
+    def evaluation_dir(self, name: str) -> Path:
+        """``evaluation/NAME/``, refused when ``name`` would lead out of ``evaluation/``."""
+        return inside(self.path / EVALUATION_DIR, safe_file_name(name))
+
+    @property
+    def structures(self) -> int:
+        """How many structures the run segments (one output channel each)."""
+        return max(1, len(self.classes))
+
+    @property
     def inputs(self) -> list[Path]:
         """The files later stages read from the run: no command may write its output over one of them."""
         names = (RUN_FILE, CONFIG_FILE, SPLIT_FILE, VERSIONS_FILE, DATA_SUMMARY_FILE, POSTPROCESS_FILE, FRAMES_FILE)
@@ -443,7 +487,7 @@ class Run:
 
     def tuning(self) -> Tuning | StructuresTuning | None:
         """The tuned post-processing (one per structure when there are several), or ``None`` before ``medseg tune``."""
-        path = self.path / POSTPROCESS_FILE
+        path = self.postprocess_file
         if not path.is_file():
             return None
         if not self.classes:
@@ -455,6 +499,10 @@ class Run:
                 f"tune it again with `medseg tune {self.path} --force`"
             )
         return tuning
+
+    def kept_file(self, group: str, tta: str) -> Path:
+        """The file of a group's kept held-out predictions (:mod:`medseg.infer.kept`): ``held_out/GROUP.TTA.npz``."""
+        return self.path / KEPT_DIR / f"{group}.{tta}.npz"
 
     def trained_frames(self) -> TrainedFrames | None:
         """The digests of the frames the run trained on, or ``None`` for a run written before they were kept."""
@@ -542,10 +590,10 @@ def read_checkpoint(path: Path, fix: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = _first_line(error).split(". ")[0]
+        reason = first_line(error).split(". ")[0]
         raise CheckpointError(f"{path}: refused: it holds objects other than weights, which could run code ({reason}); {fix}") from None
     except Exception as error:  # the weights-only unpickler fails in many ways on a damaged file
-        reason = f"{type(error).__name__}: {_first_line(error)}"
+        reason = f"{type(error).__name__}: {first_line(error)}"
         raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({reason}); {fix}") from error
 
 
@@ -635,6 +683,7 @@ RUN_TREE: dict = {
     **{re.escape(name): None for name in (ONNX_FILE, "model.json", REPORT_FILE)},
     r"fold_\d+": _FOLD_TREE,
     re.escape(EVALUATION_DIR): {r"[^/]+": {r"per_image\.csv": None, r"summary\.json": None, _TEMPORARY: None}},
+    re.escape(KEPT_DIR): {rf"(?:{'|'.join(KEPT_GROUPS)})\.(?:none|hflip|hvflip)\.npz": None, _TEMPORARY: None},
     re.escape(FIGURES_DIR): {r"[A-Za-z0-9_.\-]+\.png": None, _TEMPORARY: None},
 }
 
@@ -722,7 +771,7 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     try:
         rows = list(csv.DictReader(text_io.StringIO(read_bounded(Path(path), MAX_TEXT_BYTES, "metrics table"), newline="")))
     except csv.Error as error:
-        raise UsageError(f"{path}: not a metrics table ({_first_line(error)}); the run folder is damaged") from None
+        raise UsageError(f"{path}: not a metrics table ({first_line(error)}); the run folder is damaged") from None
     for line, row in enumerate(rows, start=2):
         problem = _metrics_row_problem(row)
         if problem:
@@ -768,7 +817,7 @@ def read_json(path: Path) -> Any:
     except RecursionError:
         raise UsageError(f"{path}: nested too deeply to be a medseg file; the run folder is damaged") from None
     except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: unreadable ({_first_line(error)}); the run folder is damaged") from None
+        raise UsageError(f"{path}: unreadable ({first_line(error)}); the run folder is damaged") from None
 
 
 def validation_errors(error: ValidationError) -> str:
@@ -808,8 +857,3 @@ def installation_versions() -> dict[str, str]:
 
     found["torch CUDA build"] = torch.version.cuda or "none (CPU build)"
     return found
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,9 +21,9 @@ def tune_command(
     no_report: NoReportOption = False,
 ) -> int:
     """Choose the threshold, minimum mask area and presence threshold that maximise the score on validation (out-of-fold) frames."""
-    from medseg.infer.tune import tune_run
+    from medseg.infer.tune import TuneRequest, tune_run
 
-    print_tuning(tune_run(run, tta_mode(tta, vflip), on_message=say(quiet), force=force), run)
+    print_tuning(tune_run(TuneRequest(run, tta_mode(tta, vflip)), force=force, on_message=say(quiet)), run)
     write_report(run, no_report, quiet)
     return 0
 
@@ -97,8 +97,8 @@ def export_command(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> int:
     """Export the run's fold ensemble as one ONNX model (dynamic batch) with its pre/post-processing settings."""
-    from medseg.infer.export import export_onnx
+    from medseg.infer.export import ExportRequest, export_onnx
 
-    model, settings = export_onnx(run, onnx_file, opset, force)
+    model, settings = export_onnx(ExportRequest(run, onnx_file, opset), force=force)
     stdout.print(f"written: {model} and {settings}")
     return 0

@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 
 from medseg.cli.options import DataArgument, DataFlags, NoReportOption, with_data_flags
-from medseg.cli.printers import print_plan, print_sweep, print_tuning, say, stdout, warn
+from medseg.cli.printers import print_plan, print_sweep, print_trained, print_tuning, say, warn
 from medseg.cli.report_commands import write_report
-from medseg.config import PRESETS, read_run_config
+from medseg.config import PRESETS
 from medseg.errors import MedsegError, UsageError
-from medseg.runs import CONFIG_FILE
 
 
 @with_data_flags
@@ -67,7 +66,7 @@ def train_command(
     """Train a U-Net on DATA into the run folder --out (subject-grouped split, best checkpoint kept)."""
     from medseg.config import load_config
     from medseg.learn.fit import is_ddp_child, show_progress_default
-    from medseg.learn.train import plan_run, train_run
+    from medseg.learn.train import TrainRequest, plan_run, train_run
 
     shortcuts = {
         **data_flags.overrides(),
@@ -80,36 +79,28 @@ def train_command(
     if resume and (config_file or overrides or preset != "default" or values):
         raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
     config = load_config(preset, config_file, overrides, values)
+    request = TrainRequest(data, out, config, folds, fold)
     if dry_run:
         if resume:
             raise UsageError("--dry-run plans a new run; drop --resume (a resumed run continues the plan of RUN/run.json)")
-        print_plan(plan_run(data, out, config, folds, fold, force, on_message=say(quiet), on_warning=warn), out)
+        print_plan(plan_run(request, force=force, on_message=say(quiet), on_warning=warn), out)
         return 0
-    results = train_run(
-        data,
-        out,
-        config,
-        folds,
-        fold,
-        resume,
-        force,
+    trained = train_run(
+        request,
+        resume=resume,
+        force=force,
         show_progress=not quiet and show_progress_default(),
         on_message=say(quiet),
         on_warning=warn,
     )
     if is_ddp_child():
         return 0
-    stdout.print(f"run folder: {out}")
-    for result in results:
-        stdout.print(
-            f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, "
-            f"score {result.best_val_score:.4f} ({result.epochs} epochs)"
-        )
-    if read_run_config(Path(out) / CONFIG_FILE).trainer.tune_after:
-        from medseg.infer.tune import tune_run
+    print_trained(trained)
+    if trained.config.trainer.tune_after:
+        from medseg.infer.tune import TuneRequest, tune_run
 
-        print_tuning(tune_run(out, on_message=say(quiet), force=True), out)
-    write_report(out, no_report, quiet)
+        print_tuning(tune_run(TuneRequest(out), force=True, on_message=say(quiet), samples=trained.samples), out)
+    write_report(out, no_report, quiet, samples=trained.samples)
     return 0
 
 

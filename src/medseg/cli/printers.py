@@ -13,11 +13,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.runs import POSTPROCESS_FILE, StructuresTuning, Tuning
 
 if TYPE_CHECKING:
     from medseg.data.inspector import Inspection
     from medseg.learn.estimate import TrainingPlan
+    from medseg.learn.train import TrainedRun
     from medseg.sweep.study import SweepResult
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -88,6 +90,16 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def print_trained(trained: TrainedRun) -> None:
+    """The run folder and how each fold ended."""
+    stdout.print(f"run folder: {escape(str(trained.path))}")
+    for result in trained.results:
+        stdout.print(
+            f"  fold {result.fold}: best validation loss {result.best_val_loss:.4f}, "
+            f"score {result.best_val_score:.4f} ({result.epochs} epochs)"
+        )
+
+
 def print_plan(plan: TrainingPlan, out: Path) -> None:
     """The plan and estimate of ``train --dry-run``, one line each."""
     stdout.print(f"plan for {escape(str(out))} (--dry-run: nothing written)")
@@ -104,10 +116,10 @@ def print_tuning(tuning: Tuning | StructuresTuning, run: Path) -> None:
         overall = f"{tuning.score_after:.4f} (untuned {tuning.score_before:.4f}{_honest(tuning)})"
         stdout.print(f"mean over (frame, structure) on {frames}: {overall}")
     else:
-        untuned = ", presence above 0.5" if tuning.presence_head else ""
+        untuned = f", presence above {DEFAULT_THRESHOLD}" if tuning.presence_head else ""
         stdout.print(
             f"{_setting(tuning)}: score {tuning.score_after:.4f} on {frames} "
-            f"(untuned: threshold 0.5, no minimum area{untuned}: {tuning.score_before:.4f}{_honest(tuning)})"
+            f"(untuned: threshold {DEFAULT_THRESHOLD}, no minimum area{untuned}: {tuning.score_before:.4f}{_honest(tuning)})"
         )
     stdout.print(f"written: {Path(run) / POSTPROCESS_FILE}")
 

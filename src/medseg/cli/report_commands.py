@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from medseg.cli.options import DataFlags, NoReportOption, QuietOption, RunArgument, TtaOption, VflipOption, tta_mode, with_data_flags
 from medseg.cli.printers import print_evaluation, say, stdout
+
+if TYPE_CHECKING:
+    from medseg.data.samples import Sample
 
 
 def report_command(
@@ -18,19 +22,26 @@ def report_command(
     quiet: QuietOption = False,
 ) -> int:
     """Write RUN/report.html: warnings, headline scores, curves, tuning, held-out evaluation, overlays (worst first)."""
-    from medseg.report.page import build_report
+    from medseg.report.page import ReportRequest, build_report
 
-    stdout.print(f"report: {build_report(run, tta_mode(tta, vflip), on_message=say(quiet))}")
+    stdout.print(f"report: {build_report(ReportRequest(run, tta_mode(tta, vflip)), on_message=say(quiet))}")
     return 0
 
 
-def write_report(run: Path, skip: bool, quiet: bool) -> None:
-    """Write the run's report at the end of a command and print where, unless ``skip`` (``--no-report``)."""
+def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sample] | None = None) -> None:
+    """Write the run's report at the end of a command and print where, unless ``skip`` (``--no-report``).
+
+    Args:
+        run: The run folder.
+        skip: ``--no-report``.
+        quiet: ``--quiet``.
+        samples: The run's frames and masks, already decoded by the command (``train``), so that they are not read again.
+    """
     if skip:
         return
-    from medseg.report.page import build_report
+    from medseg.report.page import ReportRequest, build_report
 
-    stdout.print(f"report: {build_report(run, on_message=say(quiet))}")
+    stdout.print(f"report: {build_report(ReportRequest(run), on_message=say(quiet), samples=samples)}")
 
 
 @with_data_flags
@@ -50,10 +61,10 @@ def evaluate_command(
     quiet: QuietOption = False,
 ) -> int:
     """Score a run on labelled DATA: per-image CSV and summary (held-out frames only on the run's own data)."""
-    from medseg.report.evaluate import evaluate_run
+    from medseg.report.evaluate import EvaluateRequest, evaluate_run
 
-    options = data_flags.options() if data_flags.given() else None
-    summary = evaluate_run(run, data, options, tta_mode(tta, vflip), out, force, on_message=say(quiet), skip_excluded=skip_excluded)
+    request = EvaluateRequest(run, data, data_flags.options() if data_flags.given() else None, tta_mode(tta, vflip), out, skip_excluded)
+    summary = evaluate_run(request, force=force, on_message=say(quiet))
     print_evaluation(summary)
     return 0
 

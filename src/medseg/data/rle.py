@@ -37,6 +37,13 @@ SIIM_EMPTY = "-1"
 SIIM_HEADER = ("ImageId", " EncodedPixels")
 """The header of SIIM's ``train-rle.csv`` as written, with its stray space."""
 _ORDER_OF = {"kaggle": "F", "row-major": "C", "siim": "F"}
+MEANINGS = {
+    "kaggle": "kaggle: 'start length' pairs, starts 1-indexed, pixels numbered top to bottom, then left to right; '' is empty",
+    "row-major": "row-major: 'start length' pairs, starts 1-indexed, pixels numbered left to right, then top to bottom; '' is empty",
+    "siim": "siim: 'offset length' pairs, pixels numbered top to bottom, then left to right, each offset from the end of the "
+    "previous run (the first from pixel 0); '-1' is empty",
+}
+"""Each dialect in words (the exported model's settings say which one its masks are written in)."""
 _UNBOUNDED = (2**62, 1)
 _ONLY_DIGITS_AND_SPACE = re.compile(r"[0-9 \t\n\r\f\v]*").fullmatch
 _FOREIGN_CHARACTER = re.compile(r"[^0-9 \t\n\r\f\v]").search

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from medseg import __version__, runs
+from medseg.data import rle
 from medseg.data.intensity import GRAY_MEAN, GRAY_STD
 from medseg.data.intensity import describe as describe_window
 from medseg.errors import UsageError
@@ -53,13 +55,26 @@ def metadata_path(onnx_path: Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = False) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class ExportRequest:
+    """What ``medseg export`` writes.
+
+    Attributes:
+        run: The run folder.
+        onnx: The ``.onnx`` file; its settings go beside it as ``.json``.
+        opset: ONNX opset.
+    """
+
+    run: Path
+    onnx: Path
+    opset: int = OPSET
+
+
+def export_onnx(request: ExportRequest, *, force: bool = False) -> tuple[Path, Path]:
     """Export a run's ensemble to ONNX (dynamic batch) with its settings in JSON beside it.
 
     Args:
-        run_path: The run folder.
-        out: The ``.onnx`` file.
-        opset: ONNX opset.
+        request: The run, the file and the opset.
         force: Replace existing files.
 
     Returns:
@@ -68,7 +83,7 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     Raises:
         UsageError: If the files exist and ``force`` is not given.
     """
-    run = open_run(run_path)  # before the outputs: a mistyped run is told before an existing file is
+    run, out, opset = open_run(request.run), request.onnx, request.opset  # the run first: a mistyped run is told before an existing file
     out = Path(out)
     meta_out = metadata_path(out)
     if meta_out == out:
@@ -78,7 +93,7 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
     example = torch.zeros(1, 1, run.config.input.height, run.config.input.width)
     outputs = OUTPUTS if run.config.model.presence_head else OUTPUTS[:1]
     export_graph(graph, example, out, opset, outputs)
-    post = read_postprocess(run)
+    posts = read_postprocess(run)
     channels = "C, " if run.classes else ""
     meta = {
         "medseg": __version__,
@@ -108,15 +123,13 @@ def export_onnx(run_path: Path, out: Path, opset: int = OPSET, force: bool = Fal
         if len(outputs) > 1
         else None,
         "postprocess": {
-            **(
-                {"classes": {name: _setting(rule) for name, rule in zip(run.classes, post, strict=True)}} if run.classes else _setting(post)
-            ),
+            **({"classes": dict(zip(run.classes, map(_setting, posts), strict=True))} if run.classes else _setting(posts[0])),
             "area_at": "original frame size",
             "rule": "mask = probability >= threshold; empty when its area < min_area or presence <= presence_threshold (if > 0)"
             + (", for each class with its own setting" if run.classes else ""),
         },
         "tta": "not in the graph: average the probabilities of flipped inputs, flipped back",
-        "rle": "Kaggle: 1-indexed starts, pixels numbered top to bottom, then left to right",
+        "rle": rle.MEANINGS[run.config.data.dialect],
     }
     runs.write_json(meta_out, meta)
     return out, meta_out
@@ -154,10 +167,17 @@ def export_graph(graph: nn.Module, example: torch.Tensor, out: Path, opset: int 
                 dynamo=False,
             )
         onnx.checker.check_model(temporary)
+        _fsync(temporary)
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: str) -> None:
+    """Flush a file written by another library to the disk, so that the rename after it never shows a partial file."""
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
 
 
 class OnnxEnsemble:

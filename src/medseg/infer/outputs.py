@@ -31,10 +31,11 @@ from medseg.devices import device_for
 from medseg.errors import MedsegError, UsageError
 from medseg.files import Output, OutputExistsError, atomic_write, check_outputs, inside, printable
 from medseg.infer import submission
-from medseg.infer.export import OnnxEnsemble, export_onnx
+from medseg.infer.export import ExportRequest, OnnxEnsemble, export_onnx
 from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.progress import Item, format_duration
-from medseg.runs import ONNX_FILE, Run, RunFile, delete_ours, foreign_entries, open_run
+from medseg.runs import Run, RunFile, delete_ours, foreign_entries, open_run
 
 MASKS_MARKER = ".medseg-masks.json"
 
@@ -111,9 +112,9 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     if sample_ids is not None:
         on_message(f"rows follow {sample_path} ({len(sample_pairs or sample_ids)} rows)")
         records = _in_sample_order(records, sample_ids, sample_path)
-    post = read_postprocess(run)
-    if not any(rule.tuned for rule in (post if isinstance(post, list) else [post])):
-        on_message(f"{run.path} is not tuned: threshold 0.5, no minimum area (run `medseg tune {run.path}` first)")
+    posts = read_postprocess(run)
+    if not any(rule.tuned for rule in posts):
+        on_message(f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)")
     frames = [io.read_image(record.image_path, run.config.data.intensity_window, max_pixels=max_pixels) for record in records]
     models = _engine(request, run, on_message)
     passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
@@ -123,15 +124,15 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     values = list(run.plan.class_values.values()) if request.masks_dir is not None else []
     predictions = predict_frames(models, frames, run.config, request.tta, request.batch_size)
     for prediction in paced(predictions, len(frames), request.batch_size, describe, on_message):
-        masks.append(prediction.mask(post))
+        masks.append(prediction.mask(posts))
         if values:
             index_masks.append(class_index_mask(masks[-1], prediction.probs, values))
         if request.save_probs:
-            probs.append(prediction.probs.astype(np.float16))
+            probs.append(prediction.probs.astype(np.float16) if run.classes else prediction.probs[0].astype(np.float16))
     ids = [record.id for record in records]
     sample = (sample_pairs, header) if run.classes else sample_ids
     written = _write_outputs(request, run, ids, masks, index_masks, probs, sample, on_message)
-    used = {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post)
+    used = {name: vars(rule) for name, rule in zip(run.classes, posts, strict=True)} if run.classes else vars(posts[0])
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
 
 
@@ -176,12 +177,12 @@ def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
         return [load_fold_model(run, fold, device) for fold in run.folds]
     if request.engine != "onnx":
         raise UsageError(f"--engine {request.engine!r}; use torch or onnx")
-    path = Path(request.onnx) if request.onnx else run.path / ONNX_FILE
+    path = Path(request.onnx) if request.onnx else run.onnx_file
     if not path.is_file():
         if request.onnx:
             raise UsageError(f"{path}: not found; export it with `medseg export {run.path} --onnx {path}`")
         on_message(f"exporting {path} for ONNX Runtime (first use of --engine onnx)")
-        export_onnx(run.path, path)
+        export_onnx(ExportRequest(run.path, path))
     return OnnxEnsemble(path)
 
 
@@ -323,8 +324,8 @@ def _write_outputs(
     elif request.out is not None:
         sample_ids = sample
         dialect = run.config.data.dialect
-        rles = [rle.encode(mask, dialect=dialect) for mask in masks]
-        sizes = {i: mask.shape for i, mask in zip(ids, masks)}
+        rles = [rle.encode(mask[0], dialect=dialect) for mask in masks]
+        sizes = {i: mask.shape[1:] for i, mask in zip(ids, masks)}
         had_masks = None if run.plan.train_non_empty is None else run.plan.train_non_empty > 0
         report = submission.validate(
             ids, rles, sample_ids=sample_ids, sizes=sizes, train_had_masks=had_masks, dialect=dialect, path=request.out
@@ -405,7 +406,7 @@ def _mask_files(run: Run, ids: list[str], masks: list[np.ndarray], index_masks: 
             for index, name in enumerate(run.classes)
             for sample_id, mask in zip(ids, masks, strict=True)
         }
-    return {(f"{sample_id}.png",): _png(mask) for sample_id, mask in zip(ids, masks, strict=True)}
+    return {(f"{sample_id}.png",): _png(mask[0]) for sample_id, mask in zip(ids, masks, strict=True)}
 
 
 def _png(mask: np.ndarray, scale: int = 255) -> bytes:

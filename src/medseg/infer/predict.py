@@ -22,12 +22,12 @@ from medseg.config import Config
 from medseg.data import transforms
 from medseg.data.intensity import common_type, normalise
 from medseg.errors import UsageError
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.learn.models import create_model, split_outputs
-from medseg.runs import CONFIG_FILE, FoldDir, Run, StructuresTuning
+from medseg.runs import FoldDir, Run, StructuresTuning, Tuning
 
 TTA_MODES = ("none", "hflip", "hvflip")
 TTA_PASSES = {"none": 1, "hflip": 2, "hvflip": 3}  # forward passes of each model per frame
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,42 +61,28 @@ class PostProcess:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The ensemble's output for one frame.
+    """The ensemble's output for one frame: one probability map and one presence probability per structure (a run of
+    one structure has one of each).
 
     Attributes:
-        probs: Probability map at the frame's size, ``float32`` in [0, 1]; one per structure when there are several.
-        presence: Presence probability (one per structure when there are several), ``nan`` for models without
-            a presence head.
+        probs: Probability maps at the frame's size, in [0, 1] (``float32``; ``float64`` read back from kept predictions,
+            :mod:`medseg.infer.kept`).
+        presence: Presence probabilities, ``nan`` for models without a presence head.
 
     Shape:
-        probs: (H, W), or (C, H, W) for several structures. presence: a number, or (C,).
+        probs: (C, H, W). presence: (C,).
     """
 
     probs: np.ndarray
-    presence: float | np.ndarray = math.nan
+    presence: np.ndarray
 
-    @property
-    def structures(self) -> int:
-        """How many structures the prediction holds."""
-        return 1 if self.probs.ndim == 2 else len(self.probs)
-
-    def mask(self, post: PostProcess | Sequence[PostProcess]) -> np.ndarray:
-        """The post-processed mask; with several structures each is post-processed with its own setting.
+    def mask(self, posts: Sequence[PostProcess]) -> np.ndarray:
+        """The post-processed masks, each structure with its own setting.
 
         Shape:
-            Returns: like ``probs``.
+            Returns: (C, H, W), ``bool``.
         """
-        if self.probs.ndim == 2:
-            return post.apply(self.probs, float(self.presence))
-        posts = list(post) if isinstance(post, Sequence) else [post] * self.structures
-        presence = np.broadcast_to(np.asarray(self.presence, dtype=np.float64), (self.structures,))
-        return np.stack([rule.apply(probs, float(value)) for rule, probs, value in zip(posts, self.probs, presence, strict=True)])
-
-    def structure(self, index: int) -> Prediction:
-        """The prediction of one structure alone."""
-        if self.probs.ndim == 2:
-            return self
-        return Prediction(self.probs[index], float(np.broadcast_to(np.asarray(self.presence, dtype=np.float64), (self.structures,))[index]))
+        return np.stack([rule.apply(probs, float(value)) for rule, probs, value in zip(posts, self.probs, self.presence, strict=True)])
 
 
 def default_postprocess(presence_head: bool) -> PostProcess:
@@ -104,16 +90,18 @@ def default_postprocess(presence_head: bool) -> PostProcess:
     return PostProcess(presence_threshold=DEFAULT_THRESHOLD if presence_head else 0.0)
 
 
-def read_postprocess(run: Run) -> PostProcess | list[PostProcess]:
-    """The tuned post-processing of a run (one per structure for a run of several), or the untuned setting
-    (:func:`default_postprocess`)."""
-    tuning = run.tuning()
+def read_postprocess(run: Run) -> list[PostProcess]:
+    """The tuned post-processing of each of a run's structures, read from ``postprocess.json`` (:func:`postprocess_of`)."""
+    return postprocess_of(run, run.tuning())
+
+
+def postprocess_of(run: Run, tuning: Tuning | StructuresTuning | None) -> list[PostProcess]:
+    """The post-processing of each of a run's structures in its tuning (one block per structure in a run of several),
+    or the untuned setting (:func:`default_postprocess`) of each before ``medseg tune``."""
     if tuning is None:
-        untuned = default_postprocess(run.config.model.presence_head)
-        return [untuned] * len(run.classes) if run.classes else untuned
+        return [default_postprocess(run.config.model.presence_head)] * run.structures
     blocks = list(tuning.classes.values()) if isinstance(tuning, StructuresTuning) else [tuning]
-    posts = [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
-    return posts if run.classes else posts[0]
+    return [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
 
 
 def load_fold_model(run: Run, fold: FoldDir, device: torch.device) -> torch.nn.Module:
@@ -131,7 +119,7 @@ def load_fold_model(run: Run, fold: FoldDir, device: torch.device) -> torch.nn.M
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise UsageError(f"{fold.best}: does not fit the model of {run.path / CONFIG_FILE} ({str(error).splitlines()[0]})") from error
+        raise UsageError(f"{fold.best}: does not fit the model of {run.config_file} ({str(error).splitlines()[0]})") from error
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -178,14 +166,9 @@ def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: s
         batch = np.stack([transforms.apply(resize, frame)[0] for frame in common_type(chunk)])[:, None]
         probs, presence = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta)
         probs = probs.float().cpu().numpy()
-        channels = probs.shape[1]
-        absent = np.full((len(chunk),) if channels == 1 else (len(chunk), channels), np.nan)
-        presence = presence.float().cpu().numpy() if presence is not None else absent
+        presence = np.full(probs.shape[:2], np.nan) if presence is None else presence.float().cpu().numpy().reshape(probs.shape[:2])
         for frame, prob, present in zip(chunk, probs, presence, strict=True):
-            if channels == 1:
-                yield Prediction(transforms.resize_back(prob[0], frame.shape), float(present))
-            else:
-                yield Prediction(np.stack([transforms.resize_back(channel, frame.shape) for channel in prob]), present.astype(np.float64))
+            yield Prediction(np.stack([transforms.resize_back(channel, frame.shape) for channel in prob]), present.astype(np.float64))
 
 
 class TorchEnsemble:

@@ -12,19 +12,20 @@ never below the untuned one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medseg.data import splits
 from medseg.data.datasets import load_dataset
+from medseg.data.samples import Sample
 from medseg.errors import UsageError
 from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import PostProcess, default_postprocess
 from medseg.learn import metrics
-from medseg.runs import POSTPROCESS_FILE, SPLIT_FILE, Run, StructuresTuning, Tuning, open_run
+from medseg.runs import Run, StructuresTuning, Tuning, open_run
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 MIN_AREAS = np.array([0, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000, 12500, 15000])
@@ -49,13 +50,38 @@ class OofPredictions:
     presence: np.ndarray
 
 
+@dataclass(frozen=True)
+class TuneRequest:
+    """What ``medseg tune`` tunes, and over which grid.
+
+    Attributes:
+        run: The run folder.
+        tta: Test-time augmentation of the validation predictions (use the same when predicting).
+        thresholds: Probability thresholds to try.
+        min_areas: Minimum mask areas (original pixels) to try.
+        presence_thresholds: Presence thresholds to try (models with a presence head).
+    """
+
+    run: Path
+    tta: str = "hflip"
+    thresholds: np.ndarray = field(default_factory=THRESHOLDS.copy)
+    min_areas: np.ndarray = field(default_factory=MIN_AREAS.copy)
+    presence_thresholds: np.ndarray = field(default_factory=PRESENCE_THRESHOLDS.copy)
+
+
 def oof_predictions(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> OofPredictions:
     """Counts at every threshold and presence of every validation frame of a one-structure run, each predicted
     by its own fold's model (:func:`oof_by_structure` for runs of several structures)."""
     return oof_by_structure(run, thresholds, tta, on_message)[0]
 
 
-def oof_by_structure(run: Run, thresholds: np.ndarray, tta: str, on_message: Callable[[str], None] = print) -> list[OofPredictions]:
+def oof_by_structure(
+    run: Run,
+    thresholds: np.ndarray,
+    tta: str,
+    on_message: Callable[[str], None] = print,
+    samples: Mapping[str, Sample] | None = None,
+) -> list[OofPredictions]:
     """:class:`OofPredictions` of every structure (one for a one-structure run), from one pass over the frames.
 
     Args:
@@ -63,19 +89,17 @@ def oof_by_structure(run: Run, thresholds: np.ndarray, tta: str, on_message: Cal
         thresholds: Probability thresholds.
         tta: Test-time augmentation (see :func:`medseg.infer.predict.predict_frames`).
         on_message: Receives one line per fold.
+        samples: The run's frames and masks, already decoded (see :func:`~medseg.infer.heldout.held_out_frames`).
     """
     dataset = load_dataset(run.data, run.config.data)
-    structures = max(1, len(run.classes))
     ids: list[str] = []
-    counts: list[list[np.ndarray]] = [[] for _ in range(structures)]
-    presence: list[list[float]] = [[] for _ in range(structures)]
-    for frame in held_out_frames(run, dataset, out_of_fold=True, tta=tta, on_message=on_message):
+    counts: list[list[np.ndarray]] = [[] for _ in range(run.structures)]
+    presence: list[list[float]] = [[] for _ in range(run.structures)]
+    for frame in held_out_frames(run, dataset, out_of_fold=True, tta=tta, on_message=on_message, samples=samples):
         ids.append(frame.id)
-        truths = frame.truth if frame.truth.ndim == 3 else frame.truth[None]
-        for index in range(structures):
-            part = frame.prediction.structure(index)
-            counts[index].append(metrics.sweep_counts([part.probs], [truths[index]], thresholds))
-            presence[index].append(part.presence)
+        for index, (probs, truth, present) in enumerate(zip(frame.prediction.probs, frame.truth, frame.prediction.presence, strict=True)):
+            counts[index].append(metrics.sweep_counts([probs], [truth], thresholds))
+            presence[index].append(float(present))
     return [
         OofPredictions(ids, np.concatenate(found, axis=1), np.array(values, dtype=np.float64))
         for found, values in zip(counts, presence, strict=True)
@@ -175,13 +199,11 @@ def grids(
 
 
 def tune_run(
-    path: Path,
-    tta: str = "hflip",
-    thresholds: np.ndarray = THRESHOLDS,
-    min_areas: np.ndarray = MIN_AREAS,
-    on_message: Callable[[str], None] = print,
+    request: TuneRequest,
+    *,
     force: bool = False,
-    presence_thresholds: np.ndarray = PRESENCE_THRESHOLDS,
+    on_message: Callable[[str], None] = print,
+    samples: Mapping[str, Sample] | None = None,
 ) -> Tuning | StructuresTuning:
     """Tune a run's post-processing (each structure's, for a run of several) and write ``RUN/postprocess.json``.
 
@@ -189,25 +211,22 @@ def tune_run(
     one's best setting maximises their mean, the score of several structures.
 
     Args:
-        path: The run folder.
-        tta: Test-time augmentation used for the validation predictions (use the same when predicting).
-        thresholds: Probability thresholds to try.
-        min_areas: Minimum mask areas (original pixels) to try.
-        on_message: Receives progress lines.
+        request: The run, the TTA and the grid.
         force: Replace an earlier tuning.
-        presence_thresholds: Presence thresholds to try (models with a presence head).
+        on_message: Receives progress lines.
+        samples: The run's frames and masks, already decoded (``train`` hands its own), so that they are not read again.
 
     Returns:
         What was written: the chosen values, the score before (the untuned setting) and after, the
         (threshold x minimum area) grid at the chosen presence threshold, and the best score per presence
         threshold; for several structures one such block each, and the mean scores over (frame, structure).
     """
-    run = open_run(path)
-    if (run.path / POSTPROCESS_FILE).is_file() and not force:
-        raise UsageError(f"{run.path / POSTPROCESS_FILE}: the run is tuned already; use --force to tune it again")
+    run, tta = open_run(request.run), request.tta
+    if run.postprocess_file.is_file() and not force:
+        raise UsageError(f"{run.postprocess_file}: the run is tuned already; use --force to tune it again")
     has_presence = run.config.model.presence_head
-    thresholds, min_areas, presence_thresholds = grids(has_presence, thresholds, min_areas, presence_thresholds)
-    per_structure = oof_by_structure(run, thresholds, tta, on_message)
+    thresholds, min_areas, presence_thresholds = grids(has_presence, request.thresholds, request.min_areas, request.presence_thresholds)
+    per_structure = oof_by_structure(run, thresholds, tta, on_message, samples)
     out_of_fold = len(run.folds) > 1
     fold_of = _fold_of(run) if out_of_fold else None
     grid = (thresholds, min_areas, presence_thresholds)
@@ -224,7 +243,7 @@ def tune_run(
             out_of_fold=out_of_fold,
             tta=tta,
         )
-    result.write(run.path / POSTPROCESS_FILE)
+    result.write(run.postprocess_file)
     return result
 
 
@@ -278,7 +297,7 @@ def _cross_fitted_score(
 
 def _fold_of(run: Run) -> dict[str, int]:
     """The validation fold of every frame of the run's split."""
-    split = splits.load_split(run.path / SPLIT_FILE)
+    split = splits.load_split(run.split_file)
     return {sample_id: fold for fold, members in enumerate(split.folds) for sample_id in members}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DEFAULT_THRESHOLD",
     "FN",
     "FP",
     "TP",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 TP, FP, FN = 0, 1, 2
+
+DEFAULT_THRESHOLD = 0.5  # the untuned probability threshold (a logit of 0), of validation scores and untuned masks
 
 
 def confusion_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

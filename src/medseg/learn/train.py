@@ -29,31 +29,63 @@ from medseg.learn.models import check_model_config
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
 
-__all__ = ["plan_run", "train_run"]
+__all__ = ["TrainRequest", "TrainedRun", "plan_run", "train_run"]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What ``medseg train`` trains.
+
+    Attributes:
+        data: The data folder.
+        out: The run folder.
+        config: Configuration (ignored on ``resume``: the run's own ``config.yaml`` is used).
+        folds: Train every fold of an N-fold split, each in ``RUN/fold_K``.
+        fold: Train one run whose validation fold is K (default: ``config.split.fold``).
+    """
+
+    data: Path
+    out: Path
+    config: Config
+    folds: int | None = None
+    fold: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What :func:`train_run` resolved and trained.
+
+    Attributes:
+        path: The run folder.
+        config: The configuration the run trained with (as ``config.yaml`` holds it).
+        plan: The run's plan (``run.json``).
+        results: One result per fold trained or already finished.
+        samples: The training frames and masks, decoded, by id: ``tune`` and ``report`` at the end of ``train``
+            use them instead of reading the data again.
+    """
+
+    path: Path
+    config: Config
+    plan: runs.RunPlan
+    results: list[FoldResult]
+    samples: dict[str, Sample]
 
 
 def train_run(
-    data: Path,
-    run: Path,
-    config: Config,
-    folds: int | None = None,
-    fold: int | None = None,
+    request: TrainRequest,
+    *,
     resume: bool = False,
     force: bool = False,
     show_progress: bool = False,
     on_message: Callable[[str], None] = print,
     extra_callbacks: list[Callback] | None = None,
     on_warning: Callable[[str], None] | None = None,
-) -> list[FoldResult]:
+) -> TrainedRun:
     """Train a run folder.
 
     Args:
-        data: The data folder.
-        run: The run folder.
-        config: Configuration (ignored on ``resume``: the run's own ``config.yaml`` is used).
-        folds: Train every fold of an N-fold split, each in ``RUN/fold_K``.
-        fold: Train one run whose validation fold is K (default: ``config.split.fold``).
-        resume: Continue the run in ``run`` from its last checkpoints.
+        request: The data, the run folder, the configuration and the folds.
+        resume: Continue the run in ``request.out`` from its last checkpoints.
         force: Replace an existing run folder.
         show_progress: Show progress bars.
         on_message: Receives one line per event worth telling the user, and the whole-run line of each epoch
@@ -63,49 +95,44 @@ def train_run(
             ``None``: ``on_message``, as ``warning: ...``.
 
     Returns:
-        One result per fold trained or already finished.
+        The run as trained: its configuration, plan, fold results and decoded frames.
 
     Raises:
         UsageError: If the arguments do not fit the run folder.
         DataError: If the data set has problems.
     """
-    run = Path(run)
+    run, data = Path(request.out), request.data
     child = is_ddp_child()
     if not child:
         runs.check_run_folder(run, force=force, resume=resume)
     if resume or child:
         config, plan, samples, split = _prepare_resumed(data, run)
-        return _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
-    fresh = _prepare(data, config, folds, fold, on_message)
-    tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
-    runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
-    _write_run_files(run, fresh)
-    _save_split(run, fresh.split, fresh.dataset, fresh.empty)
-    return _train_folds(run, fresh.config, fresh.plan, fresh.samples, fresh.split, show_progress, on_message, extra_callbacks, child)
+    else:
+        fresh = _prepare(data, request.config, request.folds, request.fold, on_message)
+        tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
+        runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
+        _write_run_files(run, fresh)
+        _save_split(run, fresh.split, fresh.dataset, fresh.empty)
+        config, plan, samples, split = fresh.config, fresh.plan, fresh.samples, fresh.split
+    results = _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+    return TrainedRun(run, config, plan, results, samples)
 
 
 def plan_run(
-    data: Path,
-    run: Path,
-    config: Config,
-    folds: int | None = None,
-    fold: int | None = None,
+    request: TrainRequest,
+    *,
     force: bool = False,
     on_message: Callable[[str], None] = print,
     on_warning: Callable[[str], None] | None = None,
     steps: int = 2,
 ) -> TrainingPlan:
-    """What :func:`train_run` with the same arguments would train, with a time estimate; writes nothing.
+    """What :func:`train_run` with the same request would train, with a time estimate; writes nothing.
 
     The data are loaded and checked and split as a run does; ``steps`` training steps on real batches of
     the first fold, on the run's device, time the estimate (:func:`~medseg.learn.estimate.time_steps`).
 
     Args:
-        data: The data folder.
-        run: The run folder the run would write (checked, not created).
-        config: Configuration.
-        folds: As :func:`train_run`.
-        fold: As :func:`train_run`.
+        request: As :func:`train_run`; its run folder is checked, not created.
         force: As :func:`train_run`: whether an existing run folder could be replaced.
         on_message: Receives one line per event worth telling the user.
         on_warning: Receives the warning for a GPU-sized run on the CPU, with the estimate; ``None``: ``on_message``.
@@ -115,8 +142,8 @@ def plan_run(
         UsageError: If the arguments do not fit the run folder.
         DataError: If the data set has problems.
     """
-    runs.check_run_folder(Path(run), force=force, resume=False)
-    fresh = _prepare(data, config, folds, fold, on_message)
+    runs.check_run_folder(Path(request.out), force=force, resume=False)
+    fresh = _prepare(request.data, request.config, request.folds, request.fold, on_message)
     frames = [FoldFrames(k, *(len(ids) for ids in fresh.split.train_val(k))) for k in fresh.plan.folds]
     train_ids, val_ids = fresh.split.train_val(fresh.plan.folds[0])
     on_message(f"timing {steps} training step(s) of fold {fresh.plan.folds[0]} for the estimate")

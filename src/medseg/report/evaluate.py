@@ -14,6 +14,7 @@ import csv
 import io as text_io
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ from medseg.data import io
 from medseg.data.datasets import Dataset, Record, load_dataset, require_clean
 from medseg.data.samples import frame_digest
 from medseg.errors import UsageError
-from medseg.files import Output, atomic_write, check_outputs, inside, safe_file_name, spreadsheet_safe
+from medseg.files import Output, atomic_write, check_outputs, spreadsheet_safe
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
 from medseg.infer.predict import PostProcess, read_postprocess
 from medseg.learn import metrics
-from medseg.runs import EVALUATION_DIR, Run, foreign_entries, open_run
+from medseg.runs import Run, foreign_entries, open_run
 
 PER_IMAGE_FILE = "per_image.csv"
 SUMMARY_FILE = "summary.json"
@@ -36,27 +37,34 @@ PER_IMAGE_COLUMNS = ("id", "fold", "truth_area", "pred_area", "dice", "iou", "tr
 PER_STRUCTURE_COLUMNS = ("id", "class", *PER_IMAGE_COLUMNS[1:])  # a run of several structures: one row per frame and structure
 
 
-def evaluate_run(
-    path: Path,
-    data: Path,
-    options: DataOptions | None = None,
-    tta: str = "hflip",
-    out: Path | None = None,
-    force: bool = False,
-    on_message: Callable[[str], None] = print,
-    skip_excluded: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What ``medseg evaluate`` scores, and where it writes.
+
+    Attributes:
+        run: The run folder.
+        data: A labelled data folder (any layout).
+        options: How to read it; the run's data options when ``None``.
+        tta: Test-time augmentation.
+        out: Output folder; ``RUN/evaluation/<data folder name>`` when ``None``.
+        skip_excluded: On the run's own data, leave out the frames the run left out of training.
+    """
+
+    run: Path
+    data: Path
+    options: DataOptions | None = None
+    tta: str = "hflip"
+    out: Path | None = None
+    skip_excluded: bool = False
+
+
+def evaluate_run(request: EvaluateRequest, *, force: bool = False, on_message: Callable[[str], None] = print) -> dict:
     """Score a run on labelled data and write ``per_image.csv`` and ``summary.json``.
 
     Args:
-        path: The run folder.
-        data: A labelled data folder (any layout).
-        options: How to read it; defaults to the run's data options.
-        tta: Test-time augmentation.
-        out: Output folder; defaults to ``RUN/evaluation/<data folder name>``.
+        request: The run, the data, how to read and predict it, and the output folder.
         force: Replace existing outputs.
         on_message: Receives progress lines.
-        skip_excluded: On the run's own data, leave out the frames the run left out of training.
 
     Returns:
         The summary (competition score, Dice on non-empty truths, IoU, presence figures, mode; on the run's own
@@ -66,20 +74,23 @@ def evaluate_run(
         UsageError: If outputs exist and ``force`` is not given, or ``skip_excluded`` is given for other data.
         DataError: If the data set has problems.
     """
+    path, data, options, tta, out, skip_excluded = (
+        request.run, request.data, request.options, request.tta, request.out, request.skip_excluded
+    )  # fmt: skip
     run = open_run(path)
-    out = Path(out) if out else inside(run.path / EVALUATION_DIR, safe_file_name(Path(data).resolve().name))
+    out = Path(out) if out else run.evaluation_dir(Path(data).resolve().name)
     dataset = _same_structures(require_clean(load_dataset(data, options or run.config.data)), run)  # the inputs before the outputs
     _check_out(out, force, [*run.inputs, run.path, Path(data)])
     out_of_fold = Path(data).resolve() == run.data or _copy_of_training_data(run, dataset, on_message)
     if skip_excluded and not out_of_fold:
         raise UsageError(f"--skip-excluded leaves out frames of the run's own data ({run.data}); drop it to evaluate {data}")
-    post = read_postprocess(run)
+    posts = read_postprocess(run)
     frames = held_out_frames(run, dataset, out_of_fold, tta, on_message, left_out=not skip_excluded)
-    rows, counts = score_frames(frames, post, classes=run.classes)
+    rows, counts = score_frames(frames, posts, classes=run.classes)
     summary = {
         "data": str(Path(data).resolve()),
         "mode": _mode(run, out_of_fold, skip_excluded),
-        "postprocess": {name: vars(rule) for name, rule in zip(run.classes, post, strict=True)} if run.classes else vars(post),
+        "postprocess": {name: vars(rule) for name, rule in zip(run.classes, posts, strict=True)} if run.classes else vars(posts[0]),
         "tta": tta,
         **scores_summary(rows, counts, run.classes),
         **({"left_out": _left_out(run, skip_excluded)} if out_of_fold and run.plan.excluded else {}),
@@ -183,28 +194,28 @@ def _same_structures(dataset: Dataset, run: Run) -> Dataset:
 
 def score_frames(
     frames: Iterable[HeldOutFrame],
-    post: PostProcess | list[PostProcess],
+    posts: list[PostProcess],
     observe: Callable[[HeldOutFrame, dict], None] | None = None,
     classes: list[str] | None = None,
 ) -> tuple[list[dict], np.ndarray]:
-    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the post-processing; with
-    several structures one row and one count per (frame, structure).
+    """Per-frame rows (areas, Dice, IoU, empty flags) and tp/fp/fn counts after the post-processing: one row and one
+    count per (frame, structure).
 
     Args:
         frames: Held-out predictions (:func:`medseg.infer.heldout.held_out_frames`).
-        post: The post-processing that turns probabilities into masks (one per structure for several).
+        posts: The post-processing that turns each structure's probabilities into its mask.
         observe: Called with each frame and its row as it is scored (the report keeps its gallery so); for
             several structures with a row of the frame (its mean Dice, and its structures' rows under ``classes``).
-        classes: The structures' names, for a run of several.
+        classes: The structures' names, for a run of several (each row names its structure); left out for one.
 
     Shape:
-        Returns: rows, and counts (N, 3), or (N * C, 3) frame by frame.
+        Returns: rows, and counts (N * C, 3), frame by frame.
     """
     rows, counts = [], []
     for frame in frames:
-        masks, truths = frame.prediction.mask(post), frame.truth
+        masks = frame.prediction.mask(posts)
         mine = []
-        for name, mask, truth in zip(classes or [None], masks if classes else [masks], truths if classes else [truths], strict=True):
+        for name, mask, truth in zip(classes or [None], masks, frame.truth, strict=True):
             count = metrics.confusion_counts(mask[None], truth[None])
             counts.append(count[0])
             mine.append(_row(frame.id, frame.fold, count, name))

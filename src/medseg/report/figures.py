@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.runs import StructuresTuning, Tuning
 
 TRUTH_COLOUR = "#22c55e"
@@ -64,7 +65,7 @@ def training_figures(fold_metrics: dict[int, list[dict]], max_epochs: int) -> li
         axes[1].semilogy(epochs, column["lr"], marker=".")
         axes[1].set_title("learning rate (log)")
         axes[2].plot(epochs, column["val_score"], marker=".", color="#7c3aed")
-        axes[2].set_title("validation score (threshold 0.5)")
+        axes[2].set_title(f"validation score (threshold {DEFAULT_THRESHOLD})")
         axes[3].plot(epochs, column["images_per_s"], marker=".", color="#0891b2")
         axes[3].set_title("training images/s")
         for axis in axes:
@@ -72,7 +73,8 @@ def training_figures(fold_metrics: dict[int, list[dict]], max_epochs: int) -> li
             axis.grid(alpha=0.3)
         caption = (
             f"Fold {fold}: training and validation loss per epoch (lower is better; the dashed line is the kept checkpoint), "
-            "the learning rate (each step down is a halving on a plateau), the validation score at threshold 0.5 before tuning, "
+            "the learning rate (each step down is a halving on a plateau), "
+            f"the validation score at threshold {DEFAULT_THRESHOLD} before tuning, "
             "and throughput."
         )
         figures.append(Figure(f"training_fold_{fold}.png", png(figure), caption))
@@ -167,29 +169,33 @@ def evaluation_figures(rows: list[dict]) -> list[Figure]:
 
 
 def overlay(frame: np.ndarray, truth: np.ndarray, probs: np.ndarray, prediction: np.ndarray) -> plt.Figure:
-    """The frame with the true (green) and predicted (red) outlines, beside the probability heat map.
+    """The frame with the true (green) and predicted (red) outlines, beside the heat map of the highest probability.
 
-    With several structures (masks of shape (C, H, W)) each structure has its colour (:data:`STRUCTURE_COLOURS`):
-    its true outline solid, its predicted outline dashed; the heat map shows the highest probability.
+    With several structures each has its colour (:data:`STRUCTURE_COLOURS`): its true outline solid, its predicted
+    outline dashed.
+
+    Shape:
+        frame: (H, W). truth, probs, prediction: (C, H, W).
     """
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 2.5))
     for axis in axes:
         axis.imshow(frame, cmap="gray", vmin=0, vmax=255 if frame.dtype == np.uint8 else 1.0)
         axis.set_axis_off()
-    if truth.ndim == 3:
-        for index, (true, predicted) in enumerate(zip(truth, prediction, strict=True)):
-            colour = STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)]
-            if true.any():
-                axes[0].contour(true, levels=[0.5], colors=[colour], linewidths=1.5)
-            if predicted.any():
-                axes[0].contour(predicted, levels=[0.5], colors=[colour], linewidths=1.5, linestyles="dashed")
-        probs = probs.max(axis=0)
-    else:
-        if truth.any():
-            axes[0].contour(truth, levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.5)
-        if prediction.any():
-            axes[0].contour(prediction, levels=[0.5], colors=[PREDICTION_COLOUR], linewidths=1.5)
+    for (true_colour, predicted_colour, style), true, predicted in zip(_outline_styles(len(truth)), truth, prediction, strict=True):
+        if true.any():
+            axes[0].contour(true, levels=[0.5], colors=[true_colour], linewidths=1.5)
+        if predicted.any():
+            axes[0].contour(predicted, levels=[0.5], colors=[predicted_colour], linewidths=1.5, linestyles=style)
+    probs = probs.max(axis=0)
     heat = axes[1].imshow(np.ma.masked_less(probs, 0.05), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
     figure.colorbar(heat, ax=axes[1], fraction=0.04, pad=0.02)
     figure.subplots_adjust(wspace=0.02)
     return figure
+
+
+def _outline_styles(structures: int) -> list[tuple[str, str, str]]:
+    """Each structure's true and predicted outline colours and the predicted outline's line style."""
+    if structures == 1:
+        return [(TRUTH_COLOUR, PREDICTION_COLOUR, "solid")]
+    colours = [STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)] for index in range(structures)]
+    return [(colour, colour, "dashed") for colour in colours]

@@ -13,17 +13,19 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medseg.data.datasets import load_dataset
+from medseg.data.samples import Sample
 from medseg.files import atomic_write, inside, safe_file_name
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
-from medseg.infer.predict import read_postprocess
+from medseg.infer.predict import PostProcess, postprocess_of
 from medseg.learn import metrics
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.report.evaluate import score_frames
 from medseg.report.figures import (
     PREDICTION_COLOUR,
@@ -37,10 +39,7 @@ from medseg.report.figures import (
     tuning_figures,
 )
 from medseg.runs import (
-    CONFIG_FILE,
-    FIGURES_DIR,
     POSTPROCESS_FILE,
-    REPORT_FILE,
     FoldResult,
     Run,
     StructuresTuning,
@@ -112,6 +111,7 @@ class ReportData:
         counts: tp/fp/fn of each held-out frame after the post-processing.
         fold_metrics: The ``metrics.csv`` rows of each fold.
         tuned: The tuning, if the run is tuned.
+        posts: The post-processing of each structure the scores and overlays used.
         data_summary: The inspector's summary of the training data, if the run kept it.
         versions: The software the run trained with.
         worst: The gallery's worst frames with their rows, worst first.
@@ -123,53 +123,69 @@ class ReportData:
     counts: np.ndarray
     fold_metrics: dict[int, list[dict]]
     tuned: Tuning | StructuresTuning | None
+    posts: list[PostProcess]
     data_summary: dict | None
     versions: Versions
     worst: list[tuple[HeldOutFrame, dict]] = field(default_factory=list)
     lucky: list[tuple[HeldOutFrame, dict]] = field(default_factory=list)
 
 
-def build_report(path: Path, tta: str = "hflip", on_message: Callable[[str], None] = print) -> Path:
+@dataclass(frozen=True)
+class ReportRequest:
+    """What ``medseg report`` writes the page of.
+
+    Attributes:
+        run: The run folder.
+        tta: Test-time augmentation of the held-out predictions.
+    """
+
+    run: Path
+    tta: str = "hflip"
+
+
+def build_report(request: ReportRequest, *, on_message: Callable[[str], None] = print, samples: Mapping[str, Sample] | None = None) -> Path:
     """Write ``RUN/report.html`` and ``RUN/report/*.png`` for a trained run.
 
     Args:
-        path: The run folder.
-        tta: Test-time augmentation for the held-out predictions.
+        request: The run and the TTA of its held-out predictions.
         on_message: Receives progress lines.
+        samples: The run's frames and masks, already decoded (``train`` hands its own), so that they are not read again.
 
     Returns:
         The HTML file.
     """
-    data = gather(open_run(path), tta, on_message)
+    data = gather(open_run(request.run), request.tta, on_message, samples)
     figures = [
         *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
         *tuning_figures(data.tuned),
         *evaluation_figures(data.rows),
     ]
     gallery = gallery_figures(data)
-    folder = data.run.path / FIGURES_DIR
     for figure in [*figures, *gallery]:
-        with atomic_write(inside(folder, safe_file_name(figure.name)), "wb") as stream:
+        with atomic_write(inside(data.run.figures_dir, safe_file_name(figure.name)), "wb") as stream:
             stream.write(figure.png)
     page = render(data, figures, gallery)
-    with atomic_write(data.run.path / REPORT_FILE) as stream:
+    with atomic_write(data.run.report_file) as stream:
         stream.write(page)
-    return data.run.path / REPORT_FILE
+    return data.run.report_file
 
 
-def gather(run: Run, tta: str, on_message: Callable[[str], None]) -> ReportData:
+def gather(run: Run, tta: str, on_message: Callable[[str], None], samples: Mapping[str, Sample] | None = None) -> ReportData:
     """Read the run's files and score its held-out frames, keeping the gallery's frames as they pass."""
     dataset = load_dataset(run.data, run.config.data)
     picker = GalleryPicker()
-    frames = held_out_frames(run, dataset, True, tta, on_message)
-    rows, counts = score_frames(frames, read_postprocess(run), observe=picker.offer, classes=run.classes)
+    frames = held_out_frames(run, dataset, True, tta, on_message, samples=samples)
+    tuned = run.tuning()
+    posts = postprocess_of(run, tuned)
+    rows, counts = score_frames(frames, posts, observe=picker.offer, classes=run.classes)
     worst, lucky = picker.chosen()
     return ReportData(
         run=run,
         rows=rows,
         counts=counts,
         fold_metrics={fold.fold: read_metrics(fold.metrics) for fold in run.folds if fold.metrics.is_file()},
-        tuned=run.tuning(),
+        tuned=tuned,
+        posts=posts,
         data_summary=run.data_summary(),
         versions=run.versions(),
         worst=worst,
@@ -196,7 +212,7 @@ def warnings_of(data: ReportData) -> list[str]:
         listed = ", ".join(f"fold {fold} {score:.3f}" for fold, score in scores.items())
         found.append(f"fold scores differ widely ({listed}): the estimate depends on which subjects are held out")
     if data.tuned is None:
-        found.append("the run is not tuned: threshold 0.5 and no minimum area; `medseg tune RUN` usually helps")
+        found.append(f"the run is not tuned: threshold {DEFAULT_THRESHOLD} and no minimum area; `medseg tune RUN` usually helps")
     return found
 
 
@@ -227,12 +243,11 @@ def fold_scores(data: ReportData) -> dict[int, float]:
 
 def gallery_figures(data: ReportData) -> list[Figure]:
     """Overlays of the worst frames, then of randomly chosen ones, from the predictions the scores came from."""
-    post = read_postprocess(data.run)
     figures = []
     for label, chosen in (("worst", data.worst), ("random", data.lucky)):
         for frame, row in chosen:
             rank = len(figures)
-            figure = overlay(frame.image, frame.truth, frame.prediction.probs, frame.prediction.mask(post))
+            figure = overlay(frame.image, frame.truth, frame.prediction.probs, frame.prediction.mask(data.posts))
             caption = _gallery_caption(row)
             figures.append(Figure(f"gallery_{label}_{rank:02d}_{row['id']}.png", png(figure), caption))
     return figures
@@ -261,7 +276,7 @@ def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> st
         _section(
             "config",
             "Configuration",
-            f"<details><summary>config.yaml</summary><pre>{html.escape((data.run.path / CONFIG_FILE).read_text())}</pre></details>",
+            f"<details><summary>config.yaml</summary><pre>{html.escape(data.run.config_file.read_text())}</pre></details>",
         ),
         _section(
             "training",
@@ -350,8 +365,7 @@ def _structure_rows(data: ReportData) -> dict[str, np.ndarray]:
 
 
 def _post_text(data: ReportData) -> str:
-    post = read_postprocess(data.run)
-    rules = list(zip(data.run.classes, post, strict=True)) if data.run.classes else [("", post)]
+    rules = list(zip(data.run.classes or [""], data.posts, strict=True))
     parts = [
         f"{name + ': ' if name else ''}threshold {rule.threshold:.2f}, minimum area {rule.min_area} px"
         f"{f', presence above {rule.presence_threshold:.2f}' if rule.presence_threshold else ''}"

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from medseg.files import atomic_write
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.sweep import outputs
 from medseg.sweep.space import Space
 
@@ -177,7 +178,7 @@ def _trials(study: optuna.Study) -> str:
     )
     note = _note(
         "value: the cross-fitted out-of-fold score; tuned_on_all: tuned and scored on the same frames; "
-        "fold_scores: each fold's validation score at threshold 0.5."
+        f"fold_scores: each fold's validation score at threshold {DEFAULT_THRESHOLD}."
     )
     return _section("trials", "Every trial", f"{note}<table><tr>{head}</tr>{body}</table>")
 

@@ -55,13 +55,14 @@ from medseg.data import exclusions, splits
 from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.samples import load_samples
 from medseg.errors import MedsegError, UsageError
+from medseg.files import first_line
 from medseg.infer.heldout import held_out_frames
 from medseg.infer.predict import read_postprocess
-from medseg.infer.tune import tune_run
+from medseg.infer.tune import TuneRequest, tune_run
 from medseg.learn.estimate import cpu_warning, tell_warning
 from medseg.learn.fit import check_trainer
 from medseg.learn.run_progress import best_score
-from medseg.learn.train import train_run
+from medseg.learn.train import TrainRequest, train_run
 from medseg.report.evaluate import score_frames, scores_summary
 from medseg.sweep import outputs
 from medseg.sweep.space import Space, load_space
@@ -402,19 +403,19 @@ def open_storage(url: str, option: str, attempts: int = 5) -> optuna.storages.RD
             busy = any(word in str(error) for word in ("locked", "already exists", "UNIQUE constraint"))
             if not busy or attempt == attempts - 1:
                 raise UsageError(
-                    f"{option}: cannot open the study's database ({_first_line(error)}); check the URL, the server and the permissions"
+                    f"{option}: cannot open the study's database ({first_line(error)}); check the URL, the server and the permissions"
                 ) from None
             time.sleep(1 + attempt)
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as error:
             raise UsageError(
-                f"{option}: not a storage URL Optuna can use ({_first_line(error)}); give e.g. sqlite:///study.db or postgresql://user:password@host/db"
+                f"{option}: not a storage URL Optuna can use ({first_line(error)}); give e.g. sqlite:///study.db or postgresql://user:password@host/db"
             ) from None
         except ImportError:
             raise UsageError(
                 f"{option}: the database driver for this URL is not installed (e.g. pip install psycopg2-binary for postgresql://)"
             ) from None
         except sqlalchemy.exc.SQLAlchemyError as error:
-            raise UsageError(f"{option}: cannot open the study's database ({_first_line(error)})") from None
+            raise UsageError(f"{option}: cannot open the study's database ({first_line(error)})") from None
     raise AssertionError("unreachable")
 
 
@@ -607,18 +608,15 @@ class _Objective:
         trial.set_user_attr(outputs.CONFIG_ATTR, config.model_dump(mode="json"))
         reporter = FoldReporter(trial, context.folds)
         try:
-            train_run(
-                context.request.data,
-                folder,
-                _run_config(config, context.exclude),
-                folds=context.folds,
+            trained = train_run(
+                TrainRequest(context.request.data, folder, _run_config(config, context.exclude), folds=context.folds),
                 force=True,
                 on_message=_silent,
                 extra_callbacks=[reporter],
             )
         except _out_of_memory() as error:
-            raise MedsegError(f"out of memory ({_first_line(error)}); a smaller input, encoder or batch fits") from None
-        tuning = tune_run(folder, force=True, on_message=_silent)
+            raise MedsegError(f"out of memory ({first_line(error)}); a smaller input, encoder or batch fits") from None
+        tuning = tune_run(TuneRequest(folder), force=True, on_message=_silent, samples=trained.samples)
         trial.set_user_attr(outputs.TUNED_ATTR, tuning.score_after)
         if tuning.cross_fitted is None or not math.isfinite(tuning.cross_fitted):
             raise MedsegError(f"the cross-fitted score is {tuning.cross_fitted}: the folds gave no score to tune on")
@@ -635,13 +633,13 @@ def _failure(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if isinstance(error, MedsegError):
-        return _first_line(error, 400)
-    return f"{type(error).__name__}: {_first_line(error, 400)}"
+        return first_line(error, 400)
+    return f"{type(error).__name__}: {first_line(error, 400)}"
 
 
 def _delete_checkpoints(folder: Path) -> None:
-    """Delete a trial's checkpoints (its metrics, split, config and tuning stay)."""
-    for checkpoints in folder.glob(f"fold_*/{runs.CHECKPOINTS}"):
+    """Delete a trial's checkpoints and the held-out predictions they made (its metrics, split, config and tuning stay)."""
+    for checkpoints in [*folder.glob(f"fold_*/{runs.CHECKPOINTS}"), folder / runs.KEPT_DIR]:
         shutil.rmtree(checkpoints, ignore_errors=True)
 
 
@@ -703,8 +701,9 @@ def _evaluate_outer(study: optuna.Study, context: _Context, identity: dict[str, 
     where = f"outer fold {identity['outer_fold']} of {identity['outer_folds']}"
     on_message(f"{where}: training trial #{best.number}'s configuration on the frames outside it, then scoring its {len(ids)} frames")
     run = folder / "run"
-    train_run(context.request.data, run, _run_config(config, context.exclude), folds=context.folds, force=True, on_message=_silent)
-    tuning = tune_run(run, force=True, on_message=_silent)
+    request = TrainRequest(context.request.data, run, _run_config(config, context.exclude), folds=context.folds)
+    trained = train_run(request, force=True, on_message=_silent)
+    tuning = tune_run(TuneRequest(run), force=True, on_message=_silent, samples=trained.samples)
     for last in run.glob(f"fold_*/{runs.CHECKPOINTS}/{runs.LAST}"):
         last.unlink()  # the run is finished: its best checkpoints predict, nothing resumes it
     rows, summary = _score_outer(run, context.request.data, ids)
@@ -766,8 +765,3 @@ def _quiet_optuna() -> Iterator[None]:
 
 def _silent(line: str) -> None:
     pass
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,236 @@
+"""Held-out predictions made once per run and kept (medseg.infer.kept): read back by tune, evaluate and report, tied
+to the checkpoints, configuration, TTA and frames they came from, and giving the scores fresh predictions give."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, set_args
+from medseg.cli import main
+from medseg.data.datasets import load_dataset
+from medseg.errors import UsageError
+from medseg.infer import heldout, kept
+from medseg.infer.tune import THRESHOLDS
+from medseg.learn.metrics import DEFAULT_THRESHOLD
+from medseg.runs import KEPT_DIR, RUN_TREE, RunPlan, check_replaceable, open_run
+
+SUBJECTS = ("1", "2", "3", "4", "5", "6")
+
+
+class Counter:
+    """Counts the frames the fold models predict (``heldout.predict_frames``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.frames = 0
+        original = heldout.predict_frames
+
+        def counting(models, frames, *args, **kwargs):
+            self.frames += len(frames)
+            yield from original(models, frames, *args, **kwargs)
+
+        monkeypatch.setattr(heldout, "predict_frames", counting)
+
+
+def held_out_count(run_path: Path) -> int:
+    run = open_run(run_path)
+    ids = [record.id for record in load_dataset(run.data, run.config.data).train]
+    return sum(len(group) for group in heldout.oof_groups(run, ids).values())
+
+
+@pytest.fixture(scope="module")
+def two_fold_run(tmp_path_factory, shared_data: Path) -> Path:
+    """A 2-fold run of one tiny epoch on 12 uns-mini frames of 6 subjects, in a data folder of its own."""
+    source = shared_data / "uns-mini" / "train"
+    data = tmp_path_factory.mktemp("kept") / "data"
+    (data / "train").mkdir(parents=True)
+    ids = [f"{subject}_{index}" for subject in SUBJECTS for index in (1, 2)]
+    for sample_id in ids:
+        for suffix in ("", "_mask"):
+            shutil.copyfile(source / f"{sample_id}{suffix}.tif", data / "train" / f"{sample_id}{suffix}.tif")
+    run = data.parent / "run"
+    args = ["train", str(data), "--out", str(run), "--folds", "2", "--preset", "cpu", "--quiet", "--no-report"]
+    assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=1")) == 0
+    return run
+
+
+@pytest.fixture
+def two_folds(two_fold_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the 2-fold run and its data folder (``run.json`` points at the copy)."""
+    data = tmp_path / "data"
+    shutil.copytree(two_fold_run.parent / "data", data)
+    run = tmp_path / "run"
+    shutil.copytree(two_fold_run, run)
+    plan = RunPlan.read(run / "run.json")
+    plan.model_copy(update={"data": str(data.resolve())}).write(run / "run.json")
+    return run
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_uns_run: Path, tmp_path_factory) -> Path:
+    """The tiny uns-mini run, tuned once: its held-out predictions kept (``tune`` made them)."""
+    run = tmp_path_factory.mktemp("tuned") / "run"
+    shutil.copytree(tiny_uns_run, run, ignore=shutil.ignore_patterns("last.ckpt"))
+    assert main(["tune", str(run), "--no-report", "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture
+def tuned(tuned_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tuned run, free to damage."""
+    shutil.copytree(tuned_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_quantised_probabilities_split_at_every_grid_threshold_where_the_originals_do():
+    rng = np.random.default_rng(0)
+    edges = np.arange(kept.LEVELS + 1) / kept.LEVELS
+    near = np.concatenate([edges, np.nextafter(edges, -1), np.nextafter(edges, 2), np.float32(edges), np.float32(THRESHOLDS)])
+    probs = np.concatenate([rng.random(200_000), np.clip(near, 0, 1)]).astype(np.float32)
+    back = kept.dequantise(kept.quantise(probs))
+    for threshold in [*THRESHOLDS, DEFAULT_THRESHOLD, 0.0, 1.0]:
+        np.testing.assert_array_equal(back >= threshold, probs.astype(np.float64) >= threshold)
+    assert kept.quantise(probs).dtype == np.uint8 and kept.quantise(probs).max() <= kept.LEVELS
+    assert np.abs(back - probs).max() < 1 / kept.LEVELS
+
+
+def test_tune_keeps_the_predictions_that_report_and_evaluate_then_read(run_copy, monkeypatch, capsys):
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(run_copy), "--no-report"]) == 0
+    frames = held_out_count(run_copy)
+    assert counter.frames == frames
+    assert (run_copy / KEPT_DIR / "fold_0.hflip.npz").is_file()
+    assert main(["report", str(run_copy)]) == 0
+    assert main(["evaluate", str(run_copy), str(open_run(run_copy).data)]) == 0
+    assert counter.frames == frames  # each held-out frame predicted once in the run's life
+    assert "predictions kept in held_out/fold_0.hflip.npz" in capsys.readouterr().err
+    with zipfile.ZipFile(run_copy / KEPT_DIR / "fold_0.hflip.npz") as archive:
+        assert len(archive.namelist()) == frames + 1 and kept.META in archive.namelist()
+    with np.load(run_copy / KEPT_DIR / "fold_0.hflip.npz") as loaded:  # numpy reads it as an .npz
+        steps = next(loaded[name] for name in loaded.files if name != kept.META.removesuffix(".npy"))
+    assert steps.dtype == np.uint8 and steps.shape == (1, 420, 580)
+
+
+def test_kept_and_fresh_predictions_give_byte_for_byte_the_same_files(run_copy, tmp_path):
+    assert main(["tune", str(run_copy), "--no-report", "--quiet"]) == 0
+    assert main(["evaluate", str(run_copy), str(open_run(run_copy).data), "--out", str(tmp_path / "read"), "--quiet"]) == 0
+    tuned = (run_copy / "postprocess.json").read_bytes()
+    shutil.rmtree(run_copy / KEPT_DIR)
+    assert main(["evaluate", str(run_copy), str(open_run(run_copy).data), "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
+    assert main(["tune", str(run_copy), "--no-report", "--quiet", "--force"]) == 0
+    assert (run_copy / "postprocess.json").read_bytes() == tuned
+    for name in ("per_image.csv", "summary.json"):
+        read, fresh = (tmp_path / "read" / name).read_text(), (tmp_path / "fresh" / name).read_text()
+        assert read.replace(str(tmp_path / "read"), "OUT") == fresh.replace(str(tmp_path / "fresh"), "OUT")
+
+
+def test_a_changed_checkpoint_has_only_its_own_fold_predicted_again(two_folds, monkeypatch, capsys):
+    assert main(["tune", str(two_folds), "--no-report", "--quiet"]) == 0
+    before = {fold: (two_folds / KEPT_DIR / f"fold_{fold}.hflip.npz").read_bytes() for fold in (0, 1)}
+    best = two_folds / "fold_1" / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    name = next(key for key in checkpoint["state_dict"] if key.endswith("weight"))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] * 1.5  # a retrained fold: other weights
+    torch.save(checkpoint, best)
+    counter = Counter(monkeypatch)
+    assert main(["report", str(two_folds)]) == 0
+    run = open_run(two_folds)
+    validation = heldout.oof_groups(run, [record.id for record in load_dataset(run.data, run.config.data).train])
+    assert counter.frames == len(validation[1])
+    assert "made from other checkpoints" in capsys.readouterr().err
+    assert (two_folds / KEPT_DIR / "fold_0.hflip.npz").read_bytes() == before[0]
+    assert (two_folds / KEPT_DIR / "fold_1.hflip.npz").read_bytes() != before[1]
+
+
+def test_a_frame_changed_in_the_data_has_its_fold_predicted_again(two_folds, monkeypatch):
+    assert main(["tune", str(two_folds), "--no-report", "--quiet"]) == 0
+    run = open_run(two_folds)
+    validation = heldout.oof_groups(run, [record.id for record in load_dataset(run.data, run.config.data).train])
+    changed = validation[0][0]
+    shutil.copyfile(run.data / "train" / f"{validation[1][0]}.tif", run.data / "train" / f"{changed}.tif")
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(two_folds), "--no-report", "--quiet", "--force"]) == 0
+    assert counter.frames == len(validation[0])
+
+
+def test_another_tta_is_kept_beside_the_first(tuned, monkeypatch):
+    counter = Counter(monkeypatch)
+    assert main(["report", str(tuned), "--no-tta", "--quiet"]) == 0
+    assert counter.frames == held_out_count(tuned)
+    assert sorted(path.name for path in (tuned / KEPT_DIR).iterdir()) == ["fold_0.hflip.npz", "fold_0.none.npz"]
+
+
+def _damage_member(path: Path, payload: np.ndarray) -> None:
+    """Replace the first frame's member of a kept file with ``payload``."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    first = next(name for name in members if name.endswith(".npy"))
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            if name == first:
+                with archive.open(name, "w") as stream:
+                    np.lib.format.write_array(stream, payload)
+            else:
+                archive.writestr(name, content)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(b"not a zip"),
+        lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
+        lambda path: _damage_member(path, np.zeros((1, 10, 10), np.uint8)),
+        lambda path: _damage_member(path, np.full((1, 420, 580), 241, np.uint8)),
+        lambda path: _damage_member(path, np.zeros((1, 420, 580), np.float32)),
+        lambda path: _damage_member(path, np.array([{"code": 1}], dtype=object)),
+    ],
+    ids=["not-a-zip", "truncated", "wrong-shape", "steps-above-240", "float-member", "pickled-object"],
+)
+def test_a_damaged_kept_file_is_predicted_again_and_replaced(tuned, monkeypatch, capsys, damage):
+    tuning = (tuned / "postprocess.json").read_bytes()
+    damage(tuned / KEPT_DIR / "fold_0.hflip.npz")
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-report", "--force"]) == 0
+    assert counter.frames == held_out_count(tuned)
+    assert "does not read back" in capsys.readouterr().err
+    assert (tuned / "postprocess.json").read_bytes() == tuning
+
+
+def test_a_replaced_kept_file_serves_again(tuned, monkeypatch):
+    (tuned / KEPT_DIR / "fold_0.hflip.npz").write_bytes(b"not a zip")
+    counter = Counter(monkeypatch)
+    for _ in range(2):
+        assert main(["tune", str(tuned), "--no-report", "--force", "--quiet"]) == 0
+    assert counter.frames == held_out_count(tuned)
+
+
+def test_a_link_in_place_of_a_kept_file_is_not_followed(tuned, tmp_path, monkeypatch):
+    target = tuned / KEPT_DIR / "fold_0.hflip.npz"
+    elsewhere = tmp_path / "elsewhere.npz"
+    shutil.move(target, elsewhere)
+    target.symlink_to(elsewhere)
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-report", "--force", "--quiet"]) == 0
+    assert counter.frames == held_out_count(tuned) and not target.is_symlink()
+
+
+def test_kept_files_are_medsegs_for_force_and_foreign_ones_are_not(tuned):
+    check_replaceable(tuned, RUN_TREE, "run.json", RunPlan)
+    (tuned / KEPT_DIR / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="notes.txt"):
+        check_replaceable(tuned, RUN_TREE, "run.json", RunPlan)
+
+
+def test_the_kept_file_records_what_it_was_made_from(tuned_run):
+    with zipfile.ZipFile(tuned_run / KEPT_DIR / "fold_0.hflip.npz") as archive:
+        meta = json.loads(archive.read(kept.META))
+    assert meta["group"] == "fold_0" and meta["tta"] == "hflip" and meta["levels"] == 240 and meta["structures"] == 1
+    assert meta["checkpoints"] == {"0": kept.file_digest(tuned_run / "checkpoints" / "best.ckpt")}
+    assert meta["config"] == kept.file_digest(tuned_run / "config.yaml")
+    assert list(meta["frames"]) == list(meta["presence"]) and len(meta["frames"]) == held_out_count(tuned_run)
