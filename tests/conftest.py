@@ -83,20 +83,87 @@ def set_args(*overrides: str) -> list[str]:
     return [item for override in overrides for item in ("--set", override)]
 
 
-@pytest.fixture(scope="session")
-def tiny_uns_run(tmp_path_factory, shared_data: Path) -> Path:
-    """A run folder trained for 2 tiny epochs (64x96, resnet18) on uns-mini through the command line."""
+# The shared runs below are trained once per test session and only read: a test that changes a run (tunes it,
+# predicts into it, breaks a file) works on a copy (``shutil.copytree`` into its ``tmp_path``, or ``run_copy``).
+# A test whose point is training itself (resume, determinism, a full disk, NaN) trains its own run.
+
+
+def train_tiny(data: Path, run: Path, *extra: str, epochs: int = 2) -> Path:
+    """Train ``run`` on ``data`` through the command line with the cpu preset and :data:`TINY_OVERRIDES`.
+
+    Args:
+        data: The data folder.
+        run: The run folder to write (it must not exist yet).
+        *extra: More command-line arguments (``--folds 2``, ``--classes ...``), before the ``--set`` overrides.
+        epochs: ``trainer.max_epochs``.
+
+    Returns:
+        ``run``.
+    """
     from medseg.cli import main
 
-    run = tmp_path_factory.mktemp("runs") / "uns"
-    args = ["train", str(shared_data / "uns-mini"), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
-    assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=2")) == 0
+    args = ["train", str(data), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report", *extra]
+    assert main(args + set_args(*TINY_OVERRIDES, f"trainer.max_epochs={epochs}")) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_uns_run(tmp_path_factory, shared_data: Path) -> Path:
+    """A run folder trained for 2 tiny epochs (64x96, resnet18) on uns-mini through the command line.
+
+    One fold (fold 0 of the 5-fold subject-grouped split validates), ``last.ckpt`` kept, not tuned.
+
+    Returns:
+        The run folder; read it only (copy it, or use ``run_copy``, to change it).
+    """
+    return train_tiny(shared_data / "uns-mini", tmp_path_factory.mktemp("runs") / "uns")
 
 
 @pytest.fixture
 def run_copy(tiny_uns_run, tmp_path) -> Path:
-    """A private copy of the tiny uns-mini run (without last.ckpt), free to tune, predict into and break."""
+    """A private copy of the tiny uns-mini run (without last.ckpt), free to tune, predict into and break.
+
+    Returns:
+        ``tmp_path / "run"``.
+    """
     target = tmp_path / "run"
     shutil.copytree(tiny_uns_run, target, ignore=shutil.ignore_patterns("last.ckpt"))
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_sample_run(tmp_path_factory) -> Path:
+    """A one-fold run trained for 2 tiny epochs of one batch each on the bundled sample (38 frames of 5 subjects)
+    through the command line.
+
+    The cpu preset's model (resnet18 U-Net with a presence head), :data:`TINY_OVERRIDES`, ``last.ckpt`` and
+    ``done.json`` kept, not tuned.
+
+    Returns:
+        The run folder; read it only (``shutil.copytree`` it to change it).
+    """
+    from medseg.data.datasets import sample_data_path
+
+    return train_tiny(sample_data_path(), tmp_path_factory.mktemp("sample") / "run", *set_args("trainer.limit_train_batches=1"))
+
+
+TWO_FOLD_IDS = tuple(f"{subject}_{index}" for subject in ("1", "2", "3", "4", "5", "6") for index in (1, 2))
+
+
+@pytest.fixture(scope="session")
+def two_fold_run(tmp_path_factory, shared_data: Path) -> Path:
+    """A 2-fold run of one tiny epoch on 12 uns-mini frames of 6 subjects, in a data folder of its own.
+
+    The data folder (Kaggle layout, frames and mask files only) is ``run.parent / "data"``; every fold has its
+    ``best.ckpt``, ``last.ckpt`` and ``done.json``; not tuned.
+
+    Returns:
+        The run folder; read it and its data only (copy them to change them).
+    """
+    source = shared_data / "uns-mini" / "train"
+    data = tmp_path_factory.mktemp("two-fold") / "data"
+    (data / "train").mkdir(parents=True)
+    for sample_id in TWO_FOLD_IDS:
+        for suffix in ("", "_mask"):
+            shutil.copyfile(source / f"{sample_id}{suffix}.tif", data / "train" / f"{sample_id}{suffix}.tif")
+    return train_tiny(data, data.parent / "run", "--folds", "2", epochs=1)

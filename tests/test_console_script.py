@@ -2,13 +2,22 @@
 
 ``CliRunner`` and ``main()`` run inside the test process; these run the script pip installed, so that an
 exception raised by the command-line library itself (typer, its click) is seen as the user sees it.
+
+Starting Python and importing ``medseg.cli`` (PyTorch among it) costs seconds a process, 40 times here: so each
+run is a process forked from one that has done that import once, which then runs the script file itself with
+the arguments, its own stdin, stdout and stderr, and exits with the script's exit code
+(:class:`ForkedScript`); one test runs the script as a fresh process, shebang and imports included.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,10 +29,106 @@ SCRIPT = shutil.which("medseg", path=str(Path(sys.executable).parent))
 COMMANDS = sorted(command.name for command in app.registered_commands)
 
 
+TIMEOUT_S = 120
+
+# Runs in a fresh interpreter: imports what the script imports, then forks once a request (a JSON line: the
+# arguments and the files for stdout and stderr); the child becomes the script, the parent answers its exit code.
+FORK_SERVER = r"""
+import json, os, runpy, sys
+
+script = sys.argv[1]
+from medseg.cli import entry  # noqa: F401  the script's own import, done once
+
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY), (2, request["err"], os.O_WRONLY)):
+                os.dup2(os.open(path, flags), fd)
+            sys.argv = [script, *request["args"]]
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as stop:  # what the interpreter does with sys.exit's argument
+            if stop.code is None or isinstance(stop.code, int):
+                code = stop.code or 0
+            else:
+                print(stop.code, file=sys.stderr)
+        except BaseException:  # what the interpreter does with an uncaught exception
+            sys.excepthook(*sys.exc_info())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class ForkedScript:
+    """Runs the installed console script in processes forked from one interpreter that imported ``medseg.cli``.
+
+    Each run is a process of its own that executes the script file with ``sys.argv`` set, stdin from
+    ``/dev/null`` and stdout and stderr to files, so its output and exit code are the script's; what it skips is
+    starting Python and importing ``medseg.cli`` again. The server sees the environment of its first run.
+    """
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.server: subprocess.Popen | None = None
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        """Run ``medseg ARGS``; fails the test if no exit code comes within :data:`TIMEOUT_S`."""
+        if self.server is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="medseg-script-"))
+            log = os.open(self.folder / "server.err", os.O_WRONLY | os.O_CREAT)  # the server's own errors, shown if it dies
+            self.server = subprocess.Popen(
+                [sys.executable, "-c", FORK_SERVER, SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+            os.close(log)
+        out, err = self.folder / "out", self.folder / "err"
+        for path in (out, err):
+            path.write_text("")
+        self.server.stdin.write(json.dumps({"args": list(args), "out": str(out), "err": str(err)}) + "\n")
+        self.server.stdin.flush()
+        ready, _, _ = select.select([self.server.stdout], [], [], TIMEOUT_S)
+        answer = self.server.stdout.readline() if ready else ""
+        assert answer, f"medseg {' '.join(args)}: no exit code (server: {(self.folder / 'server.err').read_text()[-2000:]})"
+        return subprocess.CompletedProcess([SCRIPT, *args], int(answer), out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        """Stop the server and remove its files."""
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=TIMEOUT_S)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.server = self.folder = None
+
+
+FORKED = ForkedScript()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_script():
+    """Stops the fork server of :func:`medseg` when the module's tests are done.
+
+    Yields:
+        The :class:`ForkedScript` that :func:`medseg` runs the script with.
+    """
+    yield FORKED
+    FORKED.close()
+
+
 def medseg(*args: str) -> subprocess.CompletedProcess:
-    """Run the installed console script."""
+    """Run the installed console script (forked from an interpreter that imported it: :class:`ForkedScript`)."""
     assert SCRIPT is not None, f"no medseg console script beside {sys.executable}; install medseg (make test does)"
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, check=False, timeout=120)
+    return FORKED.run(*args)
+
+
+def fresh_medseg(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed console script as a new process, as a shell does."""
+    assert SCRIPT is not None, f"no medseg console script beside {sys.executable}; install medseg (make test does)"
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, command: str, *words: str) -> None:
@@ -51,9 +156,10 @@ def test_help_of_every_command(command):
 
 
 def test_help_and_version_of_the_program():
-    result = medseg("--help")
+    result = fresh_medseg("--help")
     assert result.returncode == 0 and all(command in result.stdout for command in COMMANDS), result.stdout
-    result = medseg("--version")
+    assert medseg("--help").stdout == result.stdout  # a forked run shows what a fresh process shows
+    result = fresh_medseg("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"medseg {__version__}", result.stdout + result.stderr
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from medseg.config import ModelConfig
 from medseg.errors import UsageError
 from medseg.learn import models
-from medseg.learn.models import ARCHITECTURES, create_model
+from medseg.learn.models import ARCHITECTURES, create_model, split_outputs
 from medseg.runs import EncoderWeights
 
 FAST_S = 10.0
@@ -108,9 +108,25 @@ def test_architecture_forward_and_backward(arch: str) -> None:
     assert weights == EncoderWeights(requested="none", used="random")
 
 
-def test_architecture_names_are_case_insensitive() -> None:
-    model, _ = create_model(config(arch="unetplusplus"))
-    assert isinstance(model, smp.UnetPlusPlus)
+@pytest.mark.parametrize("name", ["unetplusplus", "UNETPLUSPLUS", "uNetPlusPlus"])
+def test_architecture_names_are_case_insensitive(name: str) -> None:
+    """Any spelling builds the very network of the registry's name, with what the configuration asks for."""
+    asked = {"structures": 2, "presence_head": True, "dropout": 0.2, "presence_dropout": 0.4}
+    model, _ = create_model(config(arch=name, **asked))
+    reference, _ = create_model(config(arch="UnetPlusPlus", **asked))
+    assert type(model) is smp.UnetPlusPlus and type(model.decoder) is type(reference.decoder)
+    assert {key: value.shape for key, value in model.state_dict().items()} == {
+        key: value.shape for key, value in reference.state_dict().items()
+    }
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    # the resnet18 encoder (blocks 2-2-2-2, depth 5) on one input channel
+    assert model.encoder.conv1.in_channels == 1 and model.encoder.out_channels == [1, 64, 64, 128, 256, 512]
+    assert [len(getattr(model.encoder, f"layer{k}")) for k in range(1, 5)] == [2, 2, 2, 2]
+    dropout, head = model.segmentation_head
+    assert isinstance(dropout, nn.Dropout2d) and dropout.p == 0.2 and head[0].out_channels == 2
+    assert model.classification_head[2].p == 0.4 and model.classification_head[3].out_features == 2
+    logits, presence = split_outputs(model.eval()(batch()))
+    assert logits.shape == (2, 2, 64, 96) and presence.shape == (2, 2)
 
 
 def test_dropout_sits_before_the_head_and_follows_train_eval() -> None:

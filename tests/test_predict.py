@@ -73,7 +73,7 @@ def test_tune_writes_postprocess_and_predict_uses_it(run_copy, capsys):
     assert tuned["score_after"] >= tuned["score_before"]
     assert len(tuned["scores"]) == len(tuned["thresholds"]) and len(tuned["scores"][0]) == len(tuned["min_areas"])
     run = open_run(run_copy)
-    assert read_postprocess(run) == PostProcess(tuned["threshold"], tuned["min_area"], tuned["presence_threshold"], tuned=True)
+    assert read_postprocess(run) == [PostProcess(tuned["threshold"], tuned["min_area"], tuned["presence_threshold"], tuned=True)]
 
 
 def fabricated_problem():
@@ -133,18 +133,40 @@ def test_tta_on_a_flip_equivariant_model_equals_no_tta(shared_data):
     plain = [prediction.probs for prediction in predict_frames([model], frames, config, tta="none")]
     flipped = [prediction.probs for prediction in predict_frames([model], frames, config, tta="hflip")]
     for a, b in zip(plain, flipped):
-        assert a.shape == (420, 580)
+        assert a.shape == (1, 420, 580)
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_ensemble_of_two_identical_checkpoints_equals_one(run_copy, shared_data):
+class ShiftedLogits(nn.Module):
+    """Another model: a trained one whose pixel and presence logits are shifted by constants."""
+
+    def __init__(self, model: nn.Module, pixel_shift: float, presence_shift: float):
+        super().__init__()
+        self.model, self.pixel_shift, self.presence_shift = model, pixel_shift, presence_shift
+
+    def forward(self, x):
+        logits, presence = self.model(x)
+        return logits + self.pixel_shift, presence + self.presence_shift
+
+
+def test_an_ensemble_averages_the_sigmoids_and_presences_of_its_models(run_copy, shared_data):
     run = open_run(run_copy)
-    device = torch.device("cpu")
-    one = load_fold_model(run, run.folds[0], device)
-    two = [one, load_fold_model(run, run.folds[0], device)]
+    assert run.config.model.presence_head
+    one = load_fold_model(run, run.folds[0], torch.device("cpu"))
+    other = ShiftedLogits(one, 2.0, -1.5).eval()
     frames = [io.read_image(shared_data / "uns-mini" / "test" / f"{n}.tif") for n in (4, 5)]
-    for a, b in zip(predict_frames([one], frames, run.config), predict_frames(two, frames, run.config)):
-        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    for tta in ("none", "hflip"):
+        singles = [list(predict_frames([model], frames, run.config, tta=tta)) for model in (one, other)]
+        ensemble = list(predict_frames([one, other], frames, run.config, tta=tta))
+        mean_logits = list(predict_frames([ShiftedLogits(one, 1.0, -0.75).eval()], frames, run.config, tta=tta))
+        for a, b, both, middle in zip(*singles, ensemble, mean_logits, strict=True):
+            assert np.abs(a.probs - b.probs).max() > 0.1 and np.abs(a.presence - b.presence).min() > 1e-4  # two different models
+            np.testing.assert_allclose(both.probs, (a.probs + b.probs) / 2, atol=1e-5)
+            np.testing.assert_allclose(both.presence, (a.presence + b.presence) / 2, atol=1e-6)
+            assert np.abs(both.probs - middle.probs).max() > 0.01  # the mean of the sigmoids, not the sigmoid of the mean logit
+    for a, b in zip(predict_frames([one], frames, run.config), predict_frames([one, one], frames, run.config), strict=True):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)  # and a model averaged with itself is that model
+        np.testing.assert_allclose(a.presence, b.presence, atol=1e-6)
 
 
 def write_submission_rows(path: Path, rows):

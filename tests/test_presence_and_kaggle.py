@@ -37,9 +37,15 @@ def train_tiny(folder: Path, preset: str, epochs: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def presence_run(tmp_path_factory) -> Path:
-    """A single run with a presence head, 2 tiny epochs."""
-    return train_tiny(tmp_path_factory.mktemp("presence"), "cpu", epochs=2)
+def presence_run(tiny_sample_run) -> Path:
+    """A single run with a presence head, 2 tiny epochs: the session's tiny sample run (read only; copy it to change it).
+
+    Returns:
+        The run folder, whose model is the one :data:`PRESENCE` asks for (the cpu preset's).
+    """
+    model = load_config("cpu", overrides=[*TINY_OVERRIDES, *PRESENCE]).model
+    assert open_run(tiny_sample_run).config.model == model and model.presence_head and model.encoder == "resnet18"
+    return tiny_sample_run
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +76,14 @@ def test_presence_head_trains_and_its_probability_reaches_predictions(presence_r
     assert any(key.startswith("model.classification_head.") for key in checkpoint["state_dict"])
     frames = [np.full((420, 580), value, np.uint8) for value in (0, 90, 200)]
     predictions = list(predict_frames([load_fold_model(run, run.folds[0], torch.device("cpu"))], frames, run.config))
-    assert all(0.0 <= p.presence <= 1.0 for p in predictions)
-    assert read_postprocess(run) == PostProcess(presence_threshold=0.5)
+    assert all(p.presence.shape == (1,) and 0.0 <= p.presence[0] <= 1.0 for p in predictions)
+    assert read_postprocess(run) == [PostProcess(presence_threshold=0.5)]
 
 
 def test_presence_threshold_one_empties_every_mask_and_zero_switches_it_off():
     probs = np.full((20, 30), 0.9, np.float32)
     assert not PostProcess(presence_threshold=1.0).apply(probs, presence=1.0).any()
-    assert not Prediction(probs, 0.999).mask(PostProcess(presence_threshold=1.0)).any()
+    assert not Prediction(probs[None], np.array([0.999])).mask([PostProcess(presence_threshold=1.0)]).any()
     assert PostProcess(presence_threshold=0.0).apply(probs, presence=0.0).all()
     assert PostProcess(presence_threshold=0.5).apply(probs, presence=0.51).all()
     assert not PostProcess(presence_threshold=0.5).apply(probs, presence=0.5).any()
@@ -93,7 +99,7 @@ def test_tuning_a_presence_run_searches_presence_and_never_scores_below_untuned(
     assert tuned["presence_head"] and tuned["score_after"] >= tuned["score_before"]
     assert 1.0 in tuned["presence_thresholds"] and len(tuned["presence_scores"]) == len(tuned["presence_thresholds"])
     assert np.max(tuned["scores"]) == pytest.approx(tuned["score_after"], abs=1e-6)
-    assert read_postprocess(open_run(run)).presence_threshold == tuned["presence_threshold"]
+    assert read_postprocess(open_run(run))[0].presence_threshold == tuned["presence_threshold"]
 
 
 def test_grids_always_hold_the_untuned_setting():
@@ -180,7 +186,7 @@ def test_onnx_export_of_a_presence_ensemble_matches_torch(kaggle_run, tmp_path):
     frames = [np.random.default_rng(k).integers(0, 255, (420, 580), dtype=np.uint8) for k in range(3)]
     torch_models = [load_fold_model(run, fold, torch.device("cpu")) for fold in run.folds]
     for a, b in zip(predict_frames(torch_models, frames, run.config), predict_frames(OnnxEnsemble(model), frames, run.config)):
-        assert np.abs(a.probs - b.probs).max() < 1e-3 and abs(a.presence - b.presence) < 1e-3
+        assert np.abs(a.probs - b.probs).max() < 1e-3 and np.abs(a.presence - b.presence).max() < 1e-3
 
 
 def test_a_run_saved_before_the_presence_head_existed_is_read_without_one(presence_run, tmp_path):

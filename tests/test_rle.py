@@ -71,7 +71,9 @@ def test_uint8_masks_are_foreground_where_non_zero():
 
 
 def test_touching_runs_decode_as_one_region():
-    assert np.array_equal(rle.decode("1 2 3 2", (2, 3)), rle.decode("1 4", (2, 3)))
+    first_two_columns = np.array([[True, True, False], [True, True, False]])  # pixels 1-4, column-major
+    assert np.array_equal(rle.decode("1 2 3 2", (2, 3)), first_two_columns)
+    assert np.array_equal(rle.decode("1 4", (2, 3)), first_two_columns)
 
 
 @pytest.mark.parametrize(
@@ -114,6 +116,25 @@ def test_bad_arguments():
         rle.decode("1 1", (0, 5))
 
 
+ASCII_DIGITS_AND_SPACE = "0123456789 \t\n\r\f\v"
+
+
+def kaggle_reference_decode(text: str, height: int, width: int) -> np.ndarray:
+    """The mask a well-formed Kaggle RLE string stands for, painted run by run (1-indexed, column-major)."""
+    flat = np.zeros(height * width, dtype=bool)
+    values = [int(value) for value in text.split()]
+    for start, length in zip(values[0::2], values[1::2]):
+        flat[start - 1 : start - 1 + length] = True
+    return flat.reshape(width, height).T
+
+
+def test_the_reference_decoder_paints_the_known_mask():
+    mask = np.zeros((3, 4), dtype=bool)
+    mask[1:3, 0] = mask[0, 1] = mask[2, 3] = True  # column-major pixels 2, 3, 4 and 12
+    assert np.array_equal(kaggle_reference_decode("2 3 12 1", 3, 4), mask)
+    assert np.array_equal(rle.decode("2 3 12 1", (3, 4)), mask)
+
+
 @st.composite
 def masks(draw):
     height = draw(st.integers(1, 40))
@@ -142,15 +163,18 @@ def test_random_strings_raise_only_rle_error(text, height, width):
     except rle.RLEError:
         return
     assert mask.shape == (height, width)
+    np.testing.assert_array_equal(mask, kaggle_reference_decode(text, height, width))
 
 
 @settings(max_examples=500, deadline=None)
 @given(text=st.text(max_size=60))
 def test_arbitrary_unicode_raises_only_rle_error(text):
     try:
-        rle.decode(text, (8, 8))
+        mask = rle.decode(text, (8, 8))
     except rle.RLEError:
-        pass
+        return
+    assert set(text) <= set(ASCII_DIGITS_AND_SPACE), repr(text)  # what decodes holds nothing else
+    np.testing.assert_array_equal(mask, kaggle_reference_decode(text, 8, 8))
 
 
 # --------------------------------------------------------------------------- dialects: kaggle, row-major, siim

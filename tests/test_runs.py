@@ -14,7 +14,6 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, set_args
 from medseg import runs
 from medseg.cli import main
 from medseg.data.datasets import sample_data_path
@@ -84,10 +83,9 @@ def stage_args(command: str, run: pathlib.Path, tmp_path: pathlib.Path, shared_d
     }[command]
 
 
-def test_resume_refuses_a_last_checkpoint_that_would_run_code(tmp_path, capsys):
+def test_resume_refuses_a_last_checkpoint_that_would_run_code(tiny_sample_run, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
-    assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=2", "trainer.limit_train_batches=1")) == 0
+    shutil.copytree(tiny_sample_run, run)  # a run trained on the sample
     (run / runs.DONE_FILE).unlink()  # as if the run had been killed after its checkpoint
     marker = tmp_path / "marker.txt"
     malicious_checkpoint(run / "checkpoints" / "last.ckpt", marker)

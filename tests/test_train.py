@@ -6,6 +6,7 @@ import csv
 import itertools
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from medseg.data.datasets import sample_data_path
 from medseg.learn import fit
 from medseg.learn import module as engine_module
 from medseg.learn.module import NonFiniteLossError
-from medseg.learn.train import train_run
+from medseg.learn.train import TrainRequest, train_run
 
 TINY = ["input.height=64", "input.width=96", "trainer.batch_size=8", "model.encoder_weights=none", "trainer.accelerator=cpu"]
 
@@ -85,11 +86,12 @@ def test_non_empty_run_folder_needs_force(uns_mini_run, capsys):
     assert (uns_mini_run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_force_replaces_the_run(tmp_path, capsys):
+def test_force_replaces_the_run(tiny_sample_run, tmp_path, capsys):
     run = tmp_path / "run"
+    shutil.copytree(tiny_sample_run, run)  # the earlier run: 2 epochs on the sample
+    assert len(metric_rows(run / "metrics.csv")) == 2
     base = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
     base += [item for override in [*TINY, "trainer.max_epochs=1"] for item in ("--set", override)]
-    assert main(base) == 0
     (run / "postprocess.json").write_text('{"threshold": 0.5, "min_area": 0}\n')  # the earlier run's tuning: medseg's own file
     assert main(base) == 2
     assert main([*base, "--force"]) == 0
@@ -125,22 +127,25 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     config = tiny_config("trainer.max_epochs=3")
     with pytest.raises(RuntimeError, match="killed"):
-        train_run(sample_data_path(), run, config, on_message=lambda line: None, extra_callbacks=[StopAfterFirstEpoch()])
+        train_run(TrainRequest(sample_data_path(), run, config), on_message=lambda line: None, extra_callbacks=[StopAfterFirstEpoch()])
     assert len(metric_rows(run / "metrics.csv")) == 1 and not (run / "done.json").exists()
     seen = FirstEpochSeen()
-    results = train_run(sample_data_path(), run, config, resume=True, on_message=lambda line: None, extra_callbacks=[seen])
+    trained = train_run(TrainRequest(sample_data_path(), run, config), resume=True, on_message=lambda line: None, extra_callbacks=[seen])
+    results = trained.results
     assert seen.first == 1  # epoch 2 of 3: not from scratch
     assert [row["epoch"] for row in metric_rows(run / "metrics.csv")] == ["1", "2", "3"]
     assert results[0].epochs == 3 and (run / "done.json").is_file()
 
 
-def test_resume_of_a_finished_fold_skips_it(tmp_path):
+def test_resume_of_a_finished_fold_skips_it(two_fold_run, tmp_path):
     run = tmp_path / "run"
+    shutil.copytree(two_fold_run, run)  # both folds trained for their one epoch
     config = tiny_config("trainer.max_epochs=1")
-    train_run(sample_data_path(), run, config, folds=2, on_message=lambda line: None)
     assert (run / "fold_0" / "done.json").is_file() and (run / "fold_1" / "done.json").is_file()
+    written = sorted((path, path.stat().st_mtime_ns) for path in run.rglob("*.ckpt"))
     messages = []
-    train_run(sample_data_path(), run, config, resume=True, on_message=messages.append)
+    train_run(TrainRequest(two_fold_run.parent / "data", run, config), resume=True, on_message=messages.append)
+    assert sorted((path, path.stat().st_mtime_ns) for path in run.rglob("*.ckpt")) == written  # no checkpoint written again
     assert sum("already finished" in line for line in messages) == 2
     split = runs.read_json(run / "split.json")
     assert split["n_folds"] == 2
@@ -160,7 +165,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     run = tmp_path / "run"
     config = tiny_config("trainer.max_epochs=3")
     with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 2"):
-        train_run(sample_data_path(), run, config, on_message=lambda line: None, extra_callbacks=[PoisonWeights()])
+        train_run(TrainRequest(sample_data_path(), run, config), on_message=lambda line: None, extra_callbacks=[PoisonWeights()])
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 0
     assert all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
@@ -205,7 +210,7 @@ def test_auto_weights_offline_train_from_random_init_and_record_why(tmp_path, mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     config = load_config("cpu", overrides=[*TINY[:-2], "trainer.accelerator=cpu", "trainer.max_epochs=1", "model.encoder_weights=auto"])
     with pytest.warns(UserWarning, match="random initialisation"):
-        train_run(sample_data_path(), tmp_path / "run", config, on_message=lambda line: None)
+        train_run(TrainRequest(sample_data_path(), tmp_path / "run", config), on_message=lambda line: None)
     weights = runs.read_json(tmp_path / "run" / "versions.json")["encoder_weights"]
     assert weights["requested"] == "auto" and weights["used"] == "random"
     assert "random initialisation" in weights["warning"]
@@ -238,7 +243,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
 def test_gpu_fast_path_settings_run_on_cpu_tensors(tmp_path):
     config = tiny_config("trainer.max_epochs=1", "trainer.precision=bf16-mixed", "trainer.channels_last=true", "trainer.gradient_clip=1.0")
-    results = train_run(sample_data_path(), tmp_path / "run", config, on_message=lambda line: None)
+    results = train_run(TrainRequest(sample_data_path(), tmp_path / "run", config), on_message=lambda line: None).results
     assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values() if value.is_floating_point())
@@ -263,7 +268,7 @@ def test_native_bf16_check_agrees_with_the_cpu_flags_the_kernel_reports():
 
 def test_batch_augmentation_on_the_device_trains_on_cpu_tensors(tmp_path):
     config = tiny_config("trainer.max_epochs=1", "augment.backend=gpu", "augment.elastic.p=1", "augment.coarse_dropout.p=1")
-    results = train_run(sample_data_path(), tmp_path / "run", config, on_message=lambda line: None)
+    results = train_run(TrainRequest(sample_data_path(), tmp_path / "run", config), on_message=lambda line: None).results
     assert results[0].epochs == 1 and math.isfinite(results[0].best_val_loss)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(key.startswith("batch_augment") for key in checkpoint["state_dict"])
