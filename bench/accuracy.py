@@ -170,7 +170,7 @@ def recipe_arm(name: str, data: Path, config: Config, out: Path, folds: int) -> 
         model = load_fold_model(Run(fold_dir.path, config, plan, [fold_dir]), fold_dir, device)
         frames = [samples[i][0] for i in test_ids]
         for sample_id, prediction in zip(test_ids, predict_frames([model], frames, config, tta="none")):
-            counts[sample_id] = metrics.confusion_counts(prediction.mask(post)[None], samples[sample_id][1].astype(bool)[None])[0]
+            counts[sample_id] = metrics.confusion_counts(prediction.mask([post]), samples[sample_id][1].astype(bool)[None])[0]
     ordered = np.stack([counts[i] for i in sorted(counts)])
     return Score(name, "recipe", ordered, (time.perf_counter() - start) / 60)
 

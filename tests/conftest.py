@@ -133,11 +133,10 @@ def run_copy(tiny_uns_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sample_run(tmp_path_factory) -> Path:
-    """A one-fold run trained for 2 tiny epochs of one batch each on the bundled sample (38 frames of 5 subjects)
-    through the command line.
+    """A one-fold run trained through the command line for 2 tiny epochs of one batch on the bundled sample.
 
-    The cpu preset's model (resnet18 U-Net with a presence head), :data:`TINY_OVERRIDES`, ``last.ckpt`` and
-    ``done.json`` kept, not tuned.
+    The sample has 38 frames of 5 subjects; the cpu preset's model (resnet18 U-Net with a presence head),
+    :data:`TINY_OVERRIDES` and ``trainer.limit_train_batches=1``; ``last.ckpt`` and ``done.json`` kept, not tuned.
 
     Returns:
         The run folder; read it only (``shutil.copytree`` it to change it).

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, set_args
 from medseg.cli import main
 from medseg.data.datasets import load_dataset
 from medseg.errors import UsageError
@@ -20,8 +19,6 @@ from medseg.infer import heldout, kept
 from medseg.infer.tune import THRESHOLDS
 from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.runs import KEPT_DIR, RUN_TREE, RunPlan, check_replaceable, open_run
-
-SUBJECTS = ("1", "2", "3", "4", "5", "6")
 
 
 class Counter:
@@ -42,22 +39,6 @@ def held_out_count(run_path: Path) -> int:
     run = open_run(run_path)
     ids = [record.id for record in load_dataset(run.data, run.config.data).train]
     return sum(len(group) for group in heldout.oof_groups(run, ids).values())
-
-
-@pytest.fixture(scope="module")
-def two_fold_run(tmp_path_factory, shared_data: Path) -> Path:
-    """A 2-fold run of one tiny epoch on 12 uns-mini frames of 6 subjects, in a data folder of its own."""
-    source = shared_data / "uns-mini" / "train"
-    data = tmp_path_factory.mktemp("kept") / "data"
-    (data / "train").mkdir(parents=True)
-    ids = [f"{subject}_{index}" for subject in SUBJECTS for index in (1, 2)]
-    for sample_id in ids:
-        for suffix in ("", "_mask"):
-            shutil.copyfile(source / f"{sample_id}{suffix}.tif", data / "train" / f"{sample_id}{suffix}.tif")
-    run = data.parent / "run"
-    args = ["train", str(data), "--out", str(run), "--folds", "2", "--preset", "cpu", "--quiet", "--no-report"]
-    assert main(args + set_args(*TINY_OVERRIDES, "trainer.max_epochs=1")) == 0
-    return run
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ they were made from (the checkpoints' and ``config.yaml``'s digests, the TTA, ea
 frame's presence probabilities, exact.
 
 Why 8 bits at the frame's size: read back, the probabilities need no resizing, and a frame of Kaggle's size (580x420)
-takes about 10-40 KB deflated instead of 950 KB as float32 (README, "Kept predictions", has the measured sizes). The
+took 53 KB deflated on average on uns-mini instead of 952 KB as float32 (BENCHMARKS.md, "Stages after training"). The
 quantisation ``q = #{k in 1..240 : p >= k/240}`` (compared in float64), read back as ``q / 240``, keeps every threshold
 that is a multiple of 1/240 exact: each one of ``tune``'s grid (steps of 0.05) and the default 0.5 splits the read-back
 probabilities where it split the original ones, so tuned and evaluated scores are the ones the unquantised
