@@ -38,7 +38,7 @@ def train_tiny(folder: Path, preset: str, epochs: int) -> Path:
 
 @pytest.fixture(scope="module")
 def presence_run(tiny_sample_run) -> Path:
-    """A single run with a presence head, 2 tiny epochs: the session's tiny sample run (read only; copy it to change it).
+    """A single run with a presence head, 2 tiny epochs: the session's ``tiny_sample_run`` (read it; copy it to change it).
 
     Returns:
         The run folder, whose model is the one :data:`PRESENCE` asks for (the cpu preset's).
