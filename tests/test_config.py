@@ -41,24 +41,6 @@ def test_the_data_section_is_the_data_options_type():
         load_config("cpu", overrides=["data.mask_value=1", "data.mask_threshold=127"])
 
 
-@pytest.mark.parametrize("command", ["inspect", "train", "evaluate"])
-def test_every_command_that_reads_a_data_folder_has_the_same_data_flags(command, capsys):
-    assert main([command, "--help"]) == 0
-    text = capsys.readouterr().out
-    for flag in (
-        "--layout",
-        "--mask-value",
-        "--mask-threshold",
-        "--subject-pattern",
-        "--rle-order",
-        "--rle-format",
-        "--csv",
-        "--id-column",
-        "--rle-column",
-    ):
-        assert flag in text, f"medseg {command} lacks {flag}"
-
-
 def test_train_saves_its_data_flags_in_the_run_config(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", str(sample_data_path()), "--out", str(run), "--preset", "cpu", "--quiet", "--no-report", "--rle-order", "F"]

@@ -52,8 +52,8 @@ def small_data(tmp_path_factory, shared_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_fold_run(small_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-fold, 2-epoch run trained by a real process whose output is not a terminal."""
+def process_run(small_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-fold, 2-epoch run trained by a real process whose output is not a terminal, with that process's result."""
     run = tmp_path_factory.mktemp("runs") / "run"
     command = [sys.executable, "-m", "medseg.cli", "train", str(small_data), "--out", str(run), "--folds", "2", "--no-report", *TINY]
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
@@ -117,8 +117,8 @@ def test_a_gpu_sized_sweep_without_cuda_warns_before_its_first_trial(tmp_path, c
     assert "warning:" in err and "3 trial(s) x 2 fold(s)" in err and "Traceback" not in err
 
 
-def test_dry_run_writes_nothing_and_plans_what_the_run_then_trains(two_fold_run, small_data, tmp_path, monkeypatch, capsys):
-    run, trained = two_fold_run
+def test_dry_run_writes_nothing_and_plans_what_the_run_then_trains(process_run, small_data, tmp_path, monkeypatch, capsys):
+    run, trained = process_run
     monkeypatch.chdir(tmp_path)
     before, data_before = tree(tmp_path), tree(small_data)
     assert main(["train", str(small_data), "--out", "planned", "--folds", "2", "--dry-run", *TINY]) == 0
@@ -154,8 +154,8 @@ def test_dry_run_mistakes_are_one_line(small_data, tmp_path, capsys):
     assert not (tmp_path / "new").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
-def test_the_whole_run_line_counts_folds_and_epochs_in_plain_lines(two_fold_run):
-    run, result = two_fold_run
+def test_the_whole_run_line_counts_folds_and_epochs_in_plain_lines(process_run):
+    run, result = process_run
     assert "\r" not in result.stdout and "\r" not in result.stderr  # no bars in output that is not a terminal
     matches = [RUN_LINE.match(line) for line in result.stderr.splitlines() if line.startswith("run: ")]
     assert all(matches), result.stderr
@@ -176,8 +176,8 @@ def test_quiet_training_says_nothing(small_data, tmp_path, capsys):
     assert "run: " not in err and "fold 0" not in err and "timing" not in err, err
 
 
-def test_predict_tells_frames_models_passes_and_eta_in_plain_lines(two_fold_run, small_data, tmp_path, capsys):
-    run, _ = two_fold_run
+def test_predict_tells_frames_models_passes_and_eta_in_plain_lines(process_run, small_data, tmp_path, capsys):
+    run, _ = process_run
     args = ["predict", str(run), str(small_data / "test"), "--allow-degenerate"]
     assert main([*args, "--out", str(tmp_path / "a.csv"), "--batch-size", "2"]) == 0
     err = capsys.readouterr().err

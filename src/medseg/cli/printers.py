@@ -1,6 +1,7 @@
 """What the commands print: the two consoles, progress and warning lines, and a printer per stage's result.
 
-Results go to stdout; progress messages, warnings and errors to stderr.
+Results go to stdout; progress messages, warnings and errors to stderr. Nothing here imports PyTorch at module level,
+so that ``medseg --help`` and a usage error start without it (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.runs import POSTPROCESS_FILE, StructuresTuning, Tuning
 
 if TYPE_CHECKING:
@@ -52,18 +52,23 @@ def inspection_json(inspection: Inspection) -> dict:
 def print_inspection(inspection: Inspection) -> None:
     """Print the summary table and the problems."""
     summary = inspection.summary
-    table = Table(title=f"{summary['root']} ({summary['layout']} layout)", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    for label, value in _summary_rows(summary):
-        table.add_row(label, value)
-    stdout.print(table)
+    stdout.print(_label_table(f"{summary['root']} ({summary['layout']} layout)", _summary_rows(summary)))
     if inspection.ok:
         stdout.print("[green]No problems found.[/green]")
         return
     stdout.print(f"[red]{len(inspection.problems)} problem(s):[/red]")
     for problem in inspection.problems:
         stdout.print(f"  [red]{problem.kind}[/red] {escape(str(problem.path))}: {escape(problem.message)}")
+
+
+def _label_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A headerless table of (label, value) rows: labels in bold, values right-aligned."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
 
 
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:
@@ -116,6 +121,8 @@ def print_tuning(tuning: Tuning | StructuresTuning, run: Path) -> None:
         overall = f"{tuning.score_after:.4f} (untuned {tuning.score_before:.4f}{_honest(tuning)})"
         stdout.print(f"mean over (frame, structure) on {frames}: {overall}")
     else:
+        from medseg.learn.metrics import DEFAULT_THRESHOLD
+
         untuned = f", presence above {DEFAULT_THRESHOLD}" if tuning.presence_head else ""
         stdout.print(
             f"{_setting(tuning)}: score {tuning.score_after:.4f} on {frames} "
@@ -155,12 +162,7 @@ def print_sweep(result: SweepResult) -> None:
 
 def print_evaluation(summary: dict) -> None:
     """Print the evaluation summary as a table."""
-    table = Table(title=f"{summary['data']}: {summary['mode']}", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    for label, value in _evaluation_rows(summary):
-        table.add_row(label, value)
-    stdout.print(table)
+    stdout.print(_label_table(f"{summary['data']}: {summary['mode']}", _evaluation_rows(summary)))
     stdout.print(f"written: {summary['out']}/per_image.csv, summary.json")
 
 
