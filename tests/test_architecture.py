@@ -103,6 +103,13 @@ def test_inference_does_not_import_lightning():
     assert result.stdout.strip() == "[]", f"inference imported the training engine: {result.stdout}"
 
 
+def test_the_command_line_starts_without_pytorch():
+    code = "import sys; import medseg.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"importing the command line imported {result.stdout}: --help would wait for it"
+
+
 def test_the_readme_python_api_names_keep_working():
     from medseg import datasets, io, rle, splits
     from medseg.data import datasets as data_datasets

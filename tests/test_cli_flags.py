@@ -160,7 +160,7 @@ GIVEN = ["--mask-value", "1", "--csv", "masks.csv"]
 
 def test_inspect_reads_the_data_with_the_flags(tmp_path, monkeypatch, capsys):
     recorded = {}
-    monkeypatch.setattr("medseg.cli.data_commands.load_dataset", stop_and_record(recorded, options=lambda args, kwargs: args[1]))
+    monkeypatch.setattr("medseg.data.datasets.load_dataset", stop_and_record(recorded, options=lambda args, kwargs: args[1]))
     assert main([*data_command_args("inspect", tmp_path), *GIVEN]) == 1
     assert recorded["options"] == DataOptions(mask_value=1, csv="masks.csv")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,10 +13,11 @@ from rich.markup import escape
 from medseg.cli.exits import EXIT_PROBLEMS
 from medseg.cli.options import DataArgument, DataFlags, with_data_flags
 from medseg.cli.printers import inspection_json, print_inspection, stderr, stdout, warn
-from medseg.data.datasets import load_dataset
-from medseg.data.inspector import Inspection, inspect_dataset
 from medseg.errors import UsageError
 from medseg.files import Output, check_outputs
+
+if TYPE_CHECKING:
+    from medseg.data.inspector import Inspection
 
 
 @with_data_flags
@@ -37,6 +38,9 @@ def inspect_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --write-exclusions file.")] = False,
 ) -> int:
     """Summarise a data set and list every problem with its file; exit 1 when there are problems."""
+    from medseg.data.datasets import load_dataset
+    from medseg.data.inspector import inspect_dataset
+
     options = data_flags.options()
     if write_exclusions is not None:
         check_outputs([Output("--write-exclusions", write_exclusions)], force, inputs=[data])
