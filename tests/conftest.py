@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+
+# The suite runs on pytest-xdist's workers (pyproject.toml's addopts): each worker, and the processes its tests start,
+# gets its share of the cores for PyTorch's threads, set before anything imports torch, so the workers do not oversubscribe.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UNS_MINI = SHARED_DATA / "uns-mini"
