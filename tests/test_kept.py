@@ -3,9 +3,12 @@ to the checkpoints, configuration, TTA and frames they came from, and giving the
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,9 @@ import torch
 
 from medseg.cli import main
 from medseg.data.datasets import load_dataset
-from medseg.errors import UsageError
+from medseg.errors import MedsegError, UsageError
 from medseg.infer import heldout, kept
+from medseg.infer.predict import Prediction
 from medseg.infer.tune import THRESHOLDS
 from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.runs import KEPT_DIR, RUN_TREE, RunPlan, check_replaceable, open_run
@@ -147,18 +151,50 @@ def test_another_tta_is_kept_beside_the_first(tuned, monkeypatch):
     assert sorted(path.name for path in (tuned / KEPT_DIR).iterdir()) == ["fold_0.hflip.npz", "fold_0.none.npz"]
 
 
-def _damage_member(path: Path, payload: np.ndarray) -> None:
-    """Replace the first frame's member of a kept file with ``payload``."""
+def _rewrite(path: Path, change: Callable[[dict[str, bytes]], dict[str, bytes]]) -> None:
+    """Write a kept file again with its members (name to bytes) changed by ``change``."""
     with zipfile.ZipFile(path) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
-    first = next(name for name in members if name.endswith(".npy"))
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, content in members.items():
-            if name == first:
-                with archive.open(name, "w") as stream:
-                    np.lib.format.write_array(stream, payload)
-            else:
-                archive.writestr(name, content)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in change(members).items():
+            archive.writestr(name, content)
+
+
+def _first_frame(members: dict[str, bytes]) -> str:
+    return next(name for name in members if name.endswith(".npy"))
+
+
+def _damage_member(path: Path, payload: np.ndarray) -> None:
+    """Replace the first frame's member of a kept file with ``payload``."""
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, payload)
+    _rewrite(path, lambda members: {**members, _first_frame(members): stream.getvalue()})
+
+
+def _edit_meta(path: Path, edit: Callable[[dict], None]) -> None:
+    """Change the kept file's ``kept.json`` in place with ``edit``."""
+
+    def change(members: dict[str, bytes]) -> dict[str, bytes]:
+        meta = json.loads(members[kept.META])
+        edit(meta)
+        return {**members, kept.META: json.dumps(meta).encode()}
+
+    _rewrite(path, change)
+
+
+def _first_presence(meta: dict, value: object) -> None:
+    meta["presence"][next(iter(meta["presence"]))] = [value]
+
+
+def _corrupt_deflate(path: Path) -> None:
+    """Flip bytes in the middle of the first frame's deflated data (a damaged disk block)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(_first_frame(dict.fromkeys(archive.namelist(), b"")))
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for offset in range(start + info.compress_size // 3, start + info.compress_size // 3 + 64):
+        data[offset] ^= 0xA5
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(
@@ -170,8 +206,27 @@ def _damage_member(path: Path, payload: np.ndarray) -> None:
         lambda path: _damage_member(path, np.full((1, 420, 580), 241, np.uint8)),
         lambda path: _damage_member(path, np.zeros((1, 420, 580), np.float32)),
         lambda path: _damage_member(path, np.array([{"code": 1}], dtype=object)),
+        lambda path: _rewrite(path, lambda members: {name: v for name, v in members.items() if name != kept.META}),
+        lambda path: _rewrite(path, lambda members: {name: v for name, v in members.items() if name != _first_frame(members)}),
+        _corrupt_deflate,
+        lambda path: _edit_meta(path, lambda meta: meta["presence"].pop(next(iter(meta["presence"])))),
+        lambda path: _edit_meta(path, lambda meta: _first_presence(meta, 1.5)),
+        lambda path: _edit_meta(path, lambda meta: _first_presence(meta, float("nan"))),
     ],
-    ids=["not-a-zip", "truncated", "wrong-shape", "steps-above-240", "float-member", "pickled-object"],
+    ids=[
+        "not-a-zip",
+        "truncated",
+        "wrong-shape",
+        "steps-above-240",
+        "float-member",
+        "pickled-object",
+        "no-kept-json",
+        "no-frame-member",
+        "damaged-deflate",
+        "presence-missing",
+        "presence-above-1",
+        "presence-nan",
+    ],
 )
 def test_a_damaged_kept_file_is_predicted_again_and_replaced(tuned, monkeypatch, capsys, damage):
     tuning = (tuned / "postprocess.json").read_bytes()
@@ -181,6 +236,75 @@ def test_a_damaged_kept_file_is_predicted_again_and_replaced(tuned, monkeypatch,
     assert counter.frames == held_out_count(tuned)
     assert "does not read back" in capsys.readouterr().err
     assert (tuned / "postprocess.json").read_bytes() == tuning
+
+
+def test_files_made_by_an_older_prediction_method_are_predicted_again(tuned, monkeypatch, capsys):
+    _edit_meta(tuned / KEPT_DIR / "fold_0.hflip.npz", lambda meta: meta.update(method=kept.METHOD - 1))
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-report", "--force"]) == 0
+    assert counter.frames == held_out_count(tuned)
+    assert "fold_0.hflip.npz was made from other checkpoints, settings or frames" in capsys.readouterr().err
+
+
+def _constant(frames: list[np.ndarray], made: list[int], value: float = 0.3) -> Callable[[], Iterator[Prediction]]:
+    """A ``predict`` for :func:`kept.kept_predictions` that records each call's frame count in ``made``."""
+
+    def predict() -> Iterator[Prediction]:
+        made.append(len(frames))
+        return iter([Prediction(np.full((1, *frame.shape), value, np.float32), np.array([np.nan])) for frame in frames])
+
+    return predict
+
+
+def _kept(run_path: Path, ids: list[str], frames: list[np.ndarray], predict, tta: str = "hflip") -> Iterator[Prediction]:
+    run = open_run(run_path)
+    return kept.kept_predictions(run, "fold_0", run.folds, ids, frames, tta, predict, lambda line: None)
+
+
+def test_a_deep_frame_changed_below_one_8_bit_step_is_predicted_again(tuned):
+    frame = np.linspace(0.2, 0.8, 6 * 8, dtype=np.float32).reshape(6, 8)
+    made: list[int] = []
+    for frames in ([frame], [frame], [frame + np.float32(1e-4)]):  # 1e-4 is far below 1/255
+        assert len(list(_kept(tuned, ["a"], frames, _constant(frames, made)))) == 1
+    assert made == [1, 1]
+
+
+def test_the_file_is_kept_when_the_consumer_takes_exactly_one_prediction_per_frame(tuned):
+    frames = [np.zeros((4, 6), np.uint8), np.full((4, 6), 9, np.uint8)]
+    made: list[int] = []
+    predictions = _kept(tuned, ["a", "b"], frames, _constant(frames, made), tta="none")
+    taken = [next(predictions), next(predictions)]
+    assert open_run(tuned).kept_file("fold_0", "none").is_file() and len(taken) == 2
+    assert [p.probs.max() for p in _kept(tuned, ["a", "b"], frames, _constant(frames, made), tta="none")] == [72 / 240] * 2
+    assert made == [2]
+
+
+def test_probabilities_that_are_not_finite_are_refused_and_the_kept_file_stays(tuned):
+    path = tuned / KEPT_DIR / "fold_0.hflip.npz"
+    before = path.read_bytes()
+    frames = [np.zeros((4, 6), np.uint8)]
+    with pytest.raises(MedsegError, match=r"probabilities predicted for x \(fold_0\) are not finite"):
+        list(_kept(tuned, ["x"], frames, _constant(frames, [], value=float("nan"))))
+    assert path.read_bytes() == before and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_folder_that_cannot_be_written_is_predicted_without_keeping(tuned, monkeypatch, capsys):
+    tuning = (tuned / "postprocess.json").read_bytes()
+    shutil.rmtree(tuned / KEPT_DIR)
+    real_access = os.access  # a read-only held_out/ (root writes anywhere, so the test cannot just chmod it)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != KEPT_DIR and real_access(path, mode, **kw))
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-report", "--force"]) == 0
+    assert counter.frames == held_out_count(tuned) and "not keeping them: " in capsys.readouterr().err
+    assert not any((tuned / KEPT_DIR).iterdir())
+    assert (tuned / "postprocess.json").read_bytes() == tuning  # the same scores as from kept predictions
+
+
+def test_the_report_after_tune_reads_what_tune_predicted_with_its_tta(tuned, monkeypatch):
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-tta", "--force", "--quiet"]) == 0
+    assert counter.frames == held_out_count(tuned)
+    assert sorted(path.name for path in (tuned / KEPT_DIR).iterdir()) == ["fold_0.hflip.npz", "fold_0.none.npz"]
 
 
 def test_a_replaced_kept_file_serves_again(tuned, monkeypatch):

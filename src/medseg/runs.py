@@ -480,7 +480,10 @@ class Run:
 
     @property
     def inputs(self) -> list[Path]:
-        """The files later stages read from the run: no command may write its output over one of them."""
+        """The files later stages read from the run: no command may write its output over one of them.
+
+        The kept predictions (``held_out/``) are not among them: one overwritten is found stale and predicted again.
+        """
         names = (RUN_FILE, CONFIG_FILE, SPLIT_FILE, VERSIONS_FILE, DATA_SUMMARY_FILE, POSTPROCESS_FILE, FRAMES_FILE)
         files = [self.path / name for name in names]
         return files + [path for fold in self.folds for path in (fold.best, fold.last, fold.metrics, fold.done_file)]

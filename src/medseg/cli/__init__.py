@@ -8,23 +8,7 @@ One module per stage's commands (:mod:`~medseg.cli.data_commands`, :mod:`~medseg
 A user mistake is one line on stderr, never a traceback.
 """
 
-from medseg.cli.exits import EXIT_PROBLEMS, EXIT_USAGE, os_error_line
-from medseg.cli.options import DataFlags, data_options, with_data_flags
-from medseg.cli.printers import inspection_json, print_evaluation, print_inspection
-from medseg.cli.program import app, entry, main, show_click_error
+from medseg.cli.options import DataFlags, with_data_flags
+from medseg.cli.program import app, entry, main
 
-__all__ = [
-    "EXIT_PROBLEMS",
-    "EXIT_USAGE",
-    "DataFlags",
-    "app",
-    "data_options",
-    "entry",
-    "inspection_json",
-    "main",
-    "os_error_line",
-    "print_evaluation",
-    "print_inspection",
-    "show_click_error",
-    "with_data_flags",
-]
+__all__ = ["DataFlags", "app", "entry", "main", "with_data_flags"]

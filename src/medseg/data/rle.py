@@ -26,12 +26,11 @@ from typing import Literal
 
 import numpy as np
 
+from medseg.config import DIALECTS, Dialect
 from medseg.errors import MedsegError
 
 Order = Literal["F", "C"]
-Dialect = Literal["kaggle", "row-major", "siim"]
 _ORDERS = ("F", "C")
-DIALECTS: tuple[str, ...] = ("kaggle", "row-major", "siim")
 SIIM_EMPTY = "-1"
 """The siim dialect's empty mask."""
 SIIM_HEADER = ("ImageId", " EncodedPixels")

@@ -147,4 +147,4 @@ def _group_predictions(
         name = "left_out" if group is ENSEMBLE else f"fold_{group}"
         return kept_predictions(run, name, folds, ids, frames, tta, predict, on_message)
     on_message(f"predicting {len(ids)} frames with {len(folds)} fold model(s)")
-    return (quantised(prediction) for prediction in predict())
+    return (quantised(prediction, sample_id) for sample_id, prediction in zip(ids, predict(), strict=True))

@@ -19,9 +19,11 @@ probabilities where it split the original ones, so tuned and evaluated scores ar
 probabilities give. A threshold off that grid (one written by hand) is applied within 1/240.
 
 Kept predictions are used only while they describe the run as it is: the same best checkpoints (a retrained or
-resumed fold whose best checkpoint changed has its own predictions made again, nothing else), the same
-``config.yaml``, the same TTA and the same frames by content. Anything else, or a file that does not read back in
-full, is predicted again and replaced: the files are a record of the run's own computation, never trusted over it.
+resumed fold whose best checkpoint changed has its own fold's predictions made again, and ``left_out``'s, which every
+fold predicts; nothing else), the same ``config.yaml``, the same TTA, the same frames by exact content and the same
+prediction method (:data:`METHOD`). Anything else, or a file that does not read back in full, is predicted again and
+replaced: the files are a record of the run's own computation, never trusted over it. They are a cache: where the run
+folder cannot be written (a shared, read-only run) the predictions are made and used without being kept.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import hashlib
 import io as bytes_io
 import json
 import math
+import os
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -38,17 +42,21 @@ import numpy as np
 from pydantic import Field
 
 from medseg.config import MAX_STRUCTURES
-from medseg.data.samples import frame_digest
 from medseg.errors import MedsegError, UsageError
-from medseg.files import MAX_TEXT_BYTES, atomic_write
+from medseg.files import MAX_TEXT_BYTES, atomic_write, first_line
 from medseg.infer.predict import TTA_MODES, Prediction
 from medseg.runs import FoldDir, Run, RunFile
 
 LEVELS = 240  # quantisation steps: 1/240 divides 0.05 (tune's grid) and 0.5 (the default threshold)
+# How a model's outputs become the kept probabilities (TTA averaging, resizing back, quantisation): raise it with any
+# change to that code, so that files made the old way are predicted again instead of read.
+METHOD = 1
 META = "kept.json"
 _THRESHOLDS = np.arange(1, LEVELS + 1, dtype=np.float64) / LEVELS
 _NPY_HEADER = 4096  # at most this many bytes of .npy header before a member's values
 _CHUNK = 1 << 20
+# What a damaged, truncated, encrypted or foreign zip raises on reading: the file is only a cache, predicted again
+_UNREADABLE = (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, EOFError, NotImplementedError, RuntimeError, MedsegError)
 
 
 class KeptPredictions(RunFile):
@@ -60,9 +68,11 @@ class KeptPredictions(RunFile):
         config: The SHA-256 of the run's ``config.yaml`` (input size, model) when they were made.
         tta: The test-time augmentation.
         levels: Quantisation steps of the probabilities (:data:`LEVELS`).
+        method: The prediction method they were made with (:data:`METHOD`).
         structures: Probability planes per frame.
-        frames: Each frame's content digest (:func:`~medseg.data.samples.frame_digest`), by id, in prediction order.
-        presence: Each frame's presence probability per structure, ``None`` without a presence head.
+        frames: Each frame's exact content digest (:func:`exact_digest`), by id, in prediction order.
+        presence: Each frame's presence probability per structure, in [0, 1], or ``None`` for every frame without a
+            presence head.
     """
 
     group: str
@@ -70,13 +80,14 @@ class KeptPredictions(RunFile):
     config: str
     tta: str
     levels: int = LEVELS
+    method: int
     structures: int = Field(ge=1, le=MAX_STRUCTURES)
     frames: dict[str, str]
     presence: dict[str, list[float | None]] = Field(default_factory=dict)
 
     def describes(self, other: KeptPredictions) -> bool:
         """Whether this file was made from what ``other`` (the run as it is now) would make it from."""
-        keys = ("group", "checkpoints", "config", "tta", "levels", "structures")
+        keys = ("group", "checkpoints", "config", "tta", "levels", "method", "structures")
         return all(getattr(self, key) == getattr(other, key) for key in keys) and list(self.frames.items()) == list(other.frames.items())
 
 
@@ -94,9 +105,13 @@ def dequantise(steps: np.ndarray) -> np.ndarray:
     return steps.astype(np.float64) / LEVELS
 
 
-def quantised(prediction: Prediction) -> Prediction:
-    """A prediction as it reads back from a kept file."""
-    return Prediction(dequantise(quantise(prediction.probs)), prediction.presence)
+def quantised(prediction: Prediction, frame: str) -> Prediction:
+    """A prediction as it reads back from a kept file.
+
+    Raises:
+        MedsegError: If a probability is not finite; the message names ``frame``.
+    """
+    return Prediction(dequantise(_steps(prediction, frame)), prediction.presence)
 
 
 def kept_predictions(
@@ -133,8 +148,9 @@ def kept_predictions(
         checkpoints={str(fold.fold): file_digest(fold.best) for fold in folds},
         config=file_digest(run.config_file),
         tta=tta,
+        method=METHOD,
         structures=run.structures,
-        frames={sample_id: frame_digest(frame) for sample_id, frame in zip(ids, frames, strict=True)},
+        frames={sample_id: exact_digest(frame) for sample_id, frame in zip(ids, frames, strict=True)},
     )
     kept, reason = read_kept(path, wanted, [frame.shape for frame in frames])
     who = f"fold {group.removeprefix('fold_')}" if group.startswith("fold_") else f"{len(folds)} fold model(s)"
@@ -143,7 +159,32 @@ def kept_predictions(
         yield from (Prediction(dequantise(steps), presence) for steps, presence in kept)
         return
     on_message(f"predicting {len(ids)} frames with {who}{f' ({reason})' if reason else ''}")
-    yield from _keep(path, wanted, predict())
+    unwritable = _unwritable(path)
+    if unwritable is None:
+        yield from _keep(path, wanted, predict())
+        return
+    on_message(f"not keeping them: {unwritable}")
+    for sample_id, prediction in zip(ids, predict(), strict=True):
+        yield quantised(prediction, f"{sample_id} ({who})")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the kept file cannot be written, or ``None`` when its folder can be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return first_line(error)
+    return None if os.access(path.parent, os.W_OK) else f"{path.parent} is not writable"
+
+
+def _steps(prediction: Prediction, frame: str) -> np.ndarray:
+    """A prediction's quantised probabilities, refused when not finite (a model that diverged or a damaged checkpoint)."""
+    if not np.isfinite(prediction.probs).all():
+        raise MedsegError(
+            f"the probabilities predicted for {frame} are not finite (NaN or infinite): the model diverged or its "
+            "checkpoint is damaged; train the run again (--force)"
+        )
+    return quantise(prediction.probs)
 
 
 Steps = tuple[np.ndarray, np.ndarray]  # a frame's quantised probabilities (C, H, W) and presence (C,)
@@ -172,8 +213,8 @@ def read_kept(path: Path, wanted: KeptPredictions, shapes: list[tuple[int, ...]]
             if not meta.describes(wanted):
                 return None, f"{path.name} was made from other checkpoints, settings or frames"
             return [_member(archive, sample_id, meta, (meta.structures, *shape)) for sample_id, shape in zip(meta.frames, shapes)], None
-    except (OSError, zipfile.BadZipFile, ValueError, MedsegError, EOFError) as error:
-        return None, f"{path.name} does not read back: {str(error).splitlines()[0][:120] if str(error) else type(error).__name__}"
+    except _UNREADABLE as error:
+        return None, f"{path.name} does not read back: {first_line(error, 120)}"
 
 
 def _regular(path: Path) -> Path:
@@ -188,9 +229,22 @@ def _meta(archive: zipfile.ZipFile) -> KeptPredictions:
     if info.file_size > MAX_TEXT_BYTES:
         raise ValueError(f"{META} of {info.file_size} bytes")
     try:
-        return KeptPredictions.model_validate(json.loads(archive.read(info)))
+        meta = KeptPredictions.model_validate(json.loads(archive.read(info)))
     except (ValueError, RecursionError) as error:  # json's and pydantic's errors (ValueErrors): not a file medseg wrote
-        raise ValueError(f"{META}: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"{META}: {first_line(error)}") from None
+    _check_presence(meta)
+    return meta
+
+
+def _check_presence(meta: KeptPredictions) -> None:
+    """Every frame has its presence: ``structures`` values each in [0, 1], or ``None`` for every frame (no head)."""
+    if meta.presence.keys() != meta.frames.keys():
+        raise ValueError(f"{META}: the presence values are not those of its frames")
+    heads = {tuple(value is not None for value in values) for values in meta.presence.values()}
+    if any(len(values) != meta.structures for values in meta.presence.values()) or len(heads) > 1:
+        raise ValueError(f"{META}: presence values of another shape than {meta.structures} structure(s) for every frame")
+    if any(value is not None and not 0.0 <= value <= 1.0 for values in meta.presence.values() for value in values):
+        raise ValueError(f"{META}: a presence value outside [0, 1]")
 
 
 def _member(archive: zipfile.ZipFile, sample_id: str, meta: KeptPredictions, shape: tuple[int, ...]) -> Steps:
@@ -201,24 +255,41 @@ def _member(archive: zipfile.ZipFile, sample_id: str, meta: KeptPredictions, sha
     steps = np.lib.format.read_array(bytes_io.BytesIO(archive.read(info)), allow_pickle=False)
     if steps.dtype != np.uint8 or steps.shape != shape or (steps.size and int(steps.max()) > LEVELS):
         raise ValueError(f"{info.filename} is not {shape} steps of 0 to {LEVELS}")
-    presence = meta.presence.get(sample_id, [None] * shape[0])
-    if len(presence) != shape[0]:
-        raise ValueError(f"{sample_id}: {len(presence)} presence value(s) for {shape[0]} structure(s)")
-    return steps, np.array([math.nan if value is None else value for value in presence], dtype=np.float64)
+    return steps, np.array([math.nan if value is None else value for value in meta.presence[sample_id]], dtype=np.float64)
 
 
 def _keep(path: Path, wanted: KeptPredictions, predictions: Iterator[Prediction]) -> Iterator[Prediction]:
-    """Yield each prediction quantised, writing it to ``path``; the file appears only once every frame is in it."""
+    """Yield each prediction quantised, writing it to ``path``.
+
+    The file appears only once every frame is in it, and before the last prediction is yielded, so that a consumer
+    that takes exactly one prediction per frame (and never asks for more) still has the file kept.
+    """
     presence: dict[str, list[float | None]] = {}
+    last = None
     with atomic_write(path, "wb") as stream, zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for sample_id, prediction in zip(wanted.frames, predictions, strict=True):
-            steps = quantise(prediction.probs)
+            steps = _steps(prediction, f"{sample_id} ({wanted.group})")
             with archive.open(f"{sample_id}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, steps, allow_pickle=False)
             presence[sample_id] = [None if math.isnan(value) else float(value) for value in prediction.presence]
-            yield Prediction(dequantise(steps), prediction.presence)
+            if last is not None:
+                yield last
+            last = Prediction(dequantise(steps), prediction.presence)
         meta = wanted.model_copy(update={"presence": presence})
         archive.writestr(META, json.dumps(meta.model_dump(mode="json")))
+    if last is not None:
+        yield last
+
+
+def exact_digest(frame: np.ndarray) -> str:
+    """A digest of a frame's exact values, type and shape: what the model was given, to the last bit.
+
+    Stricter than :func:`~medseg.data.samples.frame_digest` (which rounds deeper frames to 8 bits to recognise a copy
+    of the training data): a 16-bit frame changed below 1/255, or re-encoded at 8 bits, is a new frame here.
+    """
+    digest = hashlib.sha256(f"{frame.dtype.str}{frame.shape}".encode())
+    digest.update(np.ascontiguousarray(frame).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def file_digest(path: Path) -> str:

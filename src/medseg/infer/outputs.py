@@ -32,7 +32,7 @@ from medseg.errors import MedsegError, UsageError
 from medseg.files import Output, OutputExistsError, atomic_write, check_outputs, inside, printable
 from medseg.infer import submission
 from medseg.infer.export import ExportRequest, OnnxEnsemble, export_onnx
-from medseg.infer.predict import TTA_PASSES, load_fold_model, predict_frames, read_postprocess
+from medseg.infer.predict import TTA_PASSES, load_fold_model, postprocess_record, predict_frames, read_postprocess
 from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.progress import Item, format_duration
 from medseg.runs import Run, RunFile, delete_ours, foreign_entries, open_run
@@ -132,7 +132,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     ids = [record.id for record in records]
     sample = (sample_pairs, header) if run.classes else sample_ids
     written = _write_outputs(request, run, ids, masks, index_masks, probs, sample, on_message)
-    used = {name: vars(rule) for name, rule in zip(run.classes, posts, strict=True)} if run.classes else vars(posts[0])
+    used = postprocess_record(run, posts)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
 
 

@@ -65,8 +65,8 @@ class Prediction:
     one structure has one of each).
 
     Attributes:
-        probs: Probability maps at the frame's size, in [0, 1] (``float32``; ``float64`` read back from kept predictions,
-            :mod:`medseg.infer.kept`).
+        probs: Probability maps at the frame's size, in [0, 1] (``float32`` from a model; ``float64`` for held-out
+            frames, which are always quantised as kept predictions are, :mod:`medseg.infer.kept`).
         presence: Presence probabilities, ``nan`` for models without a presence head.
 
     Shape:
@@ -102,6 +102,14 @@ def postprocess_of(run: Run, tuning: Tuning | StructuresTuning | None) -> list[P
         return [default_postprocess(run.config.model.presence_head)] * run.structures
     blocks = list(tuning.classes.values()) if isinstance(tuning, StructuresTuning) else [tuning]
     return [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
+
+
+def postprocess_record(run: Run, posts: list[PostProcess]) -> dict:
+    """The post-processing used, as the JSON outputs give it: the one setting of a run of one structure, else a
+    setting by structure name."""
+    if not run.classes:
+        return vars(posts[0])
+    return {name: vars(rule) for name, rule in zip(run.classes, posts, strict=True)}
 
 
 def load_fold_model(run: Run, fold: FoldDir, device: torch.device) -> torch.nn.Module:
@@ -150,7 +158,7 @@ def predict_frames(
         batch_size: Frames per forward pass.
 
     Yields:
-        One :class:`Prediction` per frame, in order; its map has the frame's (H, W).
+        One :class:`Prediction` per frame, in order; its maps have the frame's (H, W), one per structure.
     """
     if tta not in TTA_MODES:
         raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")

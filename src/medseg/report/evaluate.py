@@ -27,7 +27,7 @@ from medseg.data.samples import frame_digest
 from medseg.errors import UsageError
 from medseg.files import Output, atomic_write, check_outputs, spreadsheet_safe
 from medseg.infer.heldout import HeldOutFrame, held_out_frames
-from medseg.infer.predict import PostProcess, read_postprocess
+from medseg.infer.predict import PostProcess, postprocess_record, read_postprocess
 from medseg.learn import metrics
 from medseg.runs import Run, foreign_entries, open_run
 
@@ -90,7 +90,7 @@ def evaluate_run(request: EvaluateRequest, *, force: bool = False, on_message: C
     summary = {
         "data": str(Path(data).resolve()),
         "mode": _mode(run, out_of_fold, skip_excluded),
-        "postprocess": {name: vars(rule) for name, rule in zip(run.classes, posts, strict=True)} if run.classes else vars(posts[0]),
+        "postprocess": postprocess_record(run, posts),
         "tta": tta,
         **scores_summary(rows, counts, run.classes),
         **({"left_out": _left_out(run, skip_excluded)} if out_of_fold and run.plan.excluded else {}),
