@@ -65,7 +65,10 @@ BEST = "best.ckpt"
 ONNX_FILE = "model.onnx"
 EVALUATION_DIR = "evaluation"
 KEPT_DIR = "held_out"
-KEPT_GROUPS = (r"fold_\d+", "left_out")  # the kept files' groups (medseg.infer.kept)
+LEFT_OUT_GROUP = "left_out"  # the kept group of the frames the run left out of training (medseg.infer.kept)
+KEPT_GROUPS = (r"fold_\d+", LEFT_OUT_GROUP)  # the kept files' groups: fold_K, and the left-out frames
+# The test-time augmentations (medseg.infer.predict), as postprocess.json and the kept files' names give them
+TTA_MODES = ("none", "hflip", "hvflip")
 REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_score", "lr", "images_per_s", "epoch_seconds")
@@ -686,7 +689,7 @@ RUN_TREE: dict = {
     **{re.escape(name): None for name in (ONNX_FILE, "model.json", REPORT_FILE)},
     r"fold_\d+": _FOLD_TREE,
     re.escape(EVALUATION_DIR): {r"[^/]+": {r"per_image\.csv": None, r"summary\.json": None, _TEMPORARY: None}},
-    re.escape(KEPT_DIR): {rf"(?:{'|'.join(KEPT_GROUPS)})\.(?:none|hflip|hvflip)\.npz": None, _TEMPORARY: None},
+    re.escape(KEPT_DIR): {rf"(?:{'|'.join(KEPT_GROUPS)})\.(?:{'|'.join(TTA_MODES)})\.npz": None, _TEMPORARY: None},
     re.escape(FIGURES_DIR): {r"[A-Za-z0-9_.\-]+\.png": None, _TEMPORARY: None},
 }
 

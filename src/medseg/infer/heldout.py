@@ -25,7 +25,7 @@ from medseg.data.samples import Sample, load_samples
 from medseg.devices import device_for
 from medseg.infer.kept import kept_predictions, quantised
 from medseg.infer.predict import Prediction, load_fold_model, predict_frames
-from medseg.runs import FoldDir, Run
+from medseg.runs import LEFT_OUT_GROUP, FoldDir, Run
 
 ENSEMBLE = None  # the group key of frames that every fold model predicts together
 
@@ -144,7 +144,7 @@ def _group_predictions(
         return predict_frames([load_fold_model(run, fold, device) for fold in folds], frames, run.config, tta)
 
     if out_of_fold:
-        name = "left_out" if group is ENSEMBLE else f"fold_{group}"
+        name = LEFT_OUT_GROUP if group is ENSEMBLE else f"fold_{group}"
         return kept_predictions(run, name, folds, ids, frames, tta, predict, on_message)
     on_message(f"predicting {len(ids)} frames with {len(folds)} fold model(s)")
     return (quantised(prediction, sample_id) for sample_id, prediction in zip(ids, predict(), strict=True))

@@ -42,9 +42,9 @@ import numpy as np
 from pydantic import Field
 
 from medseg.config import MAX_STRUCTURES
-from medseg.errors import MedsegError, UsageError
+from medseg.errors import MedsegError
 from medseg.files import MAX_TEXT_BYTES, atomic_write, first_line
-from medseg.infer.predict import TTA_MODES, Prediction
+from medseg.infer.predict import Prediction, check_tta
 from medseg.runs import FoldDir, Run, RunFile
 
 LEVELS = 240  # quantisation steps: 1/240 divides 0.05 (tune's grid) and 0.5 (the default threshold)
@@ -140,8 +140,7 @@ def kept_predictions(
     Yields:
         One prediction per frame, as it reads back from the file (:func:`quantised`).
     """
-    if tta not in TTA_MODES:
-        raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
+    check_tta(tta)
     path = run.kept_file(group, tta)
     wanted = KeptPredictions(
         group=group,

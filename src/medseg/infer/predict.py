@@ -24,9 +24,8 @@ from medseg.data.intensity import common_type, normalise
 from medseg.errors import UsageError
 from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.learn.models import create_model, split_outputs
-from medseg.runs import FoldDir, Run, StructuresTuning, Tuning
+from medseg.runs import TTA_MODES, FoldDir, Run, StructuresTuning, Tuning
 
-TTA_MODES = ("none", "hflip", "hvflip")
 TTA_PASSES = {"none": 1, "hflip": 2, "hvflip": 3}  # forward passes of each model per frame
 
 
@@ -104,6 +103,16 @@ def postprocess_of(run: Run, tuning: Tuning | StructuresTuning | None) -> list[P
     return [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
 
 
+def check_tta(tta: str) -> None:
+    """Refuse a test-time augmentation that is not one of :data:`~medseg.runs.TTA_MODES`.
+
+    Raises:
+        UsageError: Naming the ones there are.
+    """
+    if tta not in TTA_MODES:
+        raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
+
+
 def postprocess_record(run: Run, posts: list[PostProcess]) -> dict:
     """The post-processing used, as the JSON outputs give it: the one setting of a run of one structure, else a
     setting by structure name."""
@@ -160,8 +169,7 @@ def predict_frames(
     Yields:
         One :class:`Prediction` per frame, in order; its maps have the frame's (H, W), one per structure.
     """
-    if tta not in TTA_MODES:
-        raise UsageError(f"TTA {tta!r}; use one of {', '.join(TTA_MODES)}")
+    check_tta(tta)
     prob_fn = models if callable(models) else TorchEnsemble(models)
     yield from progress.track(_probs(prob_fn, frames, config, tta, batch_size), len(frames), "predicting")
 
