@@ -7,7 +7,7 @@ into a temporary worktree), ``after`` this checkout. Per arm: ``train DATA --fol
 stage's frames predicted are counted (the ensemble's per-batch function is wrapped), so the table shows how often each
 held-out frame was predicted; the last line gives the ratios before / after.
 
-    python bench/stage_times.py --before 75d4ceb --folds 5 --preset cpu          # both arms, about 40 minutes on 2 cores
+    python bench/stage_times.py --before 75d4ceb --folds 5 --preset cpu   # both arms: 30 min on 2 idle cores (7 with 3 epochs)
     python bench/stage_times.py --arm-only after --folds 2 --set trainer.max_epochs=1   # one arm, a quick check
 """
 
@@ -111,13 +111,15 @@ def table(arms: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "uns-mini")
+    parser.add_argument("--data", type=Path, default=SHARED / "uns-mini", help="Labelled data folder (default: uns-mini).")
     parser.add_argument("--before", default=None, help="Git commit of the 'before' arm (left out: only this checkout).")
     parser.add_argument("--after-src", type=Path, default=ROOT / "src", help="The 'after' arm's src/ (default: this checkout's).")
-    parser.add_argument("--arm-only", choices=("before", "after"), default=None)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--arm-only", choices=("before", "after"), default=None, help="Run one arm only.")
+    parser.add_argument("--folds", type=int, default=5, help="Folds of the run (train --folds N).")
+    parser.add_argument("--preset", default="cpu", help="Preset of the run (train --preset).")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="A configuration override (repeatable)."
+    )
     parser.add_argument("--out", type=Path, default=None, help="Working folder (default: a temporary one, removed at the end).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     options = parser.parse_args()
