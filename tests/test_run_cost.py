@@ -132,7 +132,7 @@ def test_dry_run_writes_nothing_and_plans_what_the_run_then_trains(process_run, 
     config = load_config("cpu", overrides=[*TINY_OVERRIDES, "trainer.max_epochs=2"])
     assert "folds: 2 of a 2-fold subject-grouped split" in captured.out and "input: 64x96, batch 8: 1 training steps" in captured.out
     assert "epochs: 2 a fold (all of them" in captured.out
-    assert f"device: cpu (trainer.accelerator=cpu); precision {devices.precision(config)}; augmentation cpu" in captured.out
+    assert f"device: cpu (trainer.accelerator=cpu); precision {devices.precision_reason(config)}; augmentation cpu" in captured.out
     assert re.search(
         r"estimate: [\d.]+ s a training step, [\d.]+ s a validation batch \(timed on 2 step\(s\)\): .+ for 2 fold\(s\) x 2 epochs",
         captured.out,

@@ -347,7 +347,8 @@ class OptimConfig(_Section):
 class TrainerConfig(_Section):
     """The training loop; ``tune_after`` runs ``medseg tune`` on the run when training ends.
 
-    ``devices`` is what Lightning takes: a number of devices (``-1``: all), a list of device indices, or ``auto``;
+    ``devices`` is what Lightning takes: a number of devices (``-1``: all), a list of device indices, or ``auto`` (all
+    of them on a GPU machine); one by default, as DDP trains a larger batch per step (``--devices N`` asks for it);
     ``strategy`` is a Lightning strategy name (checked against Lightning's registry before a run starts:
     :func:`medseg.learn.fit.check_trainer`). ``limit_*_batches`` is a number of batches, or a fraction of them in (0, 1].
     """
@@ -361,7 +362,7 @@ class TrainerConfig(_Section):
     gradient_clip: float | None = Field(None, gt=0.0)
     num_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: Literal["auto"] | int | list[int] = "auto"
+    devices: Literal["auto"] | int | list[int] = 1
     num_nodes: int = Field(1, ge=1, le=MAX_DEVICES)
     strategy: str = "auto"
     seed: int = Field(0, ge=0, le=SEED_MAX)

@@ -34,13 +34,77 @@ def uses_channels_last(config: Config) -> bool:
     return uses_cuda(config) or cpu_has_native_bf16()
 
 
+# Compute capabilities with fast fp16 but no native bf16 below 7.0: the P100 (6.0) and Jetson TX2 (6.2); the 6.1 cards
+# (GTX 10x0, P4, P40) run fp16 at a fraction of fp32's speed.
+_FAST_FP16_PASCAL = ((6, 0), (6, 2))
+
+
+def cuda_capability() -> tuple[int, int]:
+    """The compute capability of the first visible CUDA card, e.g. (7, 5) for a T4, (8, 0) for an A100."""
+    return tuple(torch.cuda.get_device_capability(0))
+
+
+def card_precision(capability: tuple[int, int]) -> str:
+    """The mixed precision a CUDA card of this compute capability trains fastest in without emulation.
+
+    ``bf16-mixed`` from 8.0 (A100, A10, L4, H100: bf16 in hardware); ``16-mixed`` (fp16 with loss scaling) on cards
+    with fast fp16 but no native bf16 (7.x: V100, T4, Kaggle's free pair of T4s; 6.0: P100, Kaggle's other free
+    card); ``32-true`` below (fp16 and bf16 there are emulated or slow). ``torch.cuda.is_bf16_supported()`` is not
+    used: it counts emulated bf16, which trains a T4 slower than fp32.
+    """
+    if capability >= (8, 0):
+        return "bf16-mixed"
+    if capability >= (7, 0) or capability in _FAST_FP16_PASCAL:
+        return "16-mixed"
+    return "32-true"
+
+
 def precision(config: Config) -> str:
-    """Lightning precision: ``trainer.precision``; ``auto`` is bf16-mixed on a CUDA device or a CPU that
-    supports bf16 natively, fp32 elsewhere."""
+    """Lightning precision: ``trainer.precision``; ``auto`` is the card's (:func:`card_precision`) on CUDA,
+    bf16-mixed on a CPU that supports bf16 natively, fp32 elsewhere."""
     if config.trainer.precision != "auto":
         return config.trainer.precision
-    native_bf16 = torch.cuda.is_bf16_supported() if uses_cuda(config) else cpu_has_native_bf16()
-    return "bf16-mixed" if native_bf16 else "32-true"
+    if uses_cuda(config):
+        return card_precision(cuda_capability())
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def precision_reason(config: Config) -> str:
+    """Why the run trains in :func:`precision`, in words (``--dry-run`` prints it)."""
+    chosen = precision(config)
+    if config.trainer.precision != "auto":
+        return f"{chosen} (trainer.precision)"
+    if uses_cuda(config):
+        major, minor = cuda_capability()
+        why = {
+            "bf16-mixed": "bf16 in hardware",
+            "16-mixed": "no native bf16: fp16 with loss scaling",
+            "32-true": "no fast fp16 or bf16",
+        }[chosen]
+        return f"{chosen} (auto: compute capability {major}.{minor}, {why})"
+    return f"{chosen} (auto: {'native bf16' if chosen == 'bf16-mixed' else 'no native bf16'} on this CPU)"
+
+
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type models predict in on ``device`` (the card's training precision), ``None`` for fp32."""
+    if device.type != "cuda":
+        return None
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(card_precision(tuple(torch.cuda.get_device_capability(device))))
+
+
+def idle_gpus_note(config: Config) -> str | None:
+    """A note when the run trains on one CUDA card (the default) while the machine has more, else ``None``.
+
+    One device is the default because DDP changes the run: N processes train N times the batch per step at the same
+    learning rate. It is what ``--devices N --strategy ddp`` asks for.
+    """
+    count = torch.cuda.device_count() if uses_cuda(config) else 0
+    if count < 2 or config.trainer.devices != 1 or config.trainer.num_nodes != 1:
+        return None
+    return (
+        f"{count} CUDA devices here, and the run trains on one (trainer.devices=1); --devices {count} --strategy ddp "
+        f"trains on all of them, with {count}x the batch per step at the same learning rate"
+    )
 
 
 def augments_on_device(config: Config) -> bool:

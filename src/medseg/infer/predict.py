@@ -21,6 +21,7 @@ from medseg import progress
 from medseg.config import Config
 from medseg.data import transforms
 from medseg.data.intensity import common_type, normalise
+from medseg.devices import inference_dtype
 from medseg.errors import UsageError
 from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.learn.models import create_model, split_outputs
@@ -188,8 +189,13 @@ def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: s
 
 
 class TorchEnsemble:
-    """Mean sigmoid of several torch models on a normalised batch (bf16 and channels-last on CUDA), and of
-    their presence logits when they have a presence head.
+    """Mean sigmoid of several torch models on a normalised batch, and of their presence logits when they have a
+    presence head.
+
+    On CUDA the models run channels-last in the card's mixed precision (:func:`~medseg.devices.inference_dtype`:
+    bf16 where the card has it in hardware, fp16 on a T4, V100 or P100); the sigmoid and the mean are taken in fp32
+    outside autocast, so that probabilities are not rounded to the half type's steps (about 0.004 near 0.5 in bf16)
+    and agree with the ONNX model's at the threshold.
 
     Args:
         models: Models in eval mode on one device.
@@ -203,8 +209,10 @@ class TorchEnsemble:
     def __call__(self, inputs: torch.Tensor) -> Probabilities:
         if inputs.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
-            return mean_sigmoid([model(inputs) for model in self.models])
+        dtype = inference_dtype(inputs.device)
+        with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = [model(inputs) for model in self.models]
+        return mean_sigmoid(outputs)
 
 
 def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Probabilities:
@@ -214,10 +222,10 @@ def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tens
         Returns: (N, C, H, W), one channel per structure, and (N,) or (N, C) or None.
     """
     pairs = [split_outputs(output) for output in outputs]
-    probs = torch.stack([torch.sigmoid(logits).float() for logits, _ in pairs]).mean(dim=0)
+    probs = torch.stack([torch.sigmoid(logits.float()) for logits, _ in pairs]).mean(dim=0)
     if any(presence is None for _, presence in pairs):
         return probs, None
-    return probs, torch.stack([torch.sigmoid(presence).float() for _, presence in pairs]).mean(dim=0)
+    return probs, torch.stack([torch.sigmoid(presence.float()) for _, presence in pairs]).mean(dim=0)
 
 
 @torch.inference_mode()

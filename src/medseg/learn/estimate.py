@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from medseg.config import Config, TrainerConfig, load_config
 from medseg.data.samples import Sample
-from medseg.devices import augments_on_device, precision, uses_cuda
+from medseg.devices import augments_on_device, precision, precision_reason, uses_cuda
 from medseg.learn.callbacks import quiet_lightning
 from medseg.learn.datamodule import SegmentationDataModule, num_workers
 from medseg.learn.models import create_model
@@ -117,7 +117,7 @@ class TrainingPlan:
                 f"{steps} training steps and {val_batches} validation batches an epoch (fold {self.folds[0].fold})"
             ),
             f"epochs: {epochs}",
-            f"device: {describe_device(config)}; precision {precision(config)}; augmentation {describe_augmentation(config)}",
+            f"device: {describe_device(config)}; precision {precision_reason(config)}; augmentation {describe_augmentation(config)}",
         ]
         return lines + ([self.estimate_line()] if self.times is not None else [])
 

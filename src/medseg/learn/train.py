@@ -22,6 +22,7 @@ from medseg.data import exclusions, splits
 from medseg.data.datasets import Dataset, load_dataset, require_clean
 from medseg.data.inspector import FrameFacts, structure_facts, summarize
 from medseg.data.samples import Sample, frame_digest, load_samples
+from medseg.devices import idle_gpus_note
 from medseg.errors import UsageError
 from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, tell_warning, time_steps
 from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
@@ -110,6 +111,7 @@ def train_run(
     else:
         fresh = _prepare(data, request.config, request.folds, request.fold, on_message)
         tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
+        _tell_idle_gpus(fresh.config, on_message)
         runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
         _write_run_files(run, fresh)
         _save_split(run, fresh.split, fresh.dataset, fresh.empty)
@@ -150,7 +152,15 @@ def plan_run(
     times = time_steps(fresh.config, [fresh.samples[i] for i in train_ids], [fresh.samples[i] for i in val_ids], steps)
     result = TrainingPlan(fresh.plan.n_folds, frames, fresh.config, times)
     tell_warning(cpu_warning(fresh.config, len(frames), result.run_seconds), on_warning, on_message)
+    _tell_idle_gpus(fresh.config, on_message)
     return result
+
+
+def _tell_idle_gpus(config: Config, on_message: Callable[[str], None]) -> None:
+    """Tell (as a ``note:`` line) that the machine has CUDA devices the run leaves idle (:func:`idle_gpus_note`)."""
+    note = idle_gpus_note(config)
+    if note is not None:
+        on_message(f"note: {note}")
 
 
 @dataclass(frozen=True)
