@@ -172,3 +172,19 @@ def two_fold_run(tmp_path_factory, shared_data: Path) -> Path:
         for suffix in ("", "_mask"):
             shutil.copyfile(source / f"{sample_id}{suffix}.tif", data / "train" / f"{sample_id}{suffix}.tif")
     return train_tiny(data, data.parent / "run", "--folds", "2", epochs=1)
+
+
+def constant_loss(value: float) -> Callable:
+    """A stand-in for :func:`medseg.learn.losses.create_loss` whose loss is ``value`` (NaN or inf), with a gradient.
+
+    Patch it over ``medseg.learn.module.create_loss`` to make training meet a loss that is not finite.
+    """
+
+    def create(config):
+        def loss(outputs, masks):
+            logits = outputs[0] if isinstance(outputs, tuple) else outputs
+            return logits.float().mean() * 0.0 + value
+
+        return loss
+
+    return create

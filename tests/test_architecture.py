@@ -16,7 +16,7 @@ import medseg
 PACKAGE = Path(medseg.__file__).parent
 STAGES = ("data", "learn", "infer", "report", "sweep")
 # The modules at the top that every stage may read; they import no stage.
-SHARED = {"errors", "files", "config", "progress", "devices", "runs", "__init__"}
+SHARED = {"errors", "files", "config", "progress", "devices", "ranks", "runs", "__init__"}
 ALIASES = {"io", "rle", "datasets", "splits"}  # the README's Python API names of medseg.data's modules
 APP = {"cli", "demo", "__main__"}  # the command line (also as python -m medseg) and the workflow that strings the stages together
 RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "sweep": 4, "app": 5}

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from conftest import TINY_OVERRIDES, set_args
+from conftest import TINY_OVERRIDES, constant_loss, set_args
 from medseg import config, files, runs
 from medseg.cli import main
 from medseg.errors import UsageError
@@ -388,9 +388,7 @@ def test_a_nan_loss_later_names_the_checkpoints_kept(tmp_path):
 
 
 def test_a_nan_loss_through_the_cli_is_one_line_without_a_false_checkpoint(tmp_path, capsys, small_kaggle_copy, monkeypatch):
-    monkeypatch.setattr(
-        engine_module.SegmentationModule, "training_step", lambda self, batch, i: self._check_finite(torch.tensor(float("nan")), "training")
-    )
+    monkeypatch.setattr(engine_module, "create_loss", constant_loss(float("nan")))
     data = small_kaggle_copy(train_ids=("1_1", "1_2", "2_1", "2_2", "3_1", "4_1", "5_1", "6_1"))
     code, err, _ = run_cli(capsys, *train_args(data, tmp_path / "run"))
     assert code == 1

@@ -16,6 +16,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from conftest import constant_loss
 from medseg import devices, runs
 from medseg.cli import main
 from medseg.config import load_config, read_run_config
@@ -174,9 +175,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_nan_through_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
 
-    monkeypatch.setattr(
-        engine_module.SegmentationModule, "training_step", lambda self, batch, i: self._check_finite(torch.tensor(float("inf")), "training")
-    )
+    monkeypatch.setattr(engine_module, "create_loss", constant_loss(float("inf")))
     args = ["train", str(sample_data_path()), "--out", str(tmp_path / "run"), "--preset", "cpu", "--quiet"]
     args += [item for override in TINY for item in ("--set", override)]
     assert main(args) == 1

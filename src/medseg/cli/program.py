@@ -23,6 +23,7 @@ from medseg.cli.printers import show_warning, stderr, stdout
 from medseg.cli.report_commands import demo_command, evaluate_command, report_command
 from medseg.errors import MedsegError, UsageError
 from medseg.files import printable
+from medseg.ranks import rank_prefix
 from medseg.runs import installation_versions
 
 # The exceptions typer raises for command-line mistakes come from its own copy of click (typer >= 0.29
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show_error(line: str, exit_code: int) -> int:
-    stderr.print(f"[red]error:[/red] {escape(line)}")
+    stderr.print(f"[red]error:[/red] {escape(rank_prefix() + line)}")  # each process of a DDP run says which it is
     return exit_code
 
 

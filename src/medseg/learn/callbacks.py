@@ -43,15 +43,15 @@ class EpochMetricsWriter(Callback):
         self.epoch_start = time.perf_counter()
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # the epoch's steps are queued, not done, until the device says so
         self.train_seconds = time.perf_counter() - self.epoch_start
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        sums = trainer.strategy.reduce(
-            torch.tensor([pl_module.train_loss_sum, pl_module.train_images], dtype=torch.float64), reduce_op="sum"
-        )
-        loss_sum, images = (float(value) for value in sums)
+        # on the module's device: NCCL, the process group of DDP on CUDA, reduces no CPU tensor
+        loss_sum, images = (float(value) for value in trainer.strategy.reduce(pl_module.train_sums(), reduce_op="sum"))
         row = {
             "epoch": trainer.current_epoch + 1,
             "train_loss": loss_sum / images if images else math.nan,

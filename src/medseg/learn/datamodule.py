@@ -8,11 +8,13 @@ frames of one size and the module augments them after the transfer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medseg.config import Config
 from medseg.data import transforms
@@ -66,6 +68,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.config = config
         self.train_samples = train_samples
         self.val_samples = val_samples
+        self.val_frames_here: int | None = None  # this rank's validation frames before the padding; None: all real
 
     def train_dataloader(self) -> DataLoader:
         batch = self.config.trainer.batch_size
@@ -79,7 +82,13 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader(dataset, shuffle=True, drop_last=len(dataset) > batch)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(SegmentationDataset(self.val_samples, transforms.eval_transform(self.config)), shuffle=False, drop_last=False)
+        dataset = SegmentationDataset(self.val_samples, transforms.eval_transform(self.config))
+        ranks, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if ranks == 1:
+            return self._loader(dataset, shuffle=False, drop_last=False, validation=True)
+        sampler = EqualValidationSampler(dataset, ranks, rank)
+        self.val_frames_here = sampler.real_samples
+        return self._loader(dataset, shuffle=False, drop_last=False, validation=True, sampler=sampler)
 
     def _same_size(self, samples: list[Sample]) -> list[Sample]:
         """Frames as they are when they share one size (resized on the device), else resized here first."""
@@ -88,21 +97,64 @@ class SegmentationDataModule(L.LightningDataModule):
         resize = transforms.eval_transform(self.config)
         return [transforms.apply(resize, image, mask) for image, mask in samples]
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        workers = num_workers(self.config)
+    def _loader(
+        self, dataset: Dataset, shuffle: bool, drop_last: bool, validation: bool = False, sampler: DistributedSampler | None = None
+    ) -> DataLoader:
+        local_ranks = self.trainer.num_devices if self.trainer is not None else 1
+        workers = num_workers(self.config, local_ranks, validation)
         return DataLoader(
             dataset,
             batch_size=self.config.trainer.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            worker_init_fn=one_thread_per_worker if workers else None,
         )
 
 
-def num_workers(config: Config) -> int:
-    """DataLoader workers: the configured number, else one per spare core on a GPU and none on a CPU."""
+class EqualValidationSampler(DistributedSampler):
+    """This rank's share of the validation frames, every rank the same number, the padding last and counted apart.
+
+    DDP's forward syncs the model's buffers on every rank in every batch, so the ranks must run equal batches;
+    :class:`~torch.utils.data.DistributedSampler` pads them by repeating frames, which the validation loss and score
+    would then count twice. Here rank r takes positions r, r + R, ... of the frames in order; positions past the end
+    repeat early frames, and :attr:`real_samples` says how many of this rank's frames come before them, so that the
+    module leaves the padding out of its sums (:meth:`medseg.learn.module.SegmentationModule.validation_step`).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.real_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        frames = len(self.dataset)
+        return iter(position % frames for position in range(self.rank, self.num_samples * self.num_replicas, self.num_replicas))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which container limits set), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def num_workers(config: Config, local_ranks: int = 1, validation: bool = False) -> int:
+    """DataLoader workers of one loader of one rank: the configured number, else sized from the usable cores.
+
+    On a CPU none (the cores train). On a GPU the cores are shared among the machine's ranks, one left to each rank's
+    own process: the training loader takes the rest (at most 15; at most 4 when augmentation runs on the GPU and the
+    workers only batch frames), the validation loader, which only resizes, at most 2 of them.
+    """
     if config.trainer.num_workers is not None:
         return config.trainer.num_workers
-    return max(0, min(15, (os.cpu_count() or 1) - 1)) if uses_cuda(config) else 0
+    if not uses_cuda(config):
+        return 0
+    spare = max(0, usable_cores() // max(1, local_ranks) - 1)
+    limit = 2 if validation else 4 if augments_on_device(config) else 15
+    return min(spare, limit)
+
+
+def one_thread_per_worker(worker_id: int) -> None:
+    """In each DataLoader worker: OpenCV on one thread (by default it starts one per core, in every worker)."""
+    cv2.setNumThreads(1)

@@ -8,7 +8,6 @@ front, writing nothing, so that settings Lightning refuses stop a run (and ``--d
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from typing import Any
@@ -26,9 +25,9 @@ from medseg.errors import UsageError
 from medseg.learn.callbacks import AtomicCheckpointIO, EpochMetricsWriter, quiet_lightning
 from medseg.learn.datamodule import SegmentationDataModule
 from medseg.learn.models import create_model
-from medseg.learn.module import NonFiniteLossError, SegmentationModule
+from medseg.learn.module import FIRST_STEPS, NonFiniteLossError, SegmentationModule
+from medseg.ranks import is_rank_zero
 
-FIRST_STEPS = 10  # a loss that is not finite within this many training steps points at the data as much as at the settings
 # What Lightning raises for settings it refuses while building a trainer (a missing package for a strategy included).
 _REFUSALS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
 
@@ -212,8 +211,9 @@ def _fold_result(trainer: L.Trainer, fold_dir: runs.FoldDir) -> runs.FoldResult:
 
 
 def is_ddp_child() -> bool:
-    """Whether this process is a worker that Lightning's DDP launcher started (not the one the user ran)."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    """Whether this process is another rank than global rank 0 of a distributed run (:func:`medseg.ranks.is_rank_zero`:
+    torchrun, SLURM, Lightning's own launcher): it trains, but neither checks nor writes the run folder's own files."""
+    return not is_rank_zero()
 
 
 def show_progress_default() -> bool:

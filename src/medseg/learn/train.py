@@ -26,6 +26,7 @@ from medseg.devices import idle_gpus_note
 from medseg.errors import UsageError
 from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, tell_warning, time_steps
 from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
+from medseg.learn.launch import launched_together, telling_ranks, wait_for_rank_zero
 from medseg.learn.models import check_model_config
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
@@ -103,21 +104,32 @@ def train_run(
         DataError: If the data set has problems.
     """
     run, data = Path(request.out), request.data
-    child = is_ddp_child()
-    if not child:
-        runs.check_run_folder(run, force=force, resume=resume)
-    if resume or child:
+    child, launch = is_ddp_child(), launched_together()
+    if child:  # another rank: only global rank 0 checks and writes the run folder (torchrun and srun: wait for it)
+        wait_for_rank_zero(launch)
         config, plan, samples, split = _prepare_resumed(data, run)
     else:
-        fresh = _prepare(data, request.config, request.folds, request.fold, on_message)
-        tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
-        _tell_idle_gpus(fresh.config, on_message)
-        runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
-        _write_run_files(run, fresh)
-        _save_split(run, fresh.split, fresh.dataset, fresh.empty)
-        config, plan, samples, split = fresh.config, fresh.plan, fresh.samples, fresh.split
+        with telling_ranks(launch):
+            config, plan, samples, split = _prepare_run_folder(request, resume, force, on_message, on_warning)
     results = _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
     return TrainedRun(run, config, plan, results, samples)
+
+
+def _prepare_run_folder(
+    request: TrainRequest, resume: bool, force: bool, on_message: Callable[[str], None], on_warning: Callable[[str], None] | None
+) -> tuple[Config, runs.RunPlan, dict[str, Sample], splits.Split]:
+    """On global rank 0: check the run folder, then read it (``resume``) or write a new one, and what it trains."""
+    run, data = Path(request.out), request.data
+    runs.check_run_folder(run, force=force, resume=resume)
+    if resume:
+        return _prepare_resumed(data, run)
+    fresh = _prepare(data, request.config, request.folds, request.fold, on_message)
+    tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
+    _tell_idle_gpus(fresh.config, on_message)
+    runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
+    _write_run_files(run, fresh)
+    _save_split(run, fresh.split, fresh.dataset, fresh.empty)
+    return fresh.config, fresh.plan, fresh.samples, fresh.split
 
 
 def plan_run(
