@@ -22,10 +22,12 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, set_args
-from medseg import runs
+from medseg import ranks, runs
+from medseg.cli import main
 from medseg.config import load_config
 from medseg.data.datasets import sample_data_path
 from medseg.learn import datamodule as datamodule_module
+from medseg.learn import fit
 from medseg.learn.callbacks import EpochMetricsWriter
 from medseg.learn.datamodule import EqualValidationSampler, num_workers, one_thread_per_worker
 from medseg.learn.models import create_model
@@ -287,3 +289,34 @@ def test_two_slurm_tasks_write_the_run_once_and_train_it_like_one_process(tmp_pa
         return command, environment
 
     assert_like_one_process(two_nodes(tmp_path, slurm_task), one_process_run)
+
+
+LAUNCH_VARIABLES = ("RANK", "SLURM_NTASKS", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.mark.parametrize(
+    ("variables", "zero", "prefix"),
+    [
+        ({}, True, ""),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True, ""),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False, "rank 3: "),
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, False, "rank 2: "),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, True, ""),  # one sbatch task: no srun launch of several
+        ({"LOCAL_RANK": "1"}, False, "node 0, local rank 1: "),  # a process Lightning's launcher started
+        ({"NODE_RANK": "1"}, False, "node 1, local rank 0: "),  # the first process of the second machine
+        ({"GROUP_RANK": "1", "LOCAL_RANK": "0"}, False, "node 1, local rank 0: "),
+    ],
+)
+def test_the_launchers_variables_tell_rank_zero_from_the_others(variables, zero, prefix, monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert ranks.is_rank_zero() is zero and fit.is_ddp_child() is not zero
+    assert ranks.rank_prefix() == prefix
+
+
+def test_another_ranks_error_line_says_which_rank(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["tune", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: rank 1: ")
