@@ -37,8 +37,11 @@ import os
 import pickle
 import platform
 import re
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
@@ -59,6 +62,7 @@ POSTPROCESS_FILE = "postprocess.json"
 FRAMES_FILE = "frames.json"
 METRICS_FILE = "metrics.csv"
 DONE_FILE = "done.json"
+LOCK_FILE = ".training.json"  # held while a process trains the fold (training_lock)
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -406,9 +410,94 @@ class FoldDir:
         """Whether this (sub-)run finished."""
         return self.done_file.is_file()
 
+    @property
+    def lock_file(self) -> Path:
+        """The file that says which process trains this (sub-)run now (:func:`training_lock`)."""
+        return self.path / LOCK_FILE
+
     def result(self) -> FoldResult | None:
         """How the (sub-)run ended, or ``None`` while it has not."""
         return FoldResult.read(self.done_file) if self.done else None
+
+
+class TrainingLock(RunFile):
+    """``.training.json`` of a (sub-)run being trained: which process trains it.
+
+    Attributes:
+        host: The machine's name.
+        pid: The process id on that machine.
+        started: When it took the lock (ISO 8601, UTC).
+    """
+
+    host: str
+    pid: int = Field(ge=0)
+    started: str
+
+
+@contextlib.contextmanager
+def training_lock(fold: FoldDir) -> Iterator[None]:
+    """Hold ``fold``'s training lock while the block trains it, so that two processes never train one fold.
+
+    The lock is a file created only where none exists (an exclusive create: one of two processes wins, also on a shared
+    disk). A lock whose process is gone (same machine, no such process) is taken over; it is removed when the block ends.
+
+    Raises:
+        UsageError: If another living process (or one on another machine) holds it, naming which.
+    """
+    fold.path.mkdir(parents=True, exist_ok=True)
+    mine = TrainingLock(host=socket.gethostname(), pid=os.getpid(), started=datetime.now(UTC).isoformat(timespec="seconds"))
+    if not _create_lock(fold.lock_file, mine):
+        holder = _lock_holder(fold.lock_file)
+        if holder is not None and not _gone(holder):
+            raise UsageError(
+                f"{fold.path}: fold {fold.fold} is being trained by process {holder.pid} on {holder.host} since {holder.started}; "
+                f"wait for it, or delete {fold.lock_file} if that process is gone"
+            )
+        fold.lock_file.unlink(missing_ok=True)  # a killed process's lock
+        if not _create_lock(fold.lock_file, mine):
+            raise UsageError(f"{fold.path}: another process took fold {fold.fold}'s lock at the same moment; it trains the fold")
+    try:
+        yield
+    finally:
+        if _lock_holder(fold.lock_file) == mine:
+            fold.lock_file.unlink(missing_ok=True)
+
+
+def _create_lock(path: Path, lock: TrainingLock) -> bool:
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(lock.model_dump_json())
+    return True
+
+
+def _lock_holder(path: Path) -> TrainingLock | None:
+    """The lock's holder, or ``None`` when it is gone or unreadable (being written, or damaged)."""
+    try:
+        return TrainingLock.model_validate_json(path.read_bytes()[:MAX_TEXT_BYTES])
+    except (OSError, ValueError):
+        return None
+
+
+def _gone(holder: TrainingLock) -> bool:
+    """Whether the lock's process no longer runs (known only for a process of this machine)."""
+    if holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def live_locks(run: Path) -> list[Path]:
+    """The training locks under a run folder that a living process (or another machine's) holds."""
+    locks = [Path(run) / LOCK_FILE, *Path(run).glob(f"fold_*/{LOCK_FILE}")]
+    return [path for path in locks if path.is_file() and (holder := _lock_holder(path)) is not None and not _gone(holder)]
 
 
 def fold_dirs(run: Path, folds: list[int], several: bool) -> list[FoldDir]:
@@ -558,6 +647,13 @@ def open_run(path: Path) -> Run:
     config = read_run_config(path / CONFIG_FILE)
     _check_plan_fits_config(path, plan, config)
     folds = fold_dirs(path, plan.folds, plan.several)
+    untrained = [fold.fold for fold in folds if not fold.done]
+    if untrained and len(folds) > 1:
+        names = ", ".join(map(str, untrained))
+        raise UsageError(
+            f"{path}: fold(s) {names} of {len(folds)} not trained yet (no {DONE_FILE}); train them (`medseg train DATA --out "
+            f"{path} --resume`, or `--resume --fold K` for one, from any process that sees the folder), then run this again"
+        )
     for fold in folds:
         if not fold.best.is_file():
             raise UsageError(f"{fold.best}: missing; the run did not finish a first epoch, continue it with `medseg train --resume`")
@@ -647,6 +743,8 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
         raise UsageError(f"{run}: folder exists and is not empty; use --force to replace the run or --resume to continue it")
     if occupied:
         check_replaceable(run, RUN_TREE, RUN_FILE, RunPlan)
+        if locks := live_locks(run):
+            raise UsageError(f"{run}: a process is training it now ({locks[0]}); --force does not replace a run being trained")
 
 
 def replace_run_folder(run: Path, force: bool) -> None:
@@ -677,6 +775,7 @@ _FOLD_TREE = {
     re.escape(CHECKPOINTS): _CHECKPOINTS_TREE,
     re.escape(METRICS_FILE): None,
     re.escape(DONE_FILE): None,
+    re.escape(LOCK_FILE): None,
     "tensorboard": {r"version_\d+": {r"events\.out\.tfevents\..+": None, r"hparams\.yaml": None}},  # Lightning's TensorBoard logs
     _TEMPORARY: None,
 }

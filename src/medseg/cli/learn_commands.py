@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from medseg.cli.options import DataArgument, DataFlags, NoReportOption, with_data_flags
-from medseg.cli.printers import print_plan, print_sweep, print_trained, print_tuning, say, warn
+from medseg.cli.printers import print_plan, print_sweep, print_trained, print_tuning, print_untrained, say, warn
 from medseg.cli.report_commands import write_report
 from medseg.config import PRESETS
 from medseg.errors import MedsegError, UsageError
@@ -35,7 +35,10 @@ def train_command(
         typer.Option("--set", help="Override a key, e.g. --set trainer.max_epochs=2 (repeatable).", metavar="KEY=VALUE"),
     ] = None,
     folds: Annotated[int | None, typer.Option("--folds", help="Train every fold of an N-fold split, in RUN/fold_K.")] = None,
-    fold: Annotated[int | None, typer.Option("--fold", help="Train one run validated on fold K (default: split.fold).")] = None,
+    fold: Annotated[
+        int | None,
+        typer.Option("--fold", help="Train one run validated on fold K (default: split.fold); with --resume, train fold K of RUN only."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its last checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
     devices: Annotated[str | None, typer.Option("--devices", help="Devices per machine for Lightning (e.g. 2, or auto).")] = None,
@@ -54,6 +57,14 @@ def train_command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or messages.")] = False,
     no_report: NoReportOption = False,
+    plan_only: Annotated[
+        bool,
+        typer.Option(
+            "--plan-only",
+            help="Write the run folder (plan, split, configuration) and train nothing: then train each fold in its own process "
+            "with --resume --fold K (a scheduler's array job, one GPU each) and tune RUN once all are done.",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -79,10 +90,10 @@ def train_command(
     if resume and (config_file or overrides or preset != "default" or values):
         raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
     config = load_config(preset, config_file, overrides, values)
-    request = TrainRequest(data, out, config, folds, fold)
+    request = TrainRequest(data, out, config, folds, fold, plan_only)
     if dry_run:
-        if resume:
-            raise UsageError("--dry-run plans a new run; drop --resume (a resumed run continues the plan of RUN/run.json)")
+        if resume or plan_only:
+            raise UsageError("--dry-run plans a new run and writes nothing; drop --resume and --plan-only")
         print_plan(plan_run(request, force=force, on_message=say(quiet), on_warning=warn), out)
         return 0
     trained = train_run(
@@ -96,6 +107,10 @@ def train_command(
     if is_ddp_child():
         return 0
     print_trained(trained)
+    untrained = [fold_dir.fold for fold_dir in trained.fold_dirs if not fold_dir.done]
+    if untrained:
+        print_untrained(trained, untrained, data)
+        return 0
     if trained.config.trainer.tune_after:
         from medseg.infer.tune import TuneRequest, tune_run
 

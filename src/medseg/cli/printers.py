@@ -105,6 +105,14 @@ def print_trained(trained: TrainedRun) -> None:
         )
 
 
+def print_untrained(trained: TrainedRun, untrained: list[int], data: Path) -> None:
+    """The folds of the run still to train, and how (folds in parallel: one process a fold, then tune)."""
+    folds = ", ".join(map(str, untrained))
+    stdout.print(f"still to train: fold(s) {folds} of {len(trained.plan.folds)}; each in its own process (any that sees the folder):")
+    stdout.print(f"  medseg train {escape(str(data))} --out {escape(str(trained.path))} --resume --fold K")
+    stdout.print(f"then, once every fold is done: medseg tune {escape(str(trained.path))}")
+
+
 def print_plan(plan: TrainingPlan, out: Path) -> None:
     """The plan and estimate of ``train --dry-run``, one line each."""
     stdout.print(f"plan for {escape(str(out))} (--dry-run: nothing written)")

@@ -8,6 +8,7 @@ up to the split, writes nothing, and estimates the run's time from a few timed s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,10 @@ class TrainRequest:
         out: The run folder.
         config: Configuration (ignored on ``resume``: the run's own ``config.yaml`` is used).
         folds: Train every fold of an N-fold split, each in ``RUN/fold_K``.
-        fold: Train one run whose validation fold is K (default: ``config.split.fold``).
+        fold: Train one run whose validation fold is K (default: ``config.split.fold``); when resuming, train only fold
+            K of the run's plan (folds in parallel: one process a fold).
+        plan_only: Write the run folder (plan, split, configuration) and train no fold: each is then trained by its own
+            process, resuming with ``fold``.
     """
 
     data: Path
@@ -51,6 +55,7 @@ class TrainRequest:
     config: Config
     folds: int | None = None
     fold: int | None = None
+    plan_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,11 @@ class TrainedRun:
     plan: runs.RunPlan
     results: list[FoldResult]
     samples: dict[str, Sample]
+
+    @property
+    def fold_dirs(self) -> list[runs.FoldDir]:
+        """The folders of every fold of the plan (trained here, by another process, or not yet)."""
+        return runs.fold_dirs(self.path, self.plan.folds, self.plan.several)
 
 
 def train_run(
@@ -104,6 +114,8 @@ def train_run(
         DataError: If the data set has problems.
     """
     run, data = Path(request.out), request.data
+    if request.plan_only and resume:
+        raise UsageError("--plan-only writes a new run folder; drop --resume (train its folds with --resume --fold K)")
     child, launch = is_ddp_child(), launched_together()
     if child:  # another rank: only global rank 0 checks and writes the run folder (torchrun and srun: wait for it)
         wait_for_rank_zero(launch)
@@ -111,8 +123,26 @@ def train_run(
     else:
         with telling_ranks(launch):
             config, plan, samples, split = _prepare_run_folder(request, resume, force, on_message, on_warning)
-    results = _train_folds(run, config, plan, samples, split, show_progress, on_message, extra_callbacks, child)
+    chosen = _folds_to_train(request, resume, plan, run)
+    results = _train_folds(run, config, plan, samples, split, chosen, show_progress, on_message, extra_callbacks, child)
     return TrainedRun(run, config, plan, results, samples)
+
+
+def _folds_to_train(request: TrainRequest, resume: bool, plan: runs.RunPlan, run: Path) -> list[int]:
+    """The folds of the plan this process trains: none with ``plan_only``, fold K when resuming with ``fold`` K, else all.
+
+    Raises:
+        UsageError: If the fold to resume is not in the plan.
+    """
+    if request.plan_only:
+        return []
+    if not resume or request.fold is None:
+        return list(plan.folds)
+    if request.fold not in plan.folds:
+        raise UsageError(
+            f"{run}: fold {request.fold} is not in the run's plan (folds {', '.join(map(str, plan.folds))}); choose one of them"
+        )
+    return [request.fold]
 
 
 def _prepare_run_folder(
@@ -375,24 +405,33 @@ def _train_folds(
     plan: runs.RunPlan,
     samples: dict[str, Sample],
     split: splits.Split,
+    chosen: list[int],
     show_progress: bool,
     on_message: Callable[[str], None],
     extra_callbacks: list[Callback] | None,
     child: bool,
 ) -> list[FoldResult]:
+    """Train the ``chosen`` folds of the plan in turn, each under its training lock (on rank 0), skipping finished ones.
+
+    Raises:
+        UsageError: If another process trains a chosen fold, or the one fold asked for is finished already.
+    """
     results = []
-    tracker = RunProgress(len(plan.folds), config.trainer.max_epochs, may_stop_early(config.trainer), on_message)
+    tracker = RunProgress(len(chosen), config.trainer.max_epochs, may_stop_early(config.trainer), on_message)
     try:
-        for position, fold_dir in enumerate(runs.fold_dirs(run, plan.folds, plan.several)):
+        for position, fold_dir in enumerate(runs.fold_dirs(run, chosen, plan.several)):
             if fold_dir.done:
+                if len(chosen) == 1 and len(plan.folds) > 1:
+                    raise UsageError(f"{fold_dir.path}: fold {fold_dir.fold} is trained already ({runs.DONE_FILE}); nothing to train")
                 results.append(fold_dir.result())
                 on_message(f"fold {fold_dir.fold}: already finished, skipped")
                 continue
             train_ids, val_ids = split.train_val(fold_dir.fold)
-            on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
-            tracker.begin_fold(fold_dir.fold, position)
-            callbacks = [tracker, *(extra_callbacks or [])]
-            result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, callbacks)
+            with contextlib.nullcontext() if child else runs.training_lock(fold_dir):
+                on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
+                tracker.begin_fold(fold_dir.fold, position)
+                callbacks = [tracker, *(extra_callbacks or [])]
+                result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, callbacks)
             if weights is not None and not child:
                 _record_weights(run, weights)
             results.append(result)
