@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The browser the report test opens report.html in (Debian's package; Playwright drives it, nothing is downloaded).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test lint browser bench clean
+.PHONY: demo test lint browser postgres bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # pip check: the installed versions satisfy every package's requirements (pyproject.toml bounds the ones that broke us);
 # ruff: lint and formatting (pyproject.toml's [tool.ruff]) before the tests, so that CI refuses what they refuse.
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pip check
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
@@ -35,6 +35,16 @@ browser:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium && test -x $(CHROMIUM); \
 	else \
 		echo "make test needs Chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium' (or make test as root), then make test again" >&2; exit 1; \
+	fi
+
+# The PostgreSQL server the sweep test starts a throwaway cluster of (Debian's package); installed as Chromium is.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing PostgreSQL for the sweep test (apt-get install postgresql)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql && ls /usr/lib/postgresql/*/bin/initdb >/dev/null; \
+	else \
+		echo "make test needs PostgreSQL's server: run 'sudo apt-get install -y postgresql' (or make test as root), then make test again" >&2; exit 1; \
 	fi
 
 bench: $(STAMP)

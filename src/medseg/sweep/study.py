@@ -412,7 +412,7 @@ def open_storage(url: str, option: str, attempts: int = 5) -> optuna.storages.RD
             ) from None
         except ImportError:
             raise UsageError(
-                f"{option}: the database driver for this URL is not installed (e.g. pip install psycopg2-binary for postgresql://)"
+                f"{option}: the database driver for this URL is not installed (for postgresql://: pip install 'medseg[postgres]')"
             ) from None
         except sqlalchemy.exc.SQLAlchemyError as error:
             raise UsageError(f"{option}: cannot open the study's database ({first_line(error)})") from None
