@@ -27,7 +27,7 @@ from medseg.cli import main
 from medseg.config import load_config
 from medseg.data.datasets import sample_data_path
 from medseg.learn import datamodule as datamodule_module
-from medseg.learn import fit
+from medseg.learn import fit, launch
 from medseg.learn.callbacks import EpochMetricsWriter
 from medseg.learn.datamodule import EqualValidationSampler, num_workers, one_thread_per_worker
 from medseg.learn.models import create_model
@@ -277,6 +277,7 @@ def test_two_slurm_tasks_write_the_run_once_and_train_it_like_one_process(tmp_pa
             "SLURM_JOB_ID": "4242",
             "SLURM_JOB_NAME": "medseg-test",
             "SLURM_NTASKS": "2",
+            "SLURM_STEP_NUM_TASKS": "2",
             "SLURM_NTASKS_PER_NODE": "1",
             "SLURM_PROCID": str(node),
             "SLURM_LOCALID": "0",
@@ -291,7 +292,7 @@ def test_two_slurm_tasks_write_the_run_once_and_train_it_like_one_process(tmp_pa
     assert_like_one_process(two_nodes(tmp_path, slurm_task), one_process_run)
 
 
-LAUNCH_VARIABLES = ("RANK", "SLURM_NTASKS", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+LAUNCH_VARIABLES = ("RANK", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
 @pytest.mark.parametrize(
@@ -300,8 +301,9 @@ LAUNCH_VARIABLES = ("RANK", "SLURM_NTASKS", "SLURM_PROCID", "LOCAL_RANK", "NODE_
         ({}, True, ""),
         ({"RANK": "0", "LOCAL_RANK": "0"}, True, ""),
         ({"RANK": "3", "LOCAL_RANK": "1"}, False, "rank 3: "),
-        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, False, "rank 2: "),
+        ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}, False, "rank 2: "),
         ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, True, ""),  # one sbatch task: no srun launch of several
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, True, ""),  # a batch script of a 4-task job, without srun
         ({"LOCAL_RANK": "1"}, False, "node 0, local rank 1: "),  # a process Lightning's launcher started
         ({"NODE_RANK": "1"}, False, "node 1, local rank 0: "),  # the first process of the second machine
         ({"GROUP_RANK": "1", "LOCAL_RANK": "0"}, False, "node 1, local rank 0: "),
@@ -320,3 +322,11 @@ def test_another_ranks_error_line_says_which_rank(monkeypatch, capsys, tmp_path)
     monkeypatch.setenv("RANK", "1")
     assert main(["tune", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: rank 1: ")
+
+
+def test_a_batch_script_of_a_multi_task_job_joins_no_process_group(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # sbatch --ntasks 4, and medseg run in the script without srun
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert launch.launched_together() is None and ranks.is_rank_zero()

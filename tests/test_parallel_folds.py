@@ -82,6 +82,12 @@ def hold_lock(fold: Path, pid: int, host: str | None = None) -> None:
     (fold / runs.LOCK_FILE).write_text(lock.model_dump_json())
 
 
+def gone_pid() -> int:
+    """The id of a process that has ended."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(ended.stdout)
+
+
 def resume_fold(run: Path, fold: int) -> list[str]:
     return ["train", str(sample_data_path()), "--out", str(run), "--resume", "--fold", str(fold), "--quiet", "--no-report"]
 
@@ -98,13 +104,12 @@ def test_a_fold_being_trained_is_refused_in_one_line(planned, tmp_path, capsys, 
 
 def test_the_lock_of_a_killed_process_is_taken_over(planned, tmp_path):
     run = planned_copy(planned, tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    hold_lock(run / "fold_0", int(gone.stdout))
+    hold_lock(run / "fold_0", gone_pid())
     assert main(resume_fold(run, 0)) == 0
     assert (run / "fold_0" / runs.DONE_FILE).is_file() and not (run / "fold_0" / runs.LOCK_FILE).exists()
 
 
-def test_tune_says_which_folds_are_missing_and_a_trained_fold_is_not_trained_again(planned, tmp_path, capsys):
+def test_tune_says_which_folds_are_missing_and_a_trained_fold_is_skipped(planned, tmp_path, capsys):
     run = planned_copy(planned, tmp_path)
     assert main(resume_fold(run, 0)) == 0
     capsys.readouterr()
@@ -113,8 +118,9 @@ def test_tune_says_which_folds_are_missing_and_a_trained_fold_is_not_trained_aga
         err = capsys.readouterr().err
         assert "fold(s) 1 of 2 not trained yet" in err and "--resume --fold K" in err, err
     before = (run / "fold_0" / runs.METRICS_FILE).read_bytes()
-    assert main(resume_fold(run, 0)) == 2
-    assert "fold 0 is trained already" in capsys.readouterr().err
+    again = [arg for arg in resume_fold(run, 0) if arg != "--quiet"]
+    assert main(again) == 0  # an array job submitted again: the trained task ends well, so afterok holds
+    assert f"fold 0: already trained ({run / 'fold_0' / runs.DONE_FILE}), skipped" in capsys.readouterr().err
     assert (run / "fold_0" / runs.METRICS_FILE).read_bytes() == before
 
 
@@ -132,3 +138,23 @@ def test_force_does_not_replace_a_run_being_trained(planned, tmp_path, capsys):
     assert main(["train", str(sample_data_path()), "--out", str(run), "--folds", "2", "--force", *SETTINGS]) == 2
     assert "a process is training it now" in capsys.readouterr().err
     assert json.loads((run / "fold_0" / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_that_cannot_be_read_counts_as_held(planned, tmp_path, capsys):
+    run = planned_copy(planned, tmp_path)
+    (run / "fold_0").mkdir(exist_ok=True)
+    (run / "fold_0" / runs.LOCK_FILE).write_text("")  # as another process's lock would look if it were not written whole
+    assert main(resume_fold(run, 0)) == 2
+    assert "fold 0 is being trained by another process (its lock cannot be read)" in capsys.readouterr().err
+
+
+def test_a_gone_process_lock_is_taken_over_by_one_process_only(planned, tmp_path):
+    run = planned_copy(planned, tmp_path)
+    hold_lock(run / "fold_0", gone_pid())
+    stale = runs.TrainingLock.model_validate_json((run / "fold_0" / runs.LOCK_FILE).read_text())
+    fold = runs.fold_dirs(run, [0], True)[0]
+    assert runs._take_over(fold.lock_file, stale) and not fold.lock_file.exists()
+    assert not runs._take_over(fold.lock_file, stale)  # the second one finds nothing to take
+    hold_lock(run / "fold_0", os.getpid())  # a new lock in place of the stale one: put back, not taken
+    assert not runs._take_over(fold.lock_file, stale) and fold.lock_file.is_file()
+    assert [path.name for path in (run / "fold_0").iterdir()] == [runs.LOCK_FILE]

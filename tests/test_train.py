@@ -147,7 +147,7 @@ def test_resume_of_a_finished_fold_skips_it(two_fold_run, tmp_path):
     messages = []
     train_run(TrainRequest(two_fold_run.parent / "data", run, config), resume=True, on_message=messages.append)
     assert sorted((path, path.stat().st_mtime_ns) for path in run.rglob("*.ckpt")) == written  # no checkpoint written again
-    assert sum("already finished" in line for line in messages) == 2
+    assert sum("already trained" in line and "skipped" in line for line in messages) == 2
     split = runs.read_json(run / "split.json")
     assert split["n_folds"] == 2
 

@@ -1,7 +1,8 @@
 """Which process of a distributed training this is, from the variables its launcher set; no PyTorch needed.
 
 Launchers name a process's place differently: torchrun sets ``RANK`` (and ``GROUP_RANK`` for its machine), SLURM's
-``srun`` sets ``SLURM_PROCID`` for each of ``SLURM_NTASKS`` tasks, and Lightning's own launcher starts the other
+``srun`` sets ``SLURM_PROCID`` for each of the ``SLURM_STEP_NUM_TASKS`` tasks of its job step (a batch script run
+without ``srun`` is one task, whatever ``SLURM_NTASKS`` the job asked for), and Lightning's own launcher starts the other
 processes of a machine with ``LOCAL_RANK`` and the other machines' first processes with ``NODE_RANK``. Only global
 rank 0 writes a run folder; the others read what it wrote.
 """
@@ -17,13 +18,17 @@ def _number(name: str) -> int | None:
 
 
 def global_rank() -> int | None:
-    """This process's global rank where a launcher says it directly (``RANK``, or ``SLURM_PROCID`` of a multi-task
-    job step), else ``None``."""
+    """This process's global rank where a launcher says it directly (``RANK``, or ``SLURM_PROCID`` of an ``srun`` step
+    of several tasks), else ``None``."""
     rank = _number("RANK")
     if rank is not None:
         return rank
-    tasks = _number("SLURM_NTASKS")
-    return _number("SLURM_PROCID") if tasks is not None and tasks > 1 else None
+    return _number("SLURM_PROCID") if srun_tasks() > 1 else None
+
+
+def srun_tasks() -> int:
+    """The tasks of the SLURM job step this process is one of (``srun``); 1 outside SLURM or in a batch script."""
+    return _number("SLURM_STEP_NUM_TASKS") or 1
 
 
 def is_rank_zero() -> bool:

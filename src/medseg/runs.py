@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medseg import __version__
 from medseg.config import MAX_EPOCHS, MAX_FOLDS, MAX_LABEL, MAX_STRUCTURES, Config, check_class_name, read_run_config
 from medseg.errors import MedsegError, UsageError
-from medseg.files import MAX_TEXT_BYTES, atomic_write, first_line, inside, read_bounded, safe_file_name
+from medseg.files import MAX_TEXT_BYTES, OutputExistsError, atomic_write, first_line, inside, read_bounded, safe_file_name
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -438,8 +438,10 @@ class TrainingLock(RunFile):
 def training_lock(fold: FoldDir) -> Iterator[None]:
     """Hold ``fold``'s training lock while the block trains it, so that two processes never train one fold.
 
-    The lock is a file created only where none exists (an exclusive create: one of two processes wins, also on a shared
-    disk). A lock whose process is gone (same machine, no such process) is taken over; it is removed when the block ends.
+    The lock is a file linked into place only where none exists, whole (written beside it first, then hard-linked: an
+    exclusive create that one of two processes wins, also on a shared disk, and never seen half-written). A lock whose
+    process is gone (same machine, no such process) is taken over by renaming it away, which only one process can do;
+    one that cannot be read is treated as held. The lock is removed when the block ends.
 
     Raises:
         UsageError: If another living process (or one on another machine) holds it, naming which.
@@ -448,14 +450,8 @@ def training_lock(fold: FoldDir) -> Iterator[None]:
     mine = TrainingLock(host=socket.gethostname(), pid=os.getpid(), started=datetime.now(UTC).isoformat(timespec="seconds"))
     if not _create_lock(fold.lock_file, mine):
         holder = _lock_holder(fold.lock_file)
-        if holder is not None and not _gone(holder):
-            raise UsageError(
-                f"{fold.path}: fold {fold.fold} is being trained by process {holder.pid} on {holder.host} since {holder.started}; "
-                f"wait for it, or delete {fold.lock_file} if that process is gone"
-            )
-        fold.lock_file.unlink(missing_ok=True)  # a killed process's lock
-        if not _create_lock(fold.lock_file, mine):
-            raise UsageError(f"{fold.path}: another process took fold {fold.fold}'s lock at the same moment; it trains the fold")
+        if holder is None or not _gone(holder) or not _take_over(fold.lock_file, holder) or not _create_lock(fold.lock_file, mine):
+            raise UsageError(_held_message(fold))
     try:
         yield
     finally:
@@ -463,13 +459,33 @@ def training_lock(fold: FoldDir) -> Iterator[None]:
             fold.lock_file.unlink(missing_ok=True)
 
 
+def _held_message(fold: FoldDir) -> str:
+    holder = _lock_holder(fold.lock_file)
+    who = f"process {holder.pid} on {holder.host} since {holder.started}" if holder else "another process (its lock cannot be read)"
+    return f"{fold.path}: fold {fold.fold} is being trained by {who}; wait for it, or delete {fold.lock_file} if that process is gone"
+
+
 def _create_lock(path: Path, lock: TrainingLock) -> bool:
+    """Link a whole lock file into ``path`` unless one is there (``atomic_write(exclusive=True)``)."""
     try:
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+        with atomic_write(path, exclusive=True) as stream:
+            stream.write(lock.model_dump_json())
+    except OutputExistsError:
         return False
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(lock.model_dump_json())
+    return True
+
+
+def _take_over(path: Path, stale: TrainingLock) -> bool:
+    """Move a gone process's lock out of the way; ``False`` if another process did first or the lock is not ``stale``."""
+    claimed = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return False  # another process took it over first
+    if _lock_holder(claimed) != stale:  # a new lock replaced the stale one before the rename: put it back
+        os.rename(claimed, path)
+        return False
+    claimed.unlink()
     return True
 
 
@@ -776,6 +792,7 @@ _FOLD_TREE = {
     re.escape(METRICS_FILE): None,
     re.escape(DONE_FILE): None,
     re.escape(LOCK_FILE): None,
+    re.escape(LOCK_FILE) + r"\.\d+\.stale": None,  # a gone process's lock, being taken over
     "tensorboard": {r"version_\d+": {r"events\.out\.tfevents\..+": None, r"hparams\.yaml": None}},  # Lightning's TensorBoard logs
     _TEMPORARY: None,
 }

@@ -193,7 +193,8 @@ class TorchEnsemble:
     presence head.
 
     On CUDA the models run channels-last in the card's mixed precision (:func:`~medseg.devices.inference_dtype`:
-    bf16 where the card has it in hardware, fp16 on a T4, V100 or P100); the sigmoid and the mean are taken in fp32
+    bf16 where the card has it in hardware, fp16 on a T4, V100 or P100, and a batch whose fp16 outputs overflow, as a
+    model trained in bf16 or fp32 may, again in fp32); the sigmoid and the mean are taken in fp32
     outside autocast, so that probabilities are not rounded to the half type's steps (about 0.004 near 0.5 in bf16)
     and agree with the ONNX model's at the threshold.
 
@@ -210,9 +211,16 @@ class TorchEnsemble:
         if inputs.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         dtype = inference_dtype(inputs.device)
-        with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = [model(inputs) for model in self.models]
+        outputs = self._outputs(inputs, dtype)
+        if dtype == torch.float16 and not all(
+            torch.isfinite(part).all() for output in outputs for part in split_outputs(output) if part is not None
+        ):
+            outputs = self._outputs(inputs, None)  # fp16's range overflowed (a model trained in bf16 or fp32): this batch in fp32
         return mean_sigmoid(outputs)
+
+    def _outputs(self, inputs: torch.Tensor, dtype: torch.dtype | None) -> list:
+        with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return [model(inputs) for model in self.models]
 
 
 def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Probabilities:

@@ -110,6 +110,8 @@ class quiet_lightning:
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        # val_loss and val_score are logged already summed over the ranks (SegmentationModule.on_validation_epoch_end)
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
 
     def __exit__(self, *exc: object) -> None:
         self._warnings.__exit__(*exc)

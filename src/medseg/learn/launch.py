@@ -20,17 +20,24 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvir
 
 from medseg.errors import MedsegError
 from medseg.files import first_line
+from medseg.ranks import srun_tasks
 
 TIMEOUT = timedelta(minutes=30)  # how long a rank waits for rank 0 to load and split the data and write the run folder
 
 
 def launched_together() -> ClusterEnvironment | None:
-    """The cluster environment of a launch of several processes by torchrun or SLURM, else ``None``."""
-    for environment in (TorchElasticEnvironment, SLURMEnvironment):
-        if environment.detect():
-            found = environment()
-            return found if found.world_size() > 1 else None
-    return None
+    """The cluster environment of a launch of several processes by torchrun or ``srun``, else ``None``.
+
+    A SLURM batch script that runs medseg without ``srun`` is one process, whatever ``SLURM_NTASKS`` its job asked for
+    (Lightning's SLURM detection looks at that variable alone): it joins nothing.
+    """
+    if TorchElasticEnvironment.detect():
+        found = TorchElasticEnvironment()
+    elif SLURMEnvironment.detect() and srun_tasks() > 1:
+        found = SLURMEnvironment()
+    else:
+        return None
+    return found if found.world_size() > 1 else None
 
 
 def join(environment: ClusterEnvironment) -> None:
@@ -85,3 +92,17 @@ def _broadcast(reason: str | None) -> str | None:
     message = [reason]
     dist.broadcast_object_list(message, src=0)
     return message[0]
+
+
+def agree_with_rank_zero(decision: str | None, local: str) -> str:
+    """Rank 0's ``decision`` on every rank, so that all train the same fold or all stop.
+
+    Broadcast when a process group exists (torchrun and srun ranks join one before training; Lightning's own launcher's
+    ranks have one from their first fold on). Before that, Lightning's launcher has started no other process yet: rank
+    0 decides alone, and a process without a group (one that decides nothing) takes ``local``.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        message = [decision]
+        dist.broadcast_object_list(message, src=0)
+        return message[0]
+    return local if decision is None else decision

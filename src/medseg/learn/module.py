@@ -15,12 +15,10 @@ needs them) and the padded frames are left out of the sums (:class:`medseg.learn
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from medseg.config import Config
 from medseg.data.gpu_augment import BatchAugment
@@ -201,10 +199,8 @@ class SegmentationModule(L.LightningModule):
         if not math.isfinite(val_loss):
             epoch = self.current_epoch
             raise NonFiniteLossError(f"validation loss is {val_loss} at epoch {epoch + 1}", "validation", epoch, self.global_step)
-        with warnings.catch_warnings():  # the values are already summed over the ranks: nothing for sync_dist to do
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*", category=PossibleUserWarning)
-            self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
-            self.log("val_score", dice_total / pair_total if pair_total else math.nan, prog_bar=True, sync_dist=False)
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)  # summed over the ranks already
+        self.log("val_score", dice_total / pair_total if pair_total else math.nan, prog_bar=True, sync_dist=False)
 
     def on_train_epoch_start(self) -> None:
         self._reset_epoch_sums()

@@ -27,7 +27,7 @@ from medseg.devices import idle_gpus_note
 from medseg.errors import UsageError
 from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_stop_early, tell_warning, time_steps
 from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
-from medseg.learn.launch import launched_together, telling_ranks, wait_for_rank_zero
+from medseg.learn.launch import agree_with_rank_zero, launched_together, telling_ranks, wait_for_rank_zero
 from medseg.learn.models import check_model_config
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
@@ -399,6 +399,22 @@ def _record_weights(run: Path, weights: EncoderWeights) -> None:
     recorded.model_copy(update={"encoder_weights": weights}).write(path)
 
 
+_TRAIN, _SKIP = "train", "skip"  # rank 0's decisions on a fold; anything else is why it refuses the fold
+
+
+def _claim(fold_dir: runs.FoldDir, held: contextlib.ExitStack) -> str:
+    """On rank 0: whether to train a fold (its lock then held until ``held`` closes), skip it (trained already), or
+    why not (another process trains it). ``done.json`` is read again once the lock is held: another process may have
+    finished the fold in between."""
+    if fold_dir.done:
+        return _SKIP
+    try:
+        held.enter_context(runs.training_lock(fold_dir))
+    except UsageError as error:
+        return str(error)
+    return _SKIP if fold_dir.done else _TRAIN
+
+
 def _train_folds(
     run: Path,
     config: Config,
@@ -414,20 +430,21 @@ def _train_folds(
     """Train the ``chosen`` folds of the plan in turn, each under its training lock (on rank 0), skipping finished ones.
 
     Raises:
-        UsageError: If another process trains a chosen fold, or the one fold asked for is finished already.
+        UsageError: If another process trains a chosen fold.
     """
     results = []
     tracker = RunProgress(len(chosen), config.trainer.max_epochs, may_stop_early(config.trainer), on_message)
     try:
         for position, fold_dir in enumerate(runs.fold_dirs(run, chosen, plan.several)):
-            if fold_dir.done:
-                if len(chosen) == 1 and len(plan.folds) > 1:
-                    raise UsageError(f"{fold_dir.path}: fold {fold_dir.fold} is trained already ({runs.DONE_FILE}); nothing to train")
-                results.append(fold_dir.result())
-                on_message(f"fold {fold_dir.fold}: already finished, skipped")
-                continue
-            train_ids, val_ids = split.train_val(fold_dir.fold)
-            with contextlib.nullcontext() if child else runs.training_lock(fold_dir):
+            with contextlib.ExitStack() as held:
+                decision = agree_with_rank_zero(_claim(fold_dir, held) if not child else None, local=_TRAIN if not fold_dir.done else _SKIP)
+                if decision == _SKIP:
+                    results.append(fold_dir.result())
+                    on_message(f"fold {fold_dir.fold}: already trained ({fold_dir.done_file}), skipped")
+                    continue
+                if decision != _TRAIN:
+                    raise UsageError(decision)
+                train_ids, val_ids = split.train_val(fold_dir.fold)
                 on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
                 tracker.begin_fold(fold_dir.fold, position)
                 callbacks = [tracker, *(extra_callbacks or [])]
