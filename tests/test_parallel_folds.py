@@ -20,7 +20,12 @@ from medseg import runs
 from medseg.cli import main
 from medseg.data.datasets import sample_data_path
 
-SETTINGS = ["--preset", "cpu", *set_args(*TINY_OVERRIDES, "trainer.max_epochs=2", "trainer.early_stopping_patience=50")]
+# tune_after as --preset kaggle has it: one process trains every fold and tunes, a process of one fold does not
+SETTINGS = [
+    "--preset",
+    "cpu",
+    *set_args(*TINY_OVERRIDES, "trainer.max_epochs=2", "trainer.early_stopping_patience=50", "trainer.tune_after=true"),
+]
 DETERMINISTIC = ("epoch", "train_loss", "val_loss", "val_score", "lr")  # metrics.csv's columns that are not timings
 
 
@@ -56,12 +61,14 @@ def test_plan_only_writes_the_plan_and_trains_nothing(planned):
 def test_two_processes_train_the_two_folds_at_once_as_one_process_trains_both(planned, tmp_path):
     run = planned_copy(planned, tmp_path)
     processes = [medseg("train", str(sample_data_path()), "--out", str(run), "--resume", "--fold", str(k), "--no-report") for k in (0, 1)]
-    for process in processes:
-        finished(process)
+    outputs = [finished(process) for process in processes]
+    assert all("still to train: fold(s)" in output or "every fold of the run is trained: medseg tune" in output for output in outputs)
+    assert not (run / runs.POSTPROCESS_FILE).exists()  # neither process of one fold tuned
     whole = tmp_path / "whole"
     finished(medseg("train", str(sample_data_path()), "--out", str(whole), "--folds", "2", "--no-report", *SETTINGS))
+    assert (whole / runs.POSTPROCESS_FILE).is_file()  # the one process that trained every fold tuned at its end
     for folder in (run, whole):
-        finished(medseg("tune", str(folder), "--no-report", "--quiet"))
+        finished(medseg("tune", str(folder), "--no-report", "--quiet", "--force"))
     assert tree(run) == tree(whole)
     for fold in (0, 1):
         parallel, sequential = (runs.read_metrics(folder / f"fold_{fold}" / runs.METRICS_FILE) for folder in (run, whole))

@@ -108,8 +108,8 @@ def train_command(
         return 0
     print_trained(trained)
     untrained = [fold_dir.fold for fold_dir in trained.fold_dirs if not fold_dir.done]
-    if untrained:
-        print_untrained(trained, untrained, data)
+    if untrained or (resume and fold is not None and len(trained.plan.folds) > 1):
+        print_untrained(trained, untrained, data)  # one fold of several: the user tunes once all are done, not each process
         return 0
     if trained.config.trainer.tune_after:
         from medseg.infer.tune import TuneRequest, tune_run

@@ -107,6 +107,9 @@ def print_trained(trained: TrainedRun) -> None:
 
 def print_untrained(trained: TrainedRun, untrained: list[int], data: Path) -> None:
     """The folds of the run still to train, and how (folds in parallel: one process a fold, then tune)."""
+    if not untrained:
+        stdout.print(f"every fold of the run is trained: medseg tune {escape(str(trained.path))}")
+        return
     folds = ", ".join(map(str, untrained))
     stdout.print(f"still to train: fold(s) {folds} of {len(trained.plan.folds)}; each in its own process (any that sees the folder):")
     stdout.print(f"  medseg train {escape(str(data))} --out {escape(str(trained.path))} --resume --fold K")
