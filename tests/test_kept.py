@@ -307,6 +307,15 @@ def test_the_report_after_tune_reads_what_tune_predicted_with_its_tta(tuned, mon
     assert sorted(path.name for path in (tuned / KEPT_DIR).iterdir()) == ["fold_0.hflip.npz", "fold_0.none.npz"]
 
 
+def test_a_report_alone_reads_the_predictions_of_the_tunings_tta(tuned, monkeypatch):
+    counter = Counter(monkeypatch)
+    assert main(["tune", str(tuned), "--no-tta", "--force", "--no-report", "--quiet"]) == 0
+    assert main(["report", str(tuned), "--quiet"]) == 0  # no --tta flag: the tuning's, none
+    assert counter.frames == held_out_count(tuned)  # tune predicted them; the report read them
+    assert main(["report", str(tuned), "--tta", "--quiet"]) == 0  # asked for: the flip, kept already by the fixture
+    assert counter.frames == held_out_count(tuned)
+
+
 def test_a_replaced_kept_file_serves_again(tuned, monkeypatch):
     (tuned / KEPT_DIR / "fold_0.hflip.npz").write_bytes(b"not a zip")
     counter = Counter(monkeypatch)

@@ -24,6 +24,14 @@ from medseg.errors import UsageError
 DataArgument = Annotated[Path, typer.Argument(help="Data folder (kaggle, folders or rle-csv layout).", metavar="DATA", show_default=False)]
 RunArgument = Annotated[Path, typer.Argument(help="Run folder written by medseg train.", metavar="RUN", show_default=False)]
 TtaOption = Annotated[bool, typer.Option("--tta/--no-tta", help="Average with the horizontally flipped frame.")]
+ReportTtaOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--tta/--no-tta",
+        help="Average with the horizontally flipped frame (default: as the run was tuned; on before tuning).",
+        show_default=False,
+    ),
+]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
 NoReportOption = Annotated[bool, typer.Option("--no-report", help="Do not write RUN/report.html at the end.")]

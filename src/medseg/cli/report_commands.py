@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from medseg.cli.options import DataFlags, NoReportOption, QuietOption, RunArgument, TtaOption, VflipOption, tta_mode, with_data_flags
+from medseg.cli.options import (
+    DataFlags,
+    NoReportOption,
+    QuietOption,
+    ReportTtaOption,
+    RunArgument,
+    TtaOption,
+    VflipOption,
+    tta_mode,
+    with_data_flags,
+)
 from medseg.cli.printers import print_evaluation, say, stdout
 
 if TYPE_CHECKING:
@@ -17,18 +27,19 @@ if TYPE_CHECKING:
 
 def report_command(
     run: RunArgument,
-    tta: TtaOption = True,
+    tta: ReportTtaOption = None,
     vflip: VflipOption = False,
     quiet: QuietOption = False,
 ) -> int:
     """Write RUN/report.html: warnings, headline scores, curves, tuning, held-out evaluation, overlays (worst first)."""
     from medseg.report.page import ReportRequest, build_report
 
-    stdout.print(f"report: {build_report(ReportRequest(run, tta_mode(tta, vflip)), on_message=say(quiet))}")
+    mode = None if tta is None and not vflip else tta_mode(True if tta is None else tta, vflip)
+    stdout.print(f"report: {build_report(ReportRequest(run, mode), on_message=say(quiet))}")
     return 0
 
 
-def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sample] | None = None, tta: str = "hflip") -> None:
+def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sample] | None = None, tta: str | None = None) -> None:
     """Write the run's report at the end of a command and print where, unless ``skip`` (``--no-report``).
 
     Args:
@@ -37,7 +48,7 @@ def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sampl
         quiet: ``--quiet``.
         samples: The run's frames and masks, already decoded by the command (``train``), so that they are not read again.
         tta: The TTA of the held-out predictions: the one the command itself predicted with (``tune --no-tta``), so
-            that the report reads the predictions it kept instead of making others.
+            that the report reads the predictions it kept instead of making others; ``None``: the run's tuning's.
     """
     if skip:
         return

@@ -136,11 +136,12 @@ class ReportRequest:
 
     Attributes:
         run: The run folder.
-        tta: Test-time augmentation of the held-out predictions.
+        tta: Test-time augmentation of the held-out predictions; ``None``: the tuning's (so that the page scores the
+            tuned setting on the predictions it was tuned on, and reads the ones tune kept), ``hflip`` before tuning.
     """
 
     run: Path
-    tta: str = "hflip"
+    tta: str | None = None
 
 
 def build_report(request: ReportRequest, *, on_message: Callable[[str], None] = print, samples: Mapping[str, Sample] | None = None) -> Path:
@@ -154,7 +155,10 @@ def build_report(request: ReportRequest, *, on_message: Callable[[str], None] = 
     Returns:
         The HTML file.
     """
-    data = gather(open_run(request.run), request.tta, on_message, samples)
+    run = open_run(request.run)
+    tuning = run.tuning()
+    tta = request.tta or (tuning.tta if tuning is not None and tuning.tta else "hflip")
+    data = gather(run, tta, on_message, samples)
     figures = [
         *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
         *tuning_figures(data.tuned),
