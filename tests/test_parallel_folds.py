@@ -165,3 +165,16 @@ def test_a_gone_process_lock_is_taken_over_by_one_process_only(planned, tmp_path
     hold_lock(run / "fold_0", os.getpid())  # a new lock in place of the stale one: put back, not taken
     assert not runs._take_over(fold.lock_file, stale) and fold.lock_file.is_file()
     assert [path.name for path in (run / "fold_0").iterdir()] == [runs.LOCK_FILE]
+
+
+def test_a_link_in_place_of_the_lock_is_neither_followed_nor_deleted(planned, tmp_path, capsys):
+    run = planned_copy(planned, tmp_path)
+    mine = tmp_path / "my-notes.json"  # a user's file that even reads as a gone process's lock
+    mine.write_text(runs.TrainingLock(host=socket.gethostname(), pid=gone_pid(), started="2026-12-06T05:00:00+00:00").model_dump_json())
+    (run / "fold_0").mkdir(exist_ok=True)
+    (run / "fold_0" / runs.LOCK_FILE).symlink_to(mine)
+    before = mine.read_bytes()
+    assert main(resume_fold(run, 0)) == 2
+    assert "its lock cannot be read" in capsys.readouterr().err
+    assert (run / "fold_0" / runs.LOCK_FILE).is_symlink() and mine.read_bytes() == before
+    assert [path.name for path in (run / "fold_0").iterdir()] == [runs.LOCK_FILE]

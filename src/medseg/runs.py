@@ -37,6 +37,7 @@ import os
 import pickle
 import platform
 import re
+import secrets
 import socket
 import sys
 from collections.abc import Iterator
@@ -476,22 +477,34 @@ def _create_lock(path: Path, lock: TrainingLock) -> bool:
 
 
 def _take_over(path: Path, stale: TrainingLock) -> bool:
-    """Move a gone process's lock out of the way; ``False`` if another process did first or the lock is not ``stale``."""
-    claimed = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    """Move a gone process's lock out of the way; ``False`` if another process did first or the lock is not ``stale``.
+
+    Nothing but that lock file is ever deleted: it is renamed to a name no file has (a random token, checked), deleted
+    only when it still holds ``stale``'s exact record (a link or anything else never parses as one), and a lock found
+    in its place is linked back, never renamed over whatever appeared at ``path`` meanwhile.
+    """
+    claimed = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(8)}.stale")
+    if claimed.exists() or claimed.is_symlink():
+        return False
     try:
         os.rename(path, claimed)
     except FileNotFoundError:
         return False  # another process took it over first
     if _lock_holder(claimed) != stale:  # a new lock replaced the stale one before the rename: put it back
-        os.rename(claimed, path)
+        with contextlib.suppress(FileExistsError):
+            os.link(claimed, path)
+            claimed.unlink()
         return False
     claimed.unlink()
     return True
 
 
 def _lock_holder(path: Path) -> TrainingLock | None:
-    """The lock's holder, or ``None`` when it is gone or unreadable (being written, or damaged)."""
+    """The lock's holder, or ``None`` when it is gone, unreadable (being written, or damaged) or not a regular file
+    (a link is never medseg's)."""
     try:
+        if path.is_symlink() or not path.is_file():
+            return None
         return TrainingLock.model_validate_json(path.read_bytes()[:MAX_TEXT_BYTES])
     except (OSError, ValueError):
         return None
@@ -792,7 +805,7 @@ _FOLD_TREE = {
     re.escape(METRICS_FILE): None,
     re.escape(DONE_FILE): None,
     re.escape(LOCK_FILE): None,
-    re.escape(LOCK_FILE) + r"\.\d+\.stale": None,  # a gone process's lock, being taken over
+    re.escape(LOCK_FILE) + r"\.\d+\.[0-9a-f]{16}\.stale": None,  # a gone process's lock, being taken over
     "tensorboard": {r"version_\d+": {r"events\.out\.tfevents\..+": None, r"hparams\.yaml": None}},  # Lightning's TensorBoard logs
     _TEMPORARY: None,
 }
