@@ -100,8 +100,10 @@ def test_idle_cards_are_noted_with_the_flags_that_use_them(on_card):
 def test_a_batch_whose_fp16_logits_overflow_is_predicted_again_in_fp32(monkeypatch):
     model = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False).eval()
     torch.nn.init.constant_(model.weight, 1.0e4)  # 9e4 on ones: beyond fp16's 65,504, as a bf16-trained model's logits may be
-    ensemble, images = TorchEnsemble([model]), torch.ones(1, 1, 6, 6)
-    assert not torch.isfinite(ensemble._outputs(images, torch.float16)[0]).all()  # the overflow this guards against
+    images = torch.ones(1, 1, 6, 6)
+    assert not torch.isfinite(TorchEnsemble([model])._outputs(images, torch.float16)[0]).all()  # the overflow this guards against
     monkeypatch.setattr(predict_module, "inference_dtype", lambda device: torch.float16)
+    ensemble = TorchEnsemble([model])
+    assert ensemble.dtype == torch.float16
     probs, _ = ensemble(images)
     assert torch.equal(probs, torch.sigmoid(model(images)))

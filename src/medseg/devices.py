@@ -39,9 +39,9 @@ def uses_channels_last(config: Config) -> bool:
 _FAST_FP16_PASCAL = ((6, 0), (6, 2))
 
 
-def cuda_capability() -> tuple[int, int]:
-    """The compute capability of the first visible CUDA card, e.g. (7, 5) for a T4, (8, 0) for an A100."""
-    return tuple(torch.cuda.get_device_capability(0))
+def cuda_capability(device: torch.device | int = 0) -> tuple[int, int]:
+    """The compute capability of a CUDA card (the first visible one by default), e.g. (7, 5) for a T4, (8, 0) for an A100."""
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def card_precision(capability: tuple[int, int]) -> str:
@@ -89,7 +89,7 @@ def inference_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast type models predict in on ``device`` (the card's training precision), ``None`` for fp32."""
     if device.type != "cuda":
         return None
-    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(card_precision(tuple(torch.cuda.get_device_capability(device))))
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(card_precision(cuda_capability(device)))
 
 
 def idle_gpus_note(config: Config) -> str | None:

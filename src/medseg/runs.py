@@ -609,6 +609,11 @@ class Run:
         files = [self.path / name for name in names]
         return files + [path for fold in self.folds for path in (fold.best, fold.last, fold.metrics, fold.done_file)]
 
+    def tuned_tta(self) -> str:
+        """The test-time augmentation the run was tuned with (``hflip``, the default, before tuning or in an older tuning)."""
+        tuning = self.tuning()
+        return tuning.tta if tuning is not None and tuning.tta else "hflip"
+
     def tuning(self) -> Tuning | StructuresTuning | None:
         """The tuned post-processing (one per structure when there are several), or ``None`` before ``medseg tune``."""
         path = self.postprocess_file

@@ -23,9 +23,8 @@ def tune_command(
     """Choose the threshold, minimum mask area and presence threshold that maximise the score on validation (out-of-fold) frames."""
     from medseg.infer.tune import TuneRequest, tune_run
 
-    mode = tta_mode(tta, vflip)
-    print_tuning(tune_run(TuneRequest(run, mode), force=force, on_message=say(quiet)), run)
-    write_report(run, no_report, quiet, tta=mode)
+    print_tuning(tune_run(TuneRequest(run, tta_mode(tta, vflip)), force=force, on_message=say(quiet)), run)
+    write_report(run, no_report, quiet)  # with the tuning's TTA: what tune just predicted and kept
     return 0
 
 

@@ -39,7 +39,7 @@ def report_command(
     return 0
 
 
-def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sample] | None = None, tta: str | None = None) -> None:
+def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sample] | None = None) -> None:
     """Write the run's report at the end of a command and print where, unless ``skip`` (``--no-report``).
 
     Args:
@@ -47,14 +47,12 @@ def write_report(run: Path, skip: bool, quiet: bool, samples: Mapping[str, Sampl
         skip: ``--no-report``.
         quiet: ``--quiet``.
         samples: The run's frames and masks, already decoded by the command (``train``), so that they are not read again.
-        tta: The TTA of the held-out predictions: the one the command itself predicted with (``tune --no-tta``), so
-            that the report reads the predictions it kept instead of making others; ``None``: the run's tuning's.
     """
     if skip:
         return
     from medseg.report.page import ReportRequest, build_report
 
-    stdout.print(f"report: {build_report(ReportRequest(run, tta), on_message=say(quiet), samples=samples)}")
+    stdout.print(f"report: {build_report(ReportRequest(run), on_message=say(quiet), samples=samples)}")
 
 
 @with_data_flags

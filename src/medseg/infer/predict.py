@@ -205,22 +205,26 @@ class TorchEnsemble:
     def __init__(self, models: Sequence[torch.nn.Module]) -> None:
         self.models = list(models)
         self.device = next(self.models[0].parameters()).device
+        self.dtype = inference_dtype(self.device)
 
     @torch.inference_mode()
     def __call__(self, inputs: torch.Tensor) -> Probabilities:
         if inputs.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        dtype = inference_dtype(inputs.device)
-        outputs = self._outputs(inputs, dtype)
-        if dtype == torch.float16 and not all(
-            torch.isfinite(part).all() for output in outputs for part in split_outputs(output) if part is not None
-        ):
+        outputs = self._outputs(inputs, self.dtype)
+        if self.dtype == torch.float16 and not _finite(outputs):
             outputs = self._outputs(inputs, None)  # fp16's range overflowed (a model trained in bf16 or fp32): this batch in fp32
         return mean_sigmoid(outputs)
 
     def _outputs(self, inputs: torch.Tensor, dtype: torch.dtype | None) -> list:
         with torch.autocast(inputs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return [model(inputs) for model in self.models]
+
+
+def _finite(outputs: list) -> bool:
+    """Whether every logit of several models' outputs is finite (one wait for the device, not one per tensor)."""
+    parts = [part for output in outputs for part in split_outputs(output) if part is not None]
+    return bool(torch.stack([torch.isfinite(part).all() for part in parts]).all())
 
 
 def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Probabilities:

@@ -102,7 +102,5 @@ def agree_with_rank_zero(decision: str | None, local: str) -> str:
     0 decides alone, and a process without a group (one that decides nothing) takes ``local``.
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        message = [decision]
-        dist.broadcast_object_list(message, src=0)
-        return message[0]
+        return _broadcast(decision)
     return local if decision is None else decision

@@ -156,9 +156,7 @@ def build_report(request: ReportRequest, *, on_message: Callable[[str], None] = 
         The HTML file.
     """
     run = open_run(request.run)
-    tuning = run.tuning()
-    tta = request.tta or (tuning.tta if tuning is not None and tuning.tta else "hflip")
-    data = gather(run, tta, on_message, samples)
+    data = gather(run, request.tta or run.tuned_tta(), on_message, samples)
     figures = [
         *training_figures(data.fold_metrics, data.run.config.trainer.max_epochs),
         *tuning_figures(data.tuned),

@@ -734,7 +734,7 @@ def _score_outer(run_folder: Path, data: Path, ids: list[str]) -> tuple[list[dic
     dataset = load_dataset(data, run.config.data)
     wanted = set(ids)
     held_out = exclusions.without(dataset, [record.id for record in dataset.train if record.id not in wanted])
-    frames = held_out_frames(run, held_out, out_of_fold=False, tta=run.tuning().tta or "hflip", on_message=_silent)
+    frames = held_out_frames(run, held_out, out_of_fold=False, tta=run.tuned_tta(), on_message=_silent)
     rows, counts = score_frames(frames, read_postprocess(run), classes=run.classes)
     return rows, scores_summary(rows, counts, run.classes)
 
