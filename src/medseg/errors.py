@@ -4,6 +4,7 @@ The command line turns every :class:`MedsegError` into one line on stderr and a 
 else is a bug in medseg and keeps its traceback.
 """
 
+from os import PathLike
 from pathlib import Path
 
 
@@ -23,15 +24,15 @@ class FileError(DataError):
     """A problem tied to one file of a data set.
 
     Attributes:
-        path: The file.
+        path: The file (or, for a frame posted to ``medseg serve``, its bytes in memory, shown by their name).
         reason: What is wrong with it and how to fix it, without the file name.
         kind: Short machine-readable name of the problem, as the inspector reports it.
     """
 
     kind = "bad_file"
 
-    def __init__(self, path: Path, reason: str, kind: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | object, reason: str, kind: str | None = None) -> None:
+        self.path = Path(path) if isinstance(path, str | PathLike) else path  # else bytes in memory (data.io.FrameBytes)
         self.reason = reason
         if kind is not None:
             self.kind = kind
@@ -42,3 +43,7 @@ class ImageReadError(FileError):
     """An image or mask file that cannot be read: missing, empty, truncated, corrupt or unsupported."""
 
     kind = "unreadable_image"
+
+
+class UnsupportedFormatError(ImageReadError):
+    """A file whose content is none of the image formats medseg reads (told apart by ``medseg serve``: HTTP 415)."""

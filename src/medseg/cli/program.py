@@ -21,6 +21,7 @@ from medseg.cli.infer_commands import export_command, predict_command, tune_comm
 from medseg.cli.learn_commands import sweep_command, train_command
 from medseg.cli.printers import show_warning, stderr, stdout
 from medseg.cli.report_commands import demo_command, evaluate_command, report_command
+from medseg.cli.serve_commands import serve_command
 from medseg.errors import MedsegError, UsageError
 from medseg.files import printable
 from medseg.ranks import rank_prefix
@@ -44,6 +45,7 @@ COMMANDS = {
     "evaluate": evaluate_command,
     "demo": demo_command,
     "sweep": sweep_command,
+    "serve": serve_command,
 }
 
 

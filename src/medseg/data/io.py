@@ -16,14 +16,18 @@ that a small file declaring a huge frame (a decompression bomb) is refused inste
 Pillow's own guard is replaced by that check. A frame holding NaN or infinite values is refused, not
 predicted as an empty mask. A DICOM file's numbers (rescale, window, frames) are checked before use. A CSV
 table is bounded in size before it is parsed, and a column named twice in its header is refused.
+
+A frame may also come as bytes in memory (:class:`FrameBytes`, an upload to ``medseg serve``): the readers take
+it where they take a path, with the same checks, and nothing of it is written to disk.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -33,7 +37,7 @@ from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin
 from medseg.config import DataOptions
 from medseg.data import intensity
 from medseg.data.intensity import IntensityWindow
-from medseg.errors import DataError, ImageReadError
+from medseg.errors import DataError, ImageReadError, UnsupportedFormatError
 from medseg.files import shown
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".dcm", ".dicom")
@@ -93,6 +97,66 @@ class StoredFrame:
     window_problem: str | None = None
 
 
+@dataclass(frozen=True)
+class FrameBytes:
+    """An image file held in memory (a frame posted to ``medseg serve``): its bytes and the name it came with.
+
+    The frame readers take it where they take a path, with the same checks. The name is only shown in
+    messages and its suffix checked against the content, as a file's is; it never names a file.
+
+    Attributes:
+        name: The name the file came with (shown; its suffix checked against the content).
+        data: The file's bytes.
+    """
+
+    name: str
+    data: bytes = field(repr=False)
+
+    @property
+    def suffix(self) -> str:
+        """The name's suffix (``.tif``), as :attr:`pathlib.Path.suffix` gives a file's."""
+        return PurePosixPath(self.name.replace("\\", "/")).suffix
+
+    @property
+    def stem(self) -> str:
+        """The name without its suffix."""
+        return PurePosixPath(self.name.replace("\\", "/")).stem
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Source = Path | FrameBytes
+"""Where a frame is read from: a file, or a file's bytes in memory."""
+
+
+def _source(path: Path | str | FrameBytes) -> Source:
+    """A path as :class:`~pathlib.Path`; bytes in memory as they are."""
+    return path if isinstance(path, FrameBytes) else Path(path)
+
+
+def _opened(source: Source) -> Path | BytesIO:
+    """What the decoders (tifffile, Pillow, pydicom) read: the path, or a stream over the bytes."""
+    return BytesIO(source.data) if isinstance(source, FrameBytes) else source
+
+
+def _byte_size(source: Source) -> int:
+    """The file's size in bytes."""
+    return len(source.data) if isinstance(source, FrameBytes) else source.stat().st_size
+
+
+def _head(source: Source, size: int) -> bytes:
+    """The first ``size`` bytes of the file.
+
+    Raises:
+        OSError: If the file cannot be opened.
+    """
+    if isinstance(source, FrameBytes):
+        return source.data[:size]
+    with open(source, "rb") as handle:
+        return handle.read(size)
+
+
 def is_image_file(path: Path) -> bool:
     """Whether medseg reads the file as an image: one of the image suffixes, or the DICOM preamble."""
     return has_image_suffix(path) or _has_dicom_preamble(path)
@@ -125,7 +189,7 @@ def is_frame_id(name: object) -> bool:
     return size <= _MAX_ID_BYTES and _CONTROL.search(name) is None
 
 
-def read_image(path: Path, window: IntensityWindow = "auto", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: Path | FrameBytes, window: IntensityWindow = "auto", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image as a 2-D gray frame.
 
     Args:
@@ -145,7 +209,7 @@ def read_image(path: Path, window: IntensityWindow = "auto", *, max_pixels: int 
     Shape:
         Returns: (H, W).
     """
-    path = Path(path)
+    path = _source(path)
     stored = read_stored(path, max_pixels=max_pixels)
     check_finite(stored.values, path)
     if stored.window_problem is not None and window == "auto":
@@ -174,19 +238,21 @@ def check_finite(values: np.ndarray, path: Path) -> None:
         )
 
 
-def read_stored(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> StoredFrame:
+def read_stored(path: Path | FrameBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> StoredFrame:
     """A frame's gray values as stored (colour to gray by luma), and a DICOM file's window and inversion.
 
     Raises:
         ImageReadError: As :func:`read_image`.
     """
-    path = Path(path)
+    path = _source(path)
     if sniff_format(path) == "DICOM":
         return _read_dicom(path, max_pixels)
     return StoredFrame(_gray(read_raw(path, max_pixels=max_pixels), path))
 
 
-def read_mask(path: Path, value: int | None = None, threshold: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_mask(
+    path: Path | FrameBytes, value: int | None = None, threshold: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Read a mask as a 2-D boolean array.
 
     Args:
@@ -207,14 +273,14 @@ def read_mask(path: Path, value: int | None = None, threshold: int | None = None
     return binarize_mask(read_mask_values(path, max_pixels=max_pixels), value=value, threshold=threshold)
 
 
-def read_mask_values(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_mask_values(path: Path | FrameBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read the raw values of a mask: class indices of palette images, gray levels otherwise.
 
     Raises:
         ImageReadError: If the file cannot be read, declares more than ``max_pixels``, holds NaN or infinite
             values, or holds a colour image whose channels differ.
     """
-    path = Path(path)
+    path = _source(path)
     raw = read_raw(path, keep_palette=True, max_pixels=max_pixels)
     check_finite(raw, path)
     if raw.ndim == 3:
@@ -249,19 +315,19 @@ def is_binary_mask(values: np.ndarray) -> bool:
     return foreground.size == 0 or bool((foreground == foreground[0]).all())
 
 
-def image_size(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def image_size(path: Path | FrameBytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """The ``(height, width)`` of an image, read from its header without decoding the pixels.
 
     Raises:
         ImageReadError: If the header cannot be read, or declares no pixels or more than ``max_pixels``.
     """
-    path = Path(path)
+    path = _source(path)
     fmt = sniff_format(path)
     try:
         if fmt == "DICOM":
             return _dicom_size(path, max_pixels)
         if fmt == "TIFF":
-            with tifffile.TiffFile(path) as tif:
+            with tifffile.TiffFile(_opened(path)) as tif:
                 return _tiff_size(path, tif, max_pixels)
         with _open_with_pillow(path, fmt, max_pixels) as image:
             return image.height, image.width
@@ -303,7 +369,7 @@ def check_pixels(path: Path, height: int, width: int, max_pixels: int, frames: i
         )
 
 
-def sniff_format(path: Path) -> str:
+def sniff_format(path: Path | FrameBytes) -> str:
     """The image format from the file's first bytes, checked against its suffix.
 
     Returns:
@@ -313,10 +379,9 @@ def sniff_format(path: Path) -> str:
         ImageReadError: If the file is missing, empty, of an unknown format, or of another format than
             its suffix says.
     """
-    path = Path(path)
+    path = _source(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(_DICOM_PREAMBLE + 4)
+        head = _head(path, _DICOM_PREAMBLE + 4)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except OSError as error:
@@ -326,14 +391,14 @@ def sniff_format(path: Path) -> str:
     dicom = head[_DICOM_PREAMBLE:] == b"DICM"
     fmt = "DICOM" if dicom else next((name for magic, name in _MAGIC if head.startswith(magic)), None)
     if fmt is None:
-        raise ImageReadError(path, "not a TIFF, PNG, JPEG, BMP or DICOM image (unknown content); replace the file")
+        raise UnsupportedFormatError(path, "not a TIFF, PNG, JPEG, BMP or DICOM image (unknown content); replace the file")
     expected = _FORMAT_OF_SUFFIX.get(path.suffix.lower())
     if expected is not None and expected != fmt:
         raise ImageReadError(path, f"file is a {fmt} image named {path.suffix}; rename it to {path.stem}{_SUFFIX_OF_FORMAT[fmt]}")
     return fmt
 
 
-def read_raw(path: Path, keep_palette: bool = False, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_raw(path: Path | FrameBytes, keep_palette: bool = False, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file into its stored array (2-D, or 3-D with channels last).
 
     Args:
@@ -344,7 +409,7 @@ def read_raw(path: Path, keep_palette: bool = False, *, max_pixels: int = DEFAUL
     Raises:
         ImageReadError: If the file cannot be decoded or declares more than ``max_pixels``.
     """
-    path = Path(path)
+    path = _source(path)
     fmt = sniff_format(path)
     if fmt == "DICOM":
         return _read_dicom(path, max_pixels).values
@@ -363,7 +428,7 @@ def read_raw(path: Path, keep_palette: bool = False, *, max_pixels: int = DEFAUL
     return array
 
 
-def _tiff_size(path: Path, tif: tifffile.TiffFile, max_pixels: int) -> tuple[int, int]:
+def _tiff_size(path: Source, tif: tifffile.TiffFile, max_pixels: int) -> tuple[int, int]:
     """The ``(height, width)`` of a TIFF's first page, checked against ``max_pixels`` from its tags alone."""
     if not tif.pages:
         raise ImageReadError(path, "TIFF has no readable frame (truncated or corrupt); replace the file")
@@ -373,13 +438,13 @@ def _tiff_size(path: Path, tif: tifffile.TiffFile, max_pixels: int) -> tuple[int
     return height, width
 
 
-def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
+def _read_tiff(path: Source, max_pixels: int) -> np.ndarray:
+    with tifffile.TiffFile(_opened(path)) as tif:
         _tiff_size(path, tif, max_pixels)
         if len(tif.pages) > 1:
             raise ImageReadError(path, f"TIFF holds {len(tif.pages)} frames; save one frame per file")
         page = tif.pages.first
-        size = path.stat().st_size
+        size = _byte_size(path)
         if any(offset + count > size for offset, count in zip(page.dataoffsets, page.databytecounts)):
             raise ImageReadError(path, "TIFF is truncated (its pixel data runs past the end of the file); replace the file")
         array = page.asarray()
@@ -388,13 +453,13 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
         return array
 
 
-def _open_with_pillow(path: Path, fmt: str, max_pixels: int) -> Image.Image:
+def _open_with_pillow(path: Source, fmt: str, max_pixels: int) -> Image.Image:
     """A PNG, JPEG or BMP file opened by its format's Pillow plugin (the header only), checked against ``max_pixels``.
 
     The plugin is called directly rather than through ``Image.open``: this check replaces Pillow's fixed
     decompression-bomb guard, so that ``data.max_pixels`` decides alone, above Pillow's limit as below it.
     """
-    image = _PILLOW_FILES[fmt](path)
+    image = _PILLOW_FILES[fmt](_opened(path))
     try:
         check_pixels(path, image.height, image.width, max_pixels, channels=len(image.getbands()))
     except ImageReadError:
@@ -448,17 +513,17 @@ def _has_dicom_preamble(path: Path) -> bool:
         return False
 
 
-def _dicom_dataset(path: Path, pixels: bool = True):
+def _dicom_dataset(path: Source, pixels: bool = True):
     """The pydicom dataset of a file (its header only without ``pixels``)."""
     import pydicom
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        return pydicom.dcmread(_opened(path), stop_before_pixels=not pixels)
     except Exception as error:
         raise ImageReadError(path, f"cannot read the DICOM file ({_reason(error)}); it is corrupt or truncated, replace it") from error
 
 
-def _dicom_size(path: Path, max_pixels: int) -> tuple[int, int]:
+def _dicom_size(path: Source, max_pixels: int) -> tuple[int, int]:
     return _dicom_checked_size(path, _dicom_dataset(path, pixels=False), max_pixels)
 
 
@@ -518,7 +583,7 @@ def _header_error(path: Path, keyword: str, value, wanted: str) -> ImageReadErro
     return ImageReadError(path, reason, "bad_dicom_header")
 
 
-def _read_dicom(path: Path, max_pixels: int) -> StoredFrame:
+def _read_dicom(path: Source, max_pixels: int) -> StoredFrame:
     """A DICOM frame: pixels decoded (compressed ones too), modality rescale applied, window and inversion read."""
     dataset = _dicom_dataset(path)
     if not any(key in dataset for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):

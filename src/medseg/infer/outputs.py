@@ -116,7 +116,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     if not any(rule.tuned for rule in posts):
         on_message(f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)")
     frames = [io.read_image(record.image_path, run.config.data.intensity_window, max_pixels=max_pixels) for record in records]
-    models = _engine(request, run, on_message)
+    models = load_engine(run, request.engine, request.onnx, on_message)
     passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
     where = f"{request.engine} on {device_for(run.config).type}" if request.engine == "torch" else "onnx on cpu"
     describe = f"{len(frames)} frames with {len(run.folds)} fold model(s) x {passes} TTA pass(es) ({request.tta}), {where}"
@@ -170,16 +170,26 @@ def _sample_ids(sample_path: Path | None, run: Run) -> list[str] | None:
     return submission.read_sample_ids(sample_path) if sample_path and not run.classes else None
 
 
-def _engine(request: PredictRequest, run, on_message: Callable[[str], None]):
-    """The fold models as torch modules, or the exported ensemble in ONNX Runtime."""
-    if request.engine == "torch":
+def load_engine(run: Run, engine: str, onnx: Path | None, on_message: Callable[[str], None]) -> list | OnnxEnsemble:
+    """The fold models as torch modules, or the exported ensemble in ONNX Runtime.
+
+    Args:
+        run: The run.
+        engine: ``torch`` (the checkpoints; CUDA when there is one) or ``onnx`` (ONNX Runtime on the CPU).
+        onnx: The exported model for the onnx engine; ``RUN/model.onnx``, exported on first use, when ``None``.
+        on_message: Told when the model is exported.
+
+    Raises:
+        UsageError: On an unknown engine, or a named ONNX file that is missing or not a model.
+    """
+    if engine == "torch":
         device = device_for(run.config)
         return [load_fold_model(run, fold, device) for fold in run.folds]
-    if request.engine != "onnx":
-        raise UsageError(f"--engine {request.engine!r}; use torch or onnx")
-    path = Path(request.onnx) if request.onnx else run.onnx_file
+    if engine != "onnx":
+        raise UsageError(f"--engine {engine!r}; use torch or onnx")
+    path = Path(onnx) if onnx else run.onnx_file
     if not path.is_file():
-        if request.onnx:
+        if onnx:
             raise UsageError(f"{path}: not found; export it with `medseg export {run.path} --onnx {path}`")
         on_message(f"exporting {path} for ONNX Runtime (first use of --engine onnx)")
         export_onnx(ExportRequest(run.path, path))
@@ -399,17 +409,17 @@ def _mask_files(run: Run, ids: list[str], masks: list[np.ndarray], index_masks: 
     """Every PNG of a masks folder by its relative path: a class-index mask per frame, a 0/255 mask per frame and
     structure (``<structure>/<id>.png``), or a 0/255 mask per frame."""
     if index_masks:
-        return {(f"{sample_id}.png",): _png(mask, scale=1) for sample_id, mask in zip(ids, index_masks, strict=True)}
+        return {(f"{sample_id}.png",): mask_png(mask, scale=1) for sample_id, mask in zip(ids, index_masks, strict=True)}
     if run.classes:
         return {
-            (name, f"{sample_id}.png"): _png(mask[index])
+            (name, f"{sample_id}.png"): mask_png(mask[index])
             for index, name in enumerate(run.classes)
             for sample_id, mask in zip(ids, masks, strict=True)
         }
-    return {(f"{sample_id}.png",): _png(mask[0]) for sample_id, mask in zip(ids, masks, strict=True)}
+    return {(f"{sample_id}.png",): mask_png(mask[0]) for sample_id, mask in zip(ids, masks, strict=True)}
 
 
-def _png(mask: np.ndarray, scale: int = 255) -> bytes:
+def mask_png(mask: np.ndarray, scale: int = 255) -> bytes:
     """A binary mask as a 0/255 PNG (``scale``), a class-index mask as its values (``scale`` 1)."""
     _, encoded = cv2.imencode(".png", mask.astype(np.uint16 if mask.dtype == np.uint16 else np.uint8) * scale)
     return encoded.tobytes()

@@ -172,10 +172,12 @@ def predict_frames(
     """
     check_tta(tta)
     prob_fn = models if callable(models) else TorchEnsemble(models)
-    yield from progress.track(_probs(prob_fn, frames, config, tta, batch_size), len(frames), "predicting")
+    yield from progress.track(frame_predictions(prob_fn, frames, config, tta, batch_size), len(frames), "predicting")
 
 
-def _probs(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[Prediction]:
+def frame_predictions(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Config, tta: str, batch_size: int) -> Iterator[Prediction]:
+    """:func:`predict_frames` without a progress bar (a server predicting one batch after another), for a checked TTA and
+    an ensemble as one function (:class:`TorchEnsemble` or :class:`~medseg.infer.export.OnnxEnsemble`)."""
     resize = transforms.eval_transform(config)
     device = getattr(prob_fn, "device", torch.device("cpu"))
     for start in range(0, len(frames), batch_size):
