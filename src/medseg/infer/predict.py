@@ -182,7 +182,9 @@ def frame_predictions(prob_fn: ProbFn, frames: Sequence[np.ndarray], config: Con
     device = getattr(prob_fn, "device", torch.device("cpu"))
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        batch = np.stack([transforms.apply(resize, frame)[0] for frame in common_type(chunk)])[:, None]
+        # each frame resized in its own type, then batched in a common one: a frame's prediction does not depend on the
+        # frames beside it (a server batches the frames of different clients; an 8-bit frame's resize rounds)
+        batch = np.stack(common_type([transforms.apply(resize, frame)[0] for frame in chunk]))[:, None]
         probs, presence = flip_averaged(prob_fn, torch.from_numpy(batch).to(device), tta)
         probs = probs.float().cpu().numpy()
         presence = np.full(probs.shape[:2], np.nan) if presence is None else presence.float().cpu().numpy().reshape(probs.shape[:2])

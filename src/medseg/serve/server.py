@@ -9,10 +9,12 @@ the model from the settings it is handed as JSON (:data:`REQUEST_VARIABLE`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from medseg.errors import UsageError
 from medseg.runs import open_run
@@ -112,8 +114,25 @@ def _serve_here(request: ServeRequest, model, sock: socket.socket, log_level: st
     from medseg.serve.app import create_app
 
     server = uvicorn.Server(_uvicorn_config(create_app(request, model), request, log_level))
-    with sock:
+    with sock, _stopping_is_success():
         server.run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def _stopping_is_success() -> Iterator[None]:
+    """SIGTERM and Ctrl+C end the command with exit 0 once uvicorn has drained.
+
+    uvicorn captures both signals for its graceful shutdown and, once done, raises them again for the handlers it
+    found: with Python's own, SIGTERM would then kill the process (exit -15) and Ctrl+C raise KeyboardInterrupt
+    after the server had stopped as asked. The handlers it finds here take them as done.
+    """
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {stop: signal.signal(stop, lambda *_: None) for stop in stops}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _serve_processes(request: ServeRequest, sock: socket.socket, log_level: str) -> None:

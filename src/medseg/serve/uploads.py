@@ -250,9 +250,12 @@ def _tensor_values(tensor: dict, max_pixels: int, max_frames: int) -> np.ndarray
     if shape[1] * shape[2] > max_pixels:
         raise HttpError(422, f"frames of {shape[2]}x{shape[1]} = {shape[1] * shape[2]:,} pixels, more than the limit of {max_pixels:,}")
     try:
-        values = np.asarray(tensor.get("data"), dtype=np.float64)
+        values = np.asarray(tensor.get("data"))
     except (TypeError, ValueError, OverflowError):
-        raise HttpError(400, "the image data holds something else than numbers") from None
+        values = np.asarray([])
+    if values.dtype.kind not in "iuf" or (values.size == 0 and math.prod(shape)):
+        raise HttpError(400, "the image data must be numbers, flat or nested in row-major order")
+    values = values.astype(np.float64)
     if values.size != math.prod(shape):
         raise HttpError(400, f"the image data holds {values.size:,} values; shape {shape} needs {math.prod(shape):,}")
     return _typed(values.reshape(shape), datatype)
@@ -262,6 +265,9 @@ def _typed(values: np.ndarray, datatype: str) -> np.ndarray:
     """Values in the range and steps of their declared type."""
     target = V2_TYPES[datatype]
     if datatype == "FP32":
+        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise HttpError(422, f"{bad:,} of {values.size:,} values of the image data are NaN or infinite; send finite values")
         return values.astype(np.float32)
     info = np.iinfo(target)
     finite = np.isfinite(values)
