@@ -1,5 +1,5 @@
 """The package's architecture, read from its source: a folder per stage, imports running one way
-(data <- learn <- infer <- report <- sweep <- cli), and inference without the training engine.
+(data <- learn <- infer <- report <- sweep <- serve <- cli), and inference and serving without the training engine.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import pytest
 import medseg
 
 PACKAGE = Path(medseg.__file__).parent
-STAGES = ("data", "learn", "infer", "report", "sweep")
+STAGES = ("data", "learn", "infer", "report", "sweep", "serve")
 # The modules at the top that every stage may read; they import no stage.
 SHARED = {"errors", "files", "config", "progress", "devices", "ranks", "runs", "__init__"}
 ALIASES = {"io", "rle", "datasets", "splits"}  # the README's Python API names of medseg.data's modules
 APP = {"cli", "demo", "__main__"}  # the command line (also as python -m medseg) and the workflow that strings the stages together
-RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "sweep": 4, "app": 5}
-INFERENCE = ["medseg.infer.predict", "medseg.infer.heldout", "medseg.infer.tune", "medseg.infer.export", "medseg.infer.outputs"]
+RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "sweep": 4, "serve": 5, "app": 6}
+INFERENCE = [
+    *(f"medseg.infer.{name}" for name in ("predict", "heldout", "tune", "export", "outputs")),
+    *(f"medseg.serve.{name}" for name in ("app", "model", "server", "batcher", "uploads")),
+]
 
 
 def layer(module: str) -> str:
@@ -84,7 +87,9 @@ def test_imports_run_one_way(path):
         elif own == "alias":
             assert target == "data", f"{where}: an alias names a module of medseg.data"
         elif target != "shared":
-            assert RANK[target] <= RANK[own], f"{where}: {own} must not import {target} (data <- learn <- infer <- report <- sweep <- cli)"
+            assert RANK[target] <= RANK[own], (
+                f"{where}: {own} must not import {target} (data <- learn <- infer <- report <- sweep <- serve <- cli)"
+            )
 
 
 def test_the_import_check_sees_a_wrong_way_import(tmp_path):

@@ -9,18 +9,8 @@ tests never skip: without the browser they fail and say so. The full-page screen
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -31,10 +21,9 @@ import pytest
 from PIL import Image
 
 from medseg.serve.app import PAGE_POLICY
+from serve_client import ServerProcess, post_frames, request, wait_ready
 from test_report_browser import CHROMIUM, CHROMIUM_ARGS, NETWORK, artefact_path, sync_playwright
 
-SERVING_LINE = re.compile(r"serving .* on http://127\.0\.0\.1:(\d+)/")
-START_TIMEOUT_S = 60
 TOKEN = "secret-token-123"
 BROWSER_TIMEOUT_MS = 30_000
 DRAWN = 'canvas.overlay[data-drawn="true"]'
@@ -47,14 +36,17 @@ class Server:
     """A ``medseg serve`` process and where it answers.
 
     Attributes:
-        url: The page's address, ``http://127.0.0.1:PORT/``.
-        process: The server process.
+        process: The server process (:class:`serve_client.ServerProcess`).
         token: The bearer token it needs, if any.
     """
 
-    url: str
-    process: subprocess.Popen
+    process: ServerProcess
     token: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The page's address, ``http://127.0.0.1:PORT/``."""
+        return f"http://127.0.0.1:{self.process.port}/"
 
     @property
     def origin(self) -> str:
@@ -66,96 +58,32 @@ class Server:
         return {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
 
 
-def _read_lines(stream, lines: list[str], found: threading.Event) -> None:
-    """Collect a process's stderr lines; set ``found`` once the serving line is among them."""
-    for line in stream:
-        lines.append(line)
-        if SERVING_LINE.search(line):
-            found.set()
-
-
-def start_server(run: Path, folder: Path, token: str | None = None) -> Server:
-    """Start ``medseg serve`` on a free port in ``folder`` and wait until it is ready.
+@contextlib.contextmanager
+def running_server(run: Path, folder: Path, token: str | None = None) -> Iterator[Server]:
+    """``medseg serve`` on a free port in ``folder``, ready; stopped with SIGTERM at the end.
 
     Args:
         run: The run to serve.
         folder: The process's working directory.
         token: The bearer token (given as ``MEDSEG_SERVE_TOKEN``), or ``None`` for an open server.
-
-    Returns:
-        The ready server; stop it with :func:`stop_server`.
     """
-    env = {key: value for key, value in os.environ.items() if key != "MEDSEG_SERVE_TOKEN"}
-    if token is not None:
-        env["MEDSEG_SERVE_TOKEN"] = token
-    command = [sys.executable, "-m", "medseg", "serve", str(run), "--port", "0", "--quiet"]
-    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    found = threading.Event()
-    threading.Thread(target=_read_lines, args=(process.stderr, lines, found), daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not found.wait(0.2):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_server(process)
-            pytest.fail(f"medseg serve did not announce its port within {START_TIMEOUT_S} s; stderr:\n{''.join(lines)}")
-    port = next(int(match.group(1)) for line in lines if (match := SERVING_LINE.search(line)))
-    server = Server(f"http://127.0.0.1:{port}/", process, token)
-    while True:
-        status, _ = call(server, "v2/health/ready")
-        if status == 200:
-            return server
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_server(process)
-            pytest.fail(f"medseg serve was not ready within {START_TIMEOUT_S} s (last status {status}); stderr:\n{''.join(lines)}")
-        time.sleep(0.2)
+    with ServerProcess(run, "--quiet", cwd=folder, env={"MEDSEG_SERVE_TOKEN": token} if token else None) as process:
+        server = Server(process, token)
+        wait_ready(process.port, server.headers())
+        yield server
+        process.stop()
 
 
-def stop_server(process: subprocess.Popen) -> None:
-    """Stop a server process with SIGTERM (a kill if it does not stop within 30 s)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def call(server: Server, path: str, body: bytes | None = None, content_type: str | None = None) -> tuple[int, dict]:
-    """One request to the server (a POST when there is a body), with its token.
-
-    Returns:
-        The HTTP status and the JSON answer (``{}`` when the server could not be reached).
-    """
-    headers = server.headers() | ({} if content_type is None else {"Content-Type": content_type})
-    request = urllib.request.Request(server.url + path, data=body, headers=headers, method="GET" if body is None else "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
-    except (urllib.error.URLError, ConnectionError):
-        return 0, {}
-
-
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    """A ``multipart/form-data`` body with one ``frames`` file part per file, and its Content-Type."""
-    boundary = f"medseg-test-{uuid.uuid4().hex}"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="frames"; filename="{name}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for name, data in files
-    ]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+def call(server: Server, path: str) -> tuple[int, dict]:
+    """``GET`` a route of the server, with its token: the HTTP status and the JSON answer."""
+    reply = request(server.process.port, "GET", f"/{path}", headers=server.headers())
+    return reply.status, reply.json
 
 
 def predict(server: Server, files: list[tuple[str, bytes]]) -> tuple[int, dict]:
     """``POST /v1/predict?masks=true&preview=true`` with the files, as the page sends them."""
-    body, content_type = multipart(files)
-    return call(server, "v1/predict?masks=true&preview=true", body, content_type)
+    reply = post_frames(server.process.port, files, "?masks=true&preview=true", server.headers())
+    return reply.status, reply.json
 
 
 def shown_probability(probability: float | None) -> str:
@@ -199,17 +127,15 @@ class Watched:
 @pytest.fixture(scope="module")
 def server(tiny_uns_run: Path, tmp_path_factory) -> Iterator[Server]:
     """A ``medseg serve`` of the tiny uns-mini run without a token, shared by the module's tests."""
-    running = start_server(tiny_uns_run, tmp_path_factory.mktemp("serve"))
-    yield running
-    stop_server(running.process)
+    with running_server(tiny_uns_run, tmp_path_factory.mktemp("serve")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def token_server(tiny_uns_run: Path, tmp_path_factory) -> Iterator[Server]:
     """A ``medseg serve`` of the tiny uns-mini run that needs :data:`TOKEN`."""
-    running = start_server(tiny_uns_run, tmp_path_factory.mktemp("serve-token"), token=TOKEN)
-    yield running
-    stop_server(running.process)
+    with running_server(tiny_uns_run, tmp_path_factory.mktemp("serve-token"), token=TOKEN) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

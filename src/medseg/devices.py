@@ -6,6 +6,8 @@ configuration; neither needs the other to know them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from medseg.config import Config
@@ -116,3 +118,8 @@ def augments_on_device(config: Config) -> bool:
 def device_for(config: Config) -> torch.device:
     """CUDA when the run may use it and it is there, else the CPU."""
     return torch.device("cuda") if uses_cuda(config) else torch.device("cpu")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which container limits set), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

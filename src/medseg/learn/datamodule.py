@@ -7,7 +7,6 @@ frames of one size and the module augments them after the transfer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import cv2
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from medseg.config import Config
 from medseg.data import transforms
 from medseg.data.samples import Sample
-from medseg.devices import augments_on_device, uses_cuda
+from medseg.devices import augments_on_device, usable_cores, uses_cuda
 
 
 class SegmentationDataset(Dataset):
@@ -132,11 +131,6 @@ class EqualValidationSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         frames = len(self.dataset)
         return iter(position % frames for position in range(self.rank, self.num_samples * self.num_replicas, self.num_replicas))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which container limits set), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def num_workers(config: Config, local_ranks: int = 1, validation: bool = False) -> int:

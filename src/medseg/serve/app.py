@@ -73,9 +73,10 @@ class Service:
     def start(self) -> None:
         """Start the model thread, and warm the model up in the background (ready once done)."""
         self.batcher.start()
-        threading.Thread(target=self._warm_up, name="medseg-warm-up", daemon=True).start()
+        threading.Thread(target=self.warm_up, name="medseg-warm-up", daemon=True).start()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
+        """Predict a blank frame once (the lazy set-up done); ready after it, else why not."""
         try:
             self.model.warm_up()
         except Exception as error:  # noqa: BLE001 - told by the ready probe and on stderr; the process stays up to tell it
@@ -124,18 +125,25 @@ class Service:
             raise HttpError(503, "the server is stopping; retry on another replica or once it is back", RETRY_AFTER) from None
 
 
-def create_app(request: ServeRequest, model: ServedModel) -> FastAPI:
+def create_app(request: ServeRequest, model: ServedModel, *, warm_first: bool = False) -> FastAPI:
     """The FastAPI app serving ``model`` with ``request``'s settings.
 
     Args:
         request: The server's settings (token, limits, model name).
-        model: The loaded model (warmed up in the background once the app starts).
+        model: The loaded model.
+        warm_first: Warm the model up before the server takes connections (one of several worker processes on one
+            port: the kernel would hand a cold one requests it could only refuse); else in the background while the
+            live probe already answers (ready once done).
     """
     service = Service(request, model)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.start()
+        if warm_first:
+            await run_in_threadpool(service.warm_up)
+            service.batcher.start()
+        else:
+            service.start()
         try:
             yield
         finally:

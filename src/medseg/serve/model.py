@@ -26,6 +26,7 @@ from medseg.data.io import FrameBytes
 from medseg.infer.kept import file_digest
 from medseg.infer.outputs import load_engine, mask_png
 from medseg.infer.predict import TorchEnsemble, check_tta, frame_predictions, postprocess_record, read_postprocess
+from medseg.learn.metrics import DEFAULT_THRESHOLD
 from medseg.report.figures import STRUCTURE_COLOURS
 from medseg.runs import Run
 
@@ -93,6 +94,8 @@ class ServedModel:
         self.options = options
         self.max_pixels = options.max_pixels or run.config.data.max_pixels
         self.posts = read_postprocess(run)
+        if not any(rule.tuned for rule in self.posts):
+            on_message(f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)")
         self.structures = list(run.classes) or [ONE_STRUCTURE]
         engine = load_engine(run, options.engine, options.onnx, on_message)
         self.prob_fn = TorchEnsemble(engine) if isinstance(engine, list) else engine

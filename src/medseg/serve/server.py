@@ -150,4 +150,14 @@ def worker_app():
     from medseg.serve.model import ServedModel
 
     request = ServeRequest.from_json(os.environ[REQUEST_VARIABLE])
-    return create_app(request, ServedModel(open_run(request.run), request.model, lambda _: None))
+    _share_cores(request.workers)
+    return create_app(request, ServedModel(open_run(request.run), request.model, lambda _: None), warm_first=True)
+
+
+def _share_cores(workers: int) -> None:
+    """PyTorch's threads of one of ``workers`` processes: the usable cores shared among them, not each taking all."""
+    import torch
+
+    from medseg.devices import usable_cores
+
+    torch.set_num_threads(max(1, usable_cores() // workers))
