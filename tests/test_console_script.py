@@ -144,7 +144,9 @@ def assert_usage_error(result: subprocess.CompletedProcess, command: str, *words
 
 
 def test_every_command_is_covered():
-    assert COMMANDS == sorted(["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "demo", "sweep"])
+    assert COMMANDS == sorted(
+        ["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "demo", "sweep", "serve"]
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -197,7 +199,9 @@ def test_unknown_command():
     assert_usage_error(medseg("nosuchcmd"), "", "No such command", "nosuchcmd")
 
 
-@pytest.mark.parametrize("command", ["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "sweep"])
+@pytest.mark.parametrize(
+    "command", ["inspect", "train", "tune", "report", "predict", "export", "check-submission", "evaluate", "sweep", "serve"]
+)
 def test_missing_argument(command):
     assert_usage_error(medseg(command), command, "Missing")
 
@@ -210,6 +214,7 @@ def test_missing_argument(command):
         (("export", "RUN", "--onnx", "m.onnx", "--opset", "x"), "--opset"),
         (("check-submission", "FILE", "--shape", "420"), "--shape"),
         (("inspect", "DATA", "--mask-value", "one"), "--mask-value"),
+        (("serve", "RUN", "--port", "70000"), "--port"),
     ],
 )
 def test_wrong_value_type(args, option):

@@ -251,7 +251,7 @@ def test_a_failed_masks_write_leaves_no_partial_folder(run_copy, shared_data, tm
             raise OSError(28, "No space left on device")
         return b"png"
 
-    monkeypatch.setattr(outputs, "_png", failing_png)
+    monkeypatch.setattr(outputs, "mask_png", failing_png)
     masks = tmp_path / "masks"
     request = outputs.PredictRequest(run_copy, shared_data / "uns-mini" / "test", masks_dir=masks, allow_degenerate=True)
     with pytest.raises(OSError):

@@ -10,10 +10,13 @@ import asyncio
 import base64
 import io as stdio
 import json
+import os
 import shutil
 import signal
 import socket
 import struct
+import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -25,9 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import read_rows
+from conftest import TINY_OVERRIDES, read_rows, set_args
 from medseg.cli import main
 from medseg.data import rle
+from medseg.data.io import FrameBytes
 from medseg.infer.outputs import PredictRequest, predict_folder
 from medseg.runs import open_run
 from medseg.serve.app import create_app
@@ -36,6 +40,7 @@ from medseg.serve.model import ModelOptions, ServedModel
 from medseg.serve.settings import ServeRequest
 from serve_client import ServerProcess, ThreadServer, multipart, post_frames, post_json, request, wait_ready
 from test_medical_files import SIIM_ID, sixteen_bit_copy, write_dicom
+from test_structures import make_class_index
 
 UNS_FRAMES = ("1", "2", "3", "5", "8", "13")
 MAX_UPLOAD = 3 * 1024**2
@@ -52,7 +57,7 @@ def tuned_run(tiny_uns_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frames_folder(shared_data, tmp_path_factory) -> Path:
-    """Frames in the formats a server takes: uns-mini TIFFs, 16-bit PNGs (usgra-seg frames) and a real SIIM DICOM."""
+    """Frames in the formats a server takes: uns-mini TIFFs, 16-bit PNGs (usgra-seg frames), a real SIIM DICOM and a JPEG."""
     folder = tmp_path_factory.mktemp("frames") / "test"
     folder.mkdir()
     for name in UNS_FRAMES:
@@ -61,6 +66,8 @@ def frames_folder(shared_data, tmp_path_factory) -> Path:
     for path in sorted((deep / "images").iterdir()):
         shutil.copyfile(path, folder / f"deep{path.name}")
     shutil.copyfile(shared_data / "siim-sample" / "images" / f"{SIIM_ID}.dcm", folder / "radiograph.dcm")
+    frame = cv2.imread(str(shared_data / "uns-mini" / "test" / "21.tif"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(folder / "scan.jpg"), frame)
     return folder
 
 
@@ -195,7 +202,7 @@ def dicom_without_pixels(tmp_path: Path) -> bytes:
         ("not an image", lambda folder, tmp: ("notes.txt", b"hello, not a frame"), 415, "not a TIFF, PNG, JPEG, BMP or DICOM"),
         ("an empty file", lambda folder, tmp: ("empty.tif", b""), 422, "empty.tif: file is empty"),
         ("a truncated TIFF", lambda folder, tmp: ("cut.tif", tiff_truncated(folder)), 422, "truncated"),
-        ("a DICOM without pixels", lambda folder, tmp: ("report.dcm", dicom_without_pixels(tmp)), 422, "holds no pixel data"),
+        ("a DICOM without pixels", lambda folder, tmp: ("report.dcm", dicom_without_pixels(tmp)), 422, "DICOM file holds no"),
         ("above the pixel limit", lambda folder, tmp: ("bomb.png", png_declaring(200_000, 100_000)), 422, "more than the limit"),
         ("a JPEG named .tif", lambda folder, tmp: ("x.tif", _jpeg()), 422, "file is a JPEG image named .tif"),
         ("an upload above --max-upload", lambda folder, tmp: ("big.tif", b"\0" * (MAX_UPLOAD + 1)), 413, "above the server's limit"),
@@ -259,10 +266,25 @@ def test_bad_requests_are_json_lines(served, tuned_run):
         ),
         (post_json(port, infer, {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "UINT8", "data": [0]}]}), 400, '"image"'),
         (post_json(port, infer, {"inputs": [_tiny_tensor()], "outputs": [{"name": "logits"}]}), 400, "not one of the model's"),
+        (post_json(port, infer, {"inputs": [{**_tiny_tensor(), "parameters": "x"}]}), 400, "parameters must be an object"),
+        (request(port, "POST", "/v1/predict", *_cut_form()), 400, "ends before its closing boundary"),
+        (_other_origin(port), 403, "another site"),
     ]
     for reply, status, says in cases:
         assert reply.status == status and says in reply.json["error"], (status, says, reply.status, reply.body)
     assert request(port, "GET", "/v2/health/ready").status == 200
+
+
+def _cut_form() -> tuple[bytes, dict[str, str]]:
+    """A multipart body cut before its closing boundary (a client that died mid-upload)."""
+    body, headers = _form([("1.tif", b"II*\x00" + b"\x00" * 200)])
+    return body[: body.rindex(b"--", 0, len(body) - 4)], headers
+
+
+def _other_origin(port: int):
+    """A post a page of another site makes the browser send (a server without a token refuses it)."""
+    body, headers = _form([("1.tif", b"x")])
+    return request(port, "POST", "/v1/predict", body, {**headers, "Origin": "https://elsewhere.example"})
 
 
 def _tiny_tensor() -> dict:
@@ -295,8 +317,10 @@ def test_the_token_guards_every_route_but_the_live_probe(tuned_run, frames_folde
                     reply.status == 401 and reply.headers["www-authenticate"] == "Bearer" and "Authorization: Bearer" in reply.json["error"]
                 )
             assert request(port, "GET", f"/v2/models/{tuned_run.name}", headers=headers).status == 401
+            assert post_json(port, f"/v2/models/{tuned_run.name}/infer", {"inputs": [_tiny_tensor()]}, headers).status == 401
         assert post_frames(port, frame, headers=good).status == 200
         assert request(port, "GET", f"/v2/models/{tuned_run.name}", headers=good).status == 200
+        assert post_json(port, f"/v2/models/{tuned_run.name}/infer", {"inputs": [_tiny_tensor()]}, good).status == 200
 
 
 class _SlowModel:
@@ -349,24 +373,41 @@ def model_queue(server: ThreadServer) -> int:
     return server.server.config.app.state.service.batcher.queued
 
 
-def test_a_request_never_writes_to_disk(tuned_run, frames_folder, tmp_path, monkeypatch):
-    before = {path: path.stat().st_mtime_ns for path in tuned_run.rglob("*")}
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
-    monkeypatch.chdir(tmp_path)
-    import tempfile
+_WRITES: list[str] = []
+_WATCHING = threading.Event()
 
-    monkeypatch.setattr(tempfile, "tempdir", None)
+
+def _record_writes(event: str, arguments: tuple) -> None:
+    """An audit hook: every file opened for writing while :data:`_WATCHING` is set (temporary files included)."""
+    if event == "open" and _WATCHING.is_set():
+        path, mode, flags = arguments
+        writing = (mode is not None and any(letter in str(mode) for letter in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        )
+        if writing:
+            _WRITES.append(str(path))
+
+
+def test_a_request_never_writes_to_disk(tuned_run, frames_folder, tmp_path):
     model = ServedModel(open_run(tuned_run), ModelOptions(tta="none"))
+    noise = np.random.default_rng(0).integers(0, 65535, (800, 800), dtype=np.uint16)
+    big = [("noise.png", cv2.imencode(".png", noise)[1].tobytes()), ("1.tif", (frames_folder / "1.tif").read_bytes())]
+    assert len(big[0][1]) > 1024**2  # a part Starlette's form parsing would spool to a temporary file
+    sys.addaudithook(_record_writes)
+    _WATCHING.set()
+    with tempfile.TemporaryFile():  # the hook sees what a spooled part would become: an unnamed temporary file
+        _WATCHING.clear()
+    assert _WRITES, "the audit hook missed a temporary file"
+    _WRITES.clear()
     with ThreadServer(create_app(ServeRequest(tuned_run, max_upload=64 * 1024**2), model)) as server:
         wait_ready(server.port)
-        noise = np.random.default_rng(0).integers(0, 65535, (800, 800), dtype=np.uint16)
-        big = [("noise.png", cv2.imencode(".png", noise)[1].tobytes()), ("1.tif", (frames_folder / "1.tif").read_bytes())]
-        assert len(big[0][1]) > 1024**2  # a part Starlette's form parsing would spool to a temporary file
-        assert post_frames(server.port, big, "?masks=true&preview=true").status == 200
-    assert sorted(tmp_path.rglob("*")) == [scratch]
-    assert {path: path.stat().st_mtime_ns for path in tuned_run.rglob("*")} == before
+        _WATCHING.set()
+        try:
+            assert post_frames(server.port, big, "?masks=true&preview=true").status == 200
+            assert post_json(server.port, "/v2/models/run/infer", {"inputs": [_tiny_tensor()]}).status == 200
+        finally:
+            _WATCHING.clear()
+    assert not [path for path in _WRITES if "__pycache__" not in path], _WRITES
 
 
 def test_the_onnx_engine_answers_as_predict_with_it(tuned_run, frames_folder, tmp_path):
@@ -420,7 +461,7 @@ def test_a_wide_bind_without_a_token_warns(tuned_run, monkeypatch, capsys):
     assert main(["serve", str(tuned_run), "--host", "0.0.0.0", "--port", "0"]) == 0
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0 without --token" in " ".join(err.split()) and served[0].host == "0.0.0.0"
-    assert main(["serve", str(tuned_run), "--host", "0.0.0.0", "--port", "0", "--token", "t0ken"]) == 0
+    assert main(["serve", str(tuned_run), "--host", "0.0.0.0", "--port", "0", "--token", "t0ken-t0ken"]) == 0
     assert "without --token" not in capsys.readouterr().err
 
 
@@ -432,7 +473,8 @@ def test_a_wide_bind_without_a_token_warns(tuned_run, monkeypatch, capsys):
         (["--max-batch", "8", "--max-queue", "4"], "--max-queue 4 is below --max-batch 8"),
         (["--engine", "tensorrt"], "--engine 'tensorrt'; use torch or onnx"),
         (["--onnx", "missing.onnx", "--engine", "onnx"], "missing.onnx: not found"),
-        (["--token", " "], "--token is empty"),
+        (["--token", " "], "--token: use 8 to 512 visible ASCII characters"),
+        (["--token", "short"], "--token: use 8 to 512 visible ASCII characters"),
     ],
 )
 def test_serve_mistakes_are_one_line(tuned_run, capsys, arguments, says):
@@ -510,3 +552,79 @@ def test_the_batcher_refuses_past_its_queue_hands_errors_on_and_drains_when_clos
 
     first, failed, last = asyncio.run(clients())
     assert first == ["answer a"] and isinstance(failed, RuntimeError) and last == ["answer c", "answer d"]
+
+
+def test_a_frames_answer_does_not_depend_on_the_frames_batched_with_it(served, frames_folder):
+    _, model = served
+    eight = np.asarray(Image.open(frames_folder / "1.tif"))
+    deep = model.read(FrameBytes("deep.png", next(frames_folder.glob("deep*.png")).read_bytes()))
+    assert eight.dtype == np.uint8 and deep.dtype == np.float32
+    (alone,) = model.predict([eight])
+    beside, _ = model.predict([eight, deep])
+    # the same input to the network; the kernels' sums may differ in the last digits with the batch's size (about 6e-8):
+    # resized as float beside a deep frame, the 8-bit frame differed by 4e-4 in presence
+    assert np.array_equal(alone.masks, beside.masks)
+    assert np.abs(alone.presence - beside.presence).max() < 1e-6
+
+
+def test_a_failed_batch_fails_only_the_request_that_broke_it():
+    def predict(frames):
+        if "bad" in frames:
+            raise RuntimeError("CUDA out of memory")
+        return [f"answer {frame}" for frame in frames]
+
+    batcher = Batcher(predict, max_batch=8, max_queue=8, max_wait=0.2)
+    batcher.start()
+
+    async def clients():
+        return await asyncio.gather(batcher.predict(["a"]), batcher.predict(["bad"]), batcher.predict(["c"]), return_exceptions=True)
+
+    first, failed, last = asyncio.run(clients())
+    batcher.close()
+    assert first == ["answer a"] and last == ["answer c"] and "out of memory" in str(failed)
+
+
+def test_the_pixels_in_flight_are_bounded(tuned_run, frames_folder, monkeypatch):
+    monkeypatch.setattr("medseg.serve.app.MAX_PIXELS_IN_FLIGHT", 600_000)
+    slow = _SlowModel(ServedModel(open_run(tuned_run), ModelOptions(tta="none", max_pixels=300_000)))
+    slow.warmed.set()
+    frame = [("1.tif", (frames_folder / "1.tif").read_bytes())]  # 580 x 420 = 243,600 pixels
+    with ThreadServer(create_app(ServeRequest(tuned_run), slow)) as server:
+        wait_ready(server.port)
+        too_big = post_frames(server.port, frame * 3)
+        assert too_big.status == 413 and "more than the server holds at once (600,000)" in too_big.json["error"]
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(post_frames, server.port, frame * 2)  # 487,200 pixels held until answered
+            assert slow.started.wait(30)
+            refused = post_frames(server.port, frame)
+            slow.go.set()
+            assert held.result().status == 200
+        assert refused.status == 503 and "pixels" in refused.json["error"] and refused.headers["retry-after"] == "1"
+        assert post_frames(server.port, frame).status == 200
+
+
+@pytest.fixture(scope="module")
+def two_structure_run(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+    """A tiny one-fold run of two structures (nerve, vessel) from usgra-seg's class-index masks, and its frames."""
+    data = make_class_index(tmp_path_factory.mktemp("two") / "class-index", shared_data)
+    run = data.parent / "run"
+    args = ["train", str(data), "--classes", "nerve=1,vessel=2", "--out", str(run), "--preset", "cpu", "--quiet", "--no-report"]
+    assert main([*args, *set_args(*TINY_OVERRIDES, "trainer.max_epochs=1")]) == 0
+    return run, data / "images"
+
+
+def test_a_run_of_two_structures_answers_each_as_predicts_long_table(two_structure_run, tmp_path):
+    run, images = two_structure_run
+    predict_folder(PredictRequest(run, images, out=tmp_path / "long.csv", allow_degenerate=True), on_message=lambda _: None)
+    expected = {(row[0], row[1]): row[2] for row in read_rows(tmp_path / "long.csv")[1:]}
+    model = ServedModel(open_run(run), ModelOptions())
+    with ThreadServer(create_app(ServeRequest(run), model)) as server:
+        wait_ready(server.port)
+        files = sorted(images.iterdir())
+        reply = post_frames(server.port, [(path.name, path.read_bytes()) for path in files])
+        meta = request(server.port, "GET", "/v2/models/run").json["parameters"]
+    assert meta["structures"] == ["nerve", "vessel"] and len(set(meta["colours"])) == 2
+    for path, frame in zip(files, reply.json["frames"], strict=True):
+        assert [structure["structure"] for structure in frame["structures"]] == ["nerve", "vessel"]
+        for structure in frame["structures"]:
+            assert structure["rle"] == expected[(path.stem, structure["label"])], (path.name, structure["structure"])

@@ -110,6 +110,11 @@ def common_type(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [as_unit_float(frame) for frame in frames]
 
 
+def as_eight_bit(frame: np.ndarray) -> np.ndarray:
+    """A frame as ``uint8``: as stored, or a frame in [0, 1] rounded to 256 steps (a windowed deeper frame)."""
+    return frame if frame.dtype == np.uint8 else np.rint(np.clip(frame, 0, 1) * 255).astype(np.uint8)
+
+
 def as_unit_float(frame: np.ndarray) -> np.ndarray:
     """A frame as ``float32`` in [0, 1] (``uint8`` divided by 255)."""
     return frame.astype(np.float32) / np.float32(255.0) if frame.dtype == np.uint8 else frame.astype(np.float32, copy=False)

@@ -15,7 +15,7 @@ import numpy as np
 from medseg import progress
 from medseg.config import DataOptions
 from medseg.data.datasets import Record, read_sample
-from medseg.data.intensity import common_type
+from medseg.data.intensity import as_eight_bit, common_type
 from medseg.errors import DataError, FileError
 
 Sample = tuple[np.ndarray, np.ndarray]
@@ -61,7 +61,7 @@ def frame_digest(frame: np.ndarray) -> str:
     Shape:
         frame: (H, W).
     """
-    values = frame if frame.dtype == np.uint8 else np.rint(np.clip(frame, 0, 1) * 255).astype(np.uint8)
+    values = as_eight_bit(frame)
     digest = hashlib.sha256(f"{values.shape}".encode())
     digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()[:32]

@@ -32,8 +32,7 @@ from medseg.errors import MedsegError, UsageError
 from medseg.files import Output, OutputExistsError, atomic_write, check_outputs, inside, printable
 from medseg.infer import submission
 from medseg.infer.export import ExportRequest, OnnxEnsemble, export_onnx
-from medseg.infer.predict import TTA_PASSES, load_fold_model, postprocess_record, predict_frames, read_postprocess
-from medseg.learn.metrics import DEFAULT_THRESHOLD
+from medseg.infer.predict import TTA_PASSES, load_fold_model, postprocess_record, predict_frames, read_postprocess, untuned_note
 from medseg.progress import Item, format_duration
 from medseg.runs import Run, RunFile, delete_ours, foreign_entries, open_run
 
@@ -113,8 +112,8 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
         on_message(f"rows follow {sample_path} ({len(sample_pairs or sample_ids)} rows)")
         records = _in_sample_order(records, sample_ids, sample_path)
     posts = read_postprocess(run)
-    if not any(rule.tuned for rule in posts):
-        on_message(f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)")
+    if (note := untuned_note(run, posts)) is not None:
+        on_message(note)
     frames = [io.read_image(record.image_path, run.config.data.intensity_window, max_pixels=max_pixels) for record in records]
     models = load_engine(run, request.engine, request.onnx, on_message)
     passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
@@ -170,7 +169,9 @@ def _sample_ids(sample_path: Path | None, run: Run) -> list[str] | None:
     return submission.read_sample_ids(sample_path) if sample_path and not run.classes else None
 
 
-def load_engine(run: Run, engine: str, onnx: Path | None, on_message: Callable[[str], None]) -> list | OnnxEnsemble:
+def load_engine(
+    run: Run, engine: str, onnx: Path | None, on_message: Callable[[str], None], threads: int | None = None
+) -> list | OnnxEnsemble:
     """The fold models as torch modules, or the exported ensemble in ONNX Runtime.
 
     Args:
@@ -178,6 +179,7 @@ def load_engine(run: Run, engine: str, onnx: Path | None, on_message: Callable[[
         engine: ``torch`` (the checkpoints; CUDA when there is one) or ``onnx`` (ONNX Runtime on the CPU).
         onnx: The exported model for the onnx engine; ``RUN/model.onnx``, exported on first use, when ``None``.
         on_message: Told when the model is exported.
+        threads: ONNX Runtime's intra-op threads; ``None`` lets it choose (every core).
 
     Raises:
         UsageError: On an unknown engine, or a named ONNX file that is missing or not a model.
@@ -193,7 +195,7 @@ def load_engine(run: Run, engine: str, onnx: Path | None, on_message: Callable[[
             raise UsageError(f"{path}: not found; export it with `medseg export {run.path} --onnx {path}`")
         on_message(f"exporting {path} for ONNX Runtime (first use of --engine onnx)")
         export_onnx(ExportRequest(run.path, path))
-    return OnnxEnsemble(path)
+    return OnnxEnsemble(path, threads)
 
 
 def _check_outputs(request: PredictRequest, run: Run, folder: Path, sample: Path | None) -> None:

@@ -104,6 +104,13 @@ def postprocess_of(run: Run, tuning: Tuning | StructuresTuning | None) -> list[P
     return [PostProcess(block.threshold, block.min_area, block.presence_threshold, tuned=True) for block in blocks]
 
 
+def untuned_note(run: Run, posts: Sequence[PostProcess]) -> str | None:
+    """The line that says a run predicts with the untuned setting, or ``None`` when it is tuned."""
+    if any(rule.tuned for rule in posts):
+        return None
+    return f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)"
+
+
 def check_tta(tta: str) -> None:
     """Refuse a test-time augmentation that is not one of :data:`~medseg.runs.TTA_MODES`.
 

@@ -11,10 +11,11 @@ refused at once (:class:`QueueFull`: HTTP 503 with ``Retry-After``) rather than 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ BATCH_WAIT_S = 0.005
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` frames: the request is refused (the client should retry later)."""
+    """The queue holds ``max_queue`` frames, or the frames in flight hold the most pixels: the request is refused (the
+    client should retry later)."""
 
 
 class Closed(Exception):
@@ -98,22 +100,36 @@ class Batcher:
 
     def _work(self) -> None:
         while (jobs := self._next_jobs()) is not None:
-            frames = [frame for job in jobs for frame in job.frames]
-            try:
-                answers = [
-                    answer
-                    for start in range(0, len(frames), self.max_batch)
-                    for answer in self._predict(frames[start : start + self.max_batch])
-                ]
-            except Exception as error:  # noqa: BLE001 - handed to every request of the batch; the thread goes on
-                for job in jobs:
-                    job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+            jobs = [job for job in jobs if not job.future.done()]  # a client gone (cancelled) is not predicted
+            if not jobs:
                 continue
-            self.batches += 1
+            try:
+                answers = self._passes([frame for job in jobs for frame in job.frames])
+            except Exception as error:  # noqa: BLE001 - handed to the requests, the thread goes on
+                self._alone(jobs, error)
+                continue
             start = 0
             for job in jobs:
-                job.loop.call_soon_threadsafe(_settle, job.future, answers[start : start + len(job.frames)], None)
+                _hand(job, answers[start : start + len(job.frames)], None)
                 start += len(job.frames)
+
+    def _passes(self, frames: list) -> list:
+        """The answers of frames, in passes of at most ``max_batch``."""
+        self.batches += 1
+        return [
+            answer for start in range(0, len(frames), self.max_batch) for answer in self._predict(frames[start : start + self.max_batch])
+        ]
+
+    def _alone(self, jobs: list[_Job], error: Exception) -> None:
+        """After a failed batch, each request predicted alone: only the one whose frames fail gets the error."""
+        if len(jobs) == 1:
+            _hand(jobs[0], None, error)
+            return
+        for job in jobs:
+            try:
+                _hand(job, self._passes(list(job.frames)), None)
+            except Exception as own:  # noqa: BLE001 - this request's own failure, handed to it
+                _hand(job, None, own)
 
     def _next_jobs(self) -> list[_Job] | None:
         """The requests of the next batch, after a short wait for it to fill; ``None`` once closed and drained."""
@@ -134,6 +150,14 @@ class Batcher:
             return jobs
 
 
+def _hand(job: _Job, result: list | None, error: Exception | None) -> None:
+    """Hand a request its answers or error on its event loop (nothing when that loop has closed: the server stopped)."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+    except RuntimeError:
+        pass
+
+
 def _settle(future: asyncio.Future, result: list | None, error: Exception | None) -> None:
     """Give a request its answers or the batch's error, unless it stopped waiting (the client went away)."""
     if future.done():
@@ -142,3 +166,34 @@ def _settle(future: asyncio.Future, result: list | None, error: Exception | None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+class PixelBudget:
+    """The pixels of the frames a server holds at once, from decoding to the answer, bounded (memory scales with them).
+
+    A request reserves its frames' pixels, as their headers declare them, before they are decoded, and releases them
+    once answered; a request that does not fit now is refused (:class:`QueueFull`) rather than decoded (a request
+    larger than the whole budget is refused before, for good). Used on the event loop's thread only.
+
+    Args:
+        limit: The most pixels held at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def reserved(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` for the block.
+
+        Raises:
+            QueueFull: If other requests hold too many pixels for these to fit.
+        """
+        if self.held + pixels > self.limit:
+            raise QueueFull(f"the frames in flight hold {self.held:,} pixels, the most is {self.limit:,}")
+        self.held += pixels
+        try:
+            yield
+        finally:
+            self.held -= pixels

@@ -25,10 +25,10 @@ from medseg.data.intensity import describe as describe_window
 from medseg.data.io import FrameBytes
 from medseg.infer.kept import file_digest
 from medseg.infer.outputs import load_engine, mask_png
-from medseg.infer.predict import TorchEnsemble, check_tta, frame_predictions, postprocess_record, read_postprocess
-from medseg.learn.metrics import DEFAULT_THRESHOLD
+from medseg.infer.predict import TorchEnsemble, check_tta, frame_predictions, postprocess_record, read_postprocess, untuned_note
 from medseg.report.figures import STRUCTURE_COLOURS
 from medseg.runs import Run
+from medseg.serve.uploads import V2_TYPES
 
 OUTPUT_TYPES = {"mask": "UINT8", "presence": "FP32", "area": "INT64", "rle": "BYTES"}
 """The KServe v2 outputs and their types."""
@@ -66,6 +66,23 @@ class Answer:
     presence: np.ndarray
 
 
+def check_servable(run: Run, options: ModelOptions, on_message: Callable[[str], None]) -> None:
+    """What :class:`ServedModel` would refuse, checked without putting a model on a device (the parent of worker
+    processes, which load their own): the TTA, the engine, every checkpoint, the ONNX model (exported here once, not by
+    each worker).
+
+    Raises:
+        UsageError: On an unknown engine or TTA, or a named ONNX file that is missing or not a model.
+        CheckpointError: If a checkpoint is damaged.
+    """
+    check_tta(options.tta)
+    if options.engine != "torch":
+        load_engine(run, options.engine, options.onnx, on_message, threads=1)
+        return
+    for fold in run.folds:
+        run.best_weights(fold)
+
+
 def run_identity(run: Run) -> str:
     """What tells one served model from another: a digest of the run's configuration, best checkpoints and tuning."""
     files = [run.config_file, *(fold.best for fold in run.folds)]
@@ -94,10 +111,12 @@ class ServedModel:
         self.options = options
         self.max_pixels = options.max_pixels or run.config.data.max_pixels
         self.posts = read_postprocess(run)
-        if not any(rule.tuned for rule in self.posts):
-            on_message(f"{run.path} is not tuned: threshold {DEFAULT_THRESHOLD}, no minimum area (run `medseg tune {run.path}` first)")
+        if (note := untuned_note(run, self.posts)) is not None:
+            on_message(note)
         self.structures = list(run.classes) or [ONE_STRUCTURE]
-        engine = load_engine(run, options.engine, options.onnx, on_message)
+        self.labels = [run.plan.class_labels.get(name, name) for name in self.structures]
+        self.colours = [STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)] for index in range(len(self.structures))]
+        engine = load_engine(run, options.engine, options.onnx, on_message, threads=torch.get_num_threads())
         self.prob_fn = TorchEnsemble(engine) if isinstance(engine, list) else engine
         self.run_id = run_identity(run)
 
@@ -108,6 +127,14 @@ class ServedModel:
             ImageReadError: Naming the upload, as for a file (:func:`medseg.data.io.read_image`).
         """
         return io.read_image(upload, self.run.config.data.intensity_window, max_pixels=self.max_pixels)
+
+    def size(self, upload: FrameBytes) -> tuple[int, int]:
+        """The ``(height, width)`` a posted file's header declares, checked against the pixel limit; nothing decoded.
+
+        Raises:
+            ImageReadError: Naming the upload (:func:`medseg.data.io.image_size`).
+        """
+        return io.image_size(upload, max_pixels=self.max_pixels)
 
     def predict(self, frames: Sequence[np.ndarray]) -> list[Answer]:
         """The masks and presence probabilities of frames, in one pass of the ensemble (one batch)."""
@@ -120,15 +147,21 @@ class ServedModel:
         self.predict([np.zeros((size.height, size.width), np.uint8)])
 
     def structures_of(self, answer: Answer, *, with_masks: bool) -> list[dict]:
-        """A frame's answer by structure: present, presence probability, area, RLE and, on request, the mask as PNG."""
+        """A frame's answer by structure: present, presence probability, area, RLE and, on request, the mask as PNG.
+
+        Each structure's mask is its own (structures may overlap), as ``predict --out`` encodes them; its ``label`` is
+        the one ``predict`` writes in a long table's class column.
+        """
         return [
-            self._structure(name, mask, float(presence), with_masks)
-            for name, mask, presence in zip(self.structures, answer.masks, answer.presence, strict=True)
+            self._structure(index, mask, float(presence), with_masks)
+            for index, (mask, presence) in enumerate(zip(answer.masks, answer.presence, strict=True))
         ]
 
-    def _structure(self, name: str, mask: np.ndarray, presence: float, with_mask: bool) -> dict:
+    def _structure(self, index: int, mask: np.ndarray, presence: float, with_mask: bool) -> dict:
         entry = {
-            "structure": name,
+            "structure": self.structures[index],
+            "label": self.labels[index],
+            "colour": self.colours[index],
             "present": bool(mask.any()),
             "presence_probability": None if math.isnan(presence) else round(presence, 6),
             "area": int(np.count_nonzero(mask)),
@@ -166,7 +199,7 @@ class ServedModel:
         return {
             "name": name,
             "versions": [__version__],
-            "platform": "onnxruntime_onnx" if self.options.engine == "onnx" else "pytorch_torchscript",
+            "platform": "onnxruntime_onnx" if self.options.engine == "onnx" else "pytorch",
             "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1]}],
             "outputs": [
                 {"name": name, "datatype": OUTPUT_TYPES[name], "shape": [-1, len(self.structures), -1, -1][: 4 if name == "mask" else 2]}
@@ -177,7 +210,9 @@ class ServedModel:
                 "run": self.run.path.name,
                 "run_id": self.run_id,
                 "structures": self.structures,
-                "colours": [STRUCTURE_COLOURS[index % len(STRUCTURE_COLOURS)] for index in range(len(self.structures))],
+                "labels": self.labels,
+                "colours": self.colours,
+                "input_datatypes": list(V2_TYPES),  # the metadata's input names one type; each of these is read
                 "engine": self.options.engine,
                 "device": str(getattr(self.prob_fn, "device", torch.device("cpu"))),
                 "folds": len(self.run.folds),

@@ -56,10 +56,13 @@ def serve(
     """
     request.check()
     require_packages()
-    from medseg.serve.model import ServedModel
+    from medseg.serve.model import ServedModel, check_servable
 
     run = open_run(request.run)
-    model = ServedModel(run, request.model, on_message)  # in this process: a broken run is told before the port opens
+    if request.workers > 1:
+        check_servable(run, request.model, on_message)  # a broken run is told before the port opens; each worker loads its own
+    else:
+        model = ServedModel(run, request.model, on_message)
     sock = bind(request.host, request.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -73,7 +76,6 @@ def serve(
             "set --token (or MEDSEG_SERVE_TOKEN) and put a reverse proxy with TLS in front"
         )
     if request.workers > 1:
-        del model  # each worker process loads its own
         _serve_processes(request, sock, log_level)
     else:
         _serve_here(request, model, sock, log_level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from medseg.errors import UsageError
@@ -13,6 +14,8 @@ from medseg.serve.model import ModelOptions
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A model name: it is part of the API's paths (``/v2/models/{name}``)."""
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+TOKEN = re.compile(r"[!-~]{8,512}")
+"""A bearer token: 8 to 512 visible ASCII characters (an HTTP header carries them as they are), no spaces."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ServeRequest:
     workers: int = 1
     name: str | None = None
 
-    @property
+    @cached_property
     def model_name(self) -> str:
         """The model's name in the API's paths."""
         if self.name is not None:
@@ -55,15 +58,16 @@ class ServeRequest:
         """Refuse settings that cannot work, each in one line naming the option.
 
         Raises:
-            UsageError: A model name outside :data:`MODEL_NAME`, a queue shorter than a batch, an empty token.
+            UsageError: A model name outside :data:`MODEL_NAME`, a queue shorter than a batch, a token outside :data:`TOKEN`.
         """
         if self.name is not None and not MODEL_NAME.fullmatch(self.name):
             raise UsageError(f"--name {self.name[:70]!r}: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
         if self.max_queue < self.max_batch:
             raise UsageError(f"--max-queue {self.max_queue} is below --max-batch {self.max_batch}; a queue holds at least one batch")
-        if self.token is not None and not self.token.strip():
+        if self.token is not None and not TOKEN.fullmatch(self.token):
             raise UsageError(
-                "--token is empty; give a long random one (e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe())'`)"
+                "--token: use 8 to 512 visible ASCII characters, no spaces "
+                "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe())'`)"
             )
 
     @property

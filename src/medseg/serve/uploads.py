@@ -76,11 +76,16 @@ async def read_body(chunks: AsyncIterator[bytes], declared: str | None, limit: i
             raise HttpError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
         if int(declared) > limit:
             raise HttpError(413, _too_large(int(declared), limit))
+    from starlette.requests import ClientDisconnect
+
     body = bytearray()
-    async for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
-            raise HttpError(413, _too_large(len(body), limit, at_least=True))
+    try:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise HttpError(413, _too_large(len(body), limit, at_least=True))
+    except ClientDisconnect:
+        raise HttpError(400, "the client went away before sending the whole body") from None
     return bytes(body)
 
 
@@ -149,7 +154,9 @@ def _parts(body: bytes, boundary: bytes) -> list[Part]:
         header["field"].clear()
         header["value"].clear()
 
+    ended = []
     callbacks = {
+        "on_end": lambda: ended.append(True),
         "on_part_begin": lambda: parts.append(Part()),
         "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
         "on_header_field": lambda data, start, end: header["field"].extend(data[start:end]),
@@ -162,6 +169,8 @@ def _parts(body: bytes, boundary: bytes) -> list[Part]:
         parser.finalize()
     except (MultipartParseError, ValueError) as error:
         raise HttpError(400, f"the multipart body does not parse ({_shown(str(error))}); let the client library build it") from None
+    if not ended:
+        raise HttpError(400, "the multipart body ends before its closing boundary (cut short?); send it again")
     return parts
 
 
@@ -229,7 +238,10 @@ def v2_request(body: bytes, outputs: list[str], window: IntensityWindow, max_pix
     tensor = request["inputs"][0]
     if not isinstance(tensor, dict) or tensor.get("name") != "image":
         raise HttpError(400, 'the model has one input, named "image"')
-    if tensor.get("parameters", {}).get("binary_data_size") is not None:
+    parameters = tensor.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise HttpError(400, "the image input's parameters must be an object")
+    if (parameters or {}).get("binary_data_size") is not None:
         raise HttpError(400, "the binary tensor extension is not supported; send the pixels as JSON data")
     values = _tensor_values(tensor, max_pixels, max_frames)
     frames = [_frame(values[index], window, index) for index in range(values.shape[0])]
