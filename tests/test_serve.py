@@ -435,15 +435,25 @@ def test_sigterm_finishes_the_requests_in_flight(tuned_run, frames_folder, tmp_p
             time.sleep(1.5)
             in_flight = sum(not future.done() for future in futures)
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+            assert refuses_connections(server.port, within=10), "the server still took connections 10 s after SIGTERM"
             replies = [future.result(timeout=300) for future in futures]
         code = server.stop()
     assert in_flight, "every request was answered before SIGTERM: nothing was in flight to finish"
     assert [reply.status for reply in replies] == [200] * 4, [reply.body[:200] for reply in replies]
     assert all(len(reply.json["frames"]) == 36 for reply in replies)
     assert code == 0, server.stderr
+
+
+def refuses_connections(port: int, within: float) -> bool:
+    """Whether the port refuses new connections within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_several_worker_processes_serve_and_stop(tuned_run, frames_folder, tmp_path):

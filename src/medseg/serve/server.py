@@ -106,7 +106,13 @@ def _uvicorn_config(app, request: ServeRequest, log_level: str, **extra):
     import uvicorn
 
     return uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_S, server_header=False, workers=request.workers, **extra
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_S,
+        server_header=False,
+        workers=request.workers,
+        limit_concurrency=max(32, request.max_queue),  # bodies held at once (each up to --max-upload); more get 503
+        **extra,
     )
 
 
