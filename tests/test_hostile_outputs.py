@@ -103,6 +103,16 @@ def test_replacing_a_run_deletes_exactly_its_own_files(run_copy):
     assert run_copy.is_dir() and tree(run_copy) == set()
 
 
+def test_a_run_stopped_before_its_configuration_was_written_is_started_again_with_force(run_copy):
+    for entry in run_copy.iterdir():  # what a run killed just after writing run.json holds
+        if entry.name != "run.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    with pytest.raises(UsageError, match=r"config.yaml missing \(the run was stopped .*start the run again with --force"):
+        runs.check_run_folder(run_copy, force=False, resume=True)
+    runs.replace_run_folder(run_copy, force=True)
+    assert run_copy.is_dir() and not any(run_copy.iterdir())
+
+
 def test_a_run_folder_with_a_link_is_not_replaced(run_copy, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -70,6 +70,10 @@ def test_sigkill_at_random_points_then_resume(tmp_path, uninterrupted):
             process.wait()
         if not (run / "run.json").is_file():
             continue  # killed before the run folder was written: nothing to resume, nothing lost
+        if not (run / "config.yaml").is_file():  # killed while its folder was being written: nothing trained yet
+            refused = subprocess.run(resume_command(run), capture_output=True, text=True, check=False, timeout=600)
+            assert refused.returncode == 2 and "start the run again with --force" in refused.stderr, refused.stderr
+            continue
         assert_checkpoints_readable(run)
         resumed = subprocess.run(resume_command(run), capture_output=True, text=True, check=False, timeout=600)
         assert resumed.returncode == 0, f"kill after {delay:.1f}s (seed {seed}): {resumed.stderr[-1500:]}"

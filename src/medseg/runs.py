@@ -761,7 +761,7 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
     Raises:
         UsageError: If ``run`` holds files and neither flag allows using it, if ``--force`` would delete
             a folder that is not a medseg run or one that holds files medseg did not write, or if
-            ``--resume`` finds no run to continue.
+            ``--resume`` finds no run to continue (or one stopped before its configuration was written).
     """
     run = Path(run)
     if resume and force:
@@ -772,6 +772,11 @@ def check_run_folder(run: Path, force: bool, resume: bool) -> None:
     if resume:
         if not (run / RUN_FILE).is_file():
             raise UsageError(f"{run}: no run to resume ({RUN_FILE} missing); start it without --resume")
+        if not (run / CONFIG_FILE).is_file():  # run.json is written first, so that --force may replace such a folder
+            raise UsageError(
+                f"{run}: {CONFIG_FILE} missing (the run was stopped while its folder was being written, before any fold "
+                "trained, or the file was deleted); nothing can resume without it: start the run again with --force"
+            )
         return
     if occupied and not force:
         raise UsageError(f"{run}: folder exists and is not empty; use --force to replace the run or --resume to continue it")

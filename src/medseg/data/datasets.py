@@ -453,7 +453,8 @@ def subject_matcher(pattern: str | None):
 
 
 def _natural_key(text: str) -> tuple:
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
+    """``frame2`` before ``frame10``: runs of ASCII digits compare as numbers (``¹`` or ``٣`` stay text)."""
+    return tuple((0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part) for part in re.split(r"([0-9]+)", text) if part)
 
 
 def _list_files(folder: Path, problems: list[Problem]) -> list[Path]:
