@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from medseg.cli.options import DataFlags, NoReportOption, QuietOption, RunArgument, TtaOption, VflipOption, tta_mode
+from medseg.cli.options import (
+    EngineOption,
+    NoReportOption,
+    OnnxOption,
+    QuietOption,
+    RunArgument,
+    RunMaxPixelsOption,
+    TtaOption,
+    VflipOption,
+    run_max_pixels,
+    tta_mode,
+)
 from medseg.cli.printers import print_tuning, say, stdout
 from medseg.cli.report_commands import write_report
 
@@ -61,19 +72,9 @@ def predict_command(
     allow_degenerate: Annotated[
         bool, typer.Option("--allow-degenerate", help="Write a submission the validator finds degenerate.")
     ] = False,
-    engine: Annotated[
-        str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")
-    ] = "torch",
-    onnx_file: Annotated[
-        Path | None,
-        typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE"),
-    ] = None,
-    max_pixels: Annotated[
-        int | None,
-        typer.Option(
-            "--max-pixels", help="Most pixels a frame may declare in its header (default: the run's data.max_pixels).", metavar="N"
-        ),
-    ] = None,
+    engine: EngineOption = "torch",
+    onnx_file: OnnxOption = None,
+    max_pixels: RunMaxPixelsOption = None,
     quiet: QuietOption = False,
 ) -> int:
     """Predict masks for IMAGES with the run's fold ensemble and tuned post-processing; write a checked submission."""
@@ -81,7 +82,7 @@ def predict_command(
 
     request = PredictRequest(
         run, images, out, masks_dir, sample, tta_mode(tta, vflip), save_probs, force, allow_degenerate, batch_size, engine, onnx_file,
-        DataFlags(max_pixels=max_pixels).options().max_pixels if max_pixels is not None else None,
+        run_max_pixels(max_pixels),
     )  # fmt: skip
     result = predict_folder(request, on_message=say(quiet))
     stdout.print(f"{result['frames']} frames, {result['empty']} empty masks; written: {', '.join(result['written'])}")

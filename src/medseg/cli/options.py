@@ -34,6 +34,17 @@ ReportTtaOption = Annotated[
 ]
 VflipOption = Annotated[bool, typer.Option("--vflip", help="Also average with the vertically flipped frame (with --tta).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress messages.")]
+EngineOption = Annotated[
+    str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")
+]
+OnnxOption = Annotated[
+    Path | None,
+    typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE"),
+]
+RunMaxPixelsOption = Annotated[
+    int | None,
+    typer.Option("--max-pixels", help="Most pixels a frame may declare in its header (default: the run's data.max_pixels).", metavar="N"),
+]
 NoReportOption = Annotated[bool, typer.Option("--no-report", help="Do not write RUN/report.html at the end.")]
 
 LayoutOption = Annotated[str | None, typer.Option("--layout", help=f"Data layout: {', '.join(LAYOUTS)}; detected when left out.")]
@@ -194,6 +205,11 @@ def _flag_parameters() -> list[inspect.Parameter]:
         inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=declarations[field.name])
         for field in dataclasses.fields(DataFlags)
     ]
+
+
+def run_max_pixels(value: int | None) -> int | None:
+    """``--max-pixels`` of a command on a run, checked as ``data.max_pixels`` is; ``None``: the run's own."""
+    return None if value is None else DataFlags(max_pixels=value).options().max_pixels
 
 
 def tta_mode(tta: bool, vflip: bool) -> str:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from medseg.cli.options import DataFlags, QuietOption, RunArgument, TtaOption, VflipOption, tta_mode
+from medseg.cli.options import (
+    EngineOption,
+    OnnxOption,
+    QuietOption,
+    RunArgument,
+    RunMaxPixelsOption,
+    TtaOption,
+    VflipOption,
+    run_max_pixels,
+    tta_mode,
+)
 from medseg.cli.printers import say, stderr, warn
 
 MEGABYTE = 1024**2
@@ -19,13 +28,8 @@ def serve_command(
         str, typer.Option("--host", help="Address to listen on; the default answers this machine only (0.0.0.0: every network).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one, printed).", min=0, max=65535)] = 8000,
-    engine: Annotated[
-        str, typer.Option("--engine", help="torch (checkpoints, CUDA when there) or onnx (ONNX Runtime on the CPU).", metavar="NAME")
-    ] = "torch",
-    onnx_file: Annotated[
-        Path | None,
-        typer.Option("--onnx", help="Exported model for --engine onnx (default RUN/model.onnx, exported on first use).", metavar="FILE"),
-    ] = None,
+    engine: EngineOption = "torch",
+    onnx_file: OnnxOption = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -49,12 +53,7 @@ def serve_command(
     name: Annotated[str | None, typer.Option("--name", help="Model name in the API's paths (default: the run folder's name).")] = None,
     tta: TtaOption = True,
     vflip: VflipOption = False,
-    max_pixels: Annotated[
-        int | None,
-        typer.Option(
-            "--max-pixels", help="Most pixels a frame may declare in its header (default: the run's data.max_pixels).", metavar="N"
-        ),
-    ] = None,
+    max_pixels: RunMaxPixelsOption = None,
     quiet: QuietOption = False,
 ) -> int:
     """Serve the run's model over HTTP: KServe v2 (/v2), multipart frames (/v1/predict) and a page (/).
@@ -67,9 +66,8 @@ def serve_command(
     from medseg.serve.server import serve
     from medseg.serve.settings import ServeRequest
 
-    pixels = DataFlags(max_pixels=max_pixels).options().max_pixels if max_pixels is not None else None
     request = ServeRequest(
-        run, host, port, ModelOptions(engine, onnx_file, tta_mode(tta, vflip), pixels), token, max_batch, max_queue,
+        run, host, port, ModelOptions(engine, onnx_file, tta_mode(tta, vflip), run_max_pixels(max_pixels)), token, max_batch, max_queue,
         max_upload * MEGABYTE, workers, name,
     )  # fmt: skip
     serve(request, on_message=say(quiet), announce=_announce, log_level="warning" if quiet else "info")
