@@ -97,13 +97,38 @@ def test_idle_cards_are_noted_with_the_flags_that_use_them(on_card):
     assert devices.idle_gpus_note(load_config("kaggle")) is None
 
 
-def test_a_batch_whose_fp16_logits_overflow_is_predicted_again_in_fp32(monkeypatch):
+def test_the_frames_whose_fp16_logits_overflow_are_predicted_again_in_fp32(monkeypatch):
     model = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False).eval()
     torch.nn.init.constant_(model.weight, 1.0e4)  # 9e4 on ones: beyond fp16's 65,504, as a bf16-trained model's logits may be
-    images = torch.ones(1, 1, 6, 6)
-    assert not torch.isfinite(TorchEnsemble([model])._outputs(images, torch.float16)[0]).all()  # the overflow this guards against
+    images = torch.stack([torch.ones(1, 6, 6), torch.full((1, 6, 6), 1.0e-4)])  # the second frame stays in fp16's range
+    assert not torch.isfinite(TorchEnsemble([model])._outputs(images[:1], torch.float16)[0]).all()  # the overflow guarded against
     monkeypatch.setattr(predict_module, "inference_dtype", lambda device: torch.float16)
     ensemble = TorchEnsemble([model])
     assert ensemble.dtype == torch.float16
     probs, _ = ensemble(images)
-    assert torch.equal(probs, torch.sigmoid(model(images)))
+    assert torch.equal(probs[0], torch.sigmoid(model(images[:1]))[0])
+    assert torch.equal(probs[1], torch.sigmoid(ensemble._outputs(images[1:], torch.float16)[0].float())[0])  # not redone: as alone
+
+
+class _WithPresence(torch.nn.Module):
+    """A stand-in for a model with a presence head: logits and one presence logit per frame."""
+
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, images):
+        logits = self.conv(images)
+        return logits, logits.mean(dim=(2, 3))
+
+
+def test_a_presence_heads_overflow_is_redone_with_its_frame(monkeypatch):
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False).eval()
+    torch.nn.init.constant_(conv.weight, 1.0e4)
+    model = _WithPresence(conv).eval()
+    images = torch.stack([torch.full((1, 6, 6), 1.0e-4), torch.ones(1, 6, 6)])
+    monkeypatch.setattr(predict_module, "inference_dtype", lambda device: torch.float16)
+    probs, presence = TorchEnsemble([model])(images)
+    logits, presence_logits = model(images[1:])
+    assert torch.equal(probs[1], torch.sigmoid(logits)[0]) and torch.equal(presence[1], torch.sigmoid(presence_logits)[0, 0])
+    assert torch.isfinite(probs).all() and torch.isfinite(presence).all()

@@ -204,8 +204,9 @@ class TorchEnsemble:
     presence head.
 
     On CUDA the models run channels-last in the card's mixed precision (:func:`~medseg.devices.inference_dtype`:
-    bf16 where the card has it in hardware, fp16 on a T4, V100 or P100, and a batch whose fp16 outputs overflow, as a
-    model trained in bf16 or fp32 may, again in fp32); the sigmoid and the mean are taken in fp32
+    bf16 where the card has it in hardware, fp16 on a T4, V100 or P100, and the frames whose fp16 outputs overflow, as a
+    model trained in bf16 or fp32 may, again in fp32: only those, so that a frame's precision does not depend on the
+    frames batched with it); the sigmoid and the mean are taken in fp32
     outside autocast, so that probabilities are not rounded to the half type's steps (about 0.004 near 0.5 in bf16)
     and agree with the ONNX model's at the threshold.
 
@@ -223,8 +224,11 @@ class TorchEnsemble:
         if inputs.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         outputs = self._outputs(inputs, self.dtype)
-        if self.dtype == torch.float16 and not _finite(outputs):
-            outputs = self._outputs(inputs, None)  # fp16's range overflowed (a model trained in bf16 or fp32): this batch in fp32
+        if self.dtype == torch.float16:
+            overflowed = _overflowed(outputs)  # fp16's range (a model trained in bf16 or fp32): those frames again in fp32
+            if bool(overflowed.any()):
+                again = self._outputs(inputs[overflowed], None)
+                outputs = [_with_rows(output, redone, overflowed) for output, redone in zip(outputs, again, strict=True)]
         return mean_sigmoid(outputs)
 
     def _outputs(self, inputs: torch.Tensor, dtype: torch.dtype | None) -> list:
@@ -232,10 +236,23 @@ class TorchEnsemble:
             return [model(inputs) for model in self.models]
 
 
-def _finite(outputs: list) -> bool:
-    """Whether every logit of several models' outputs is finite (one wait for the device, not one per tensor)."""
+def _overflowed(outputs: list) -> torch.Tensor:
+    """Which frames of a batch have a logit that is not finite in any model's output (one wait for the device).
+
+    Shape:
+        Returns: (N,), ``bool``.
+    """
     parts = [part for output in outputs for part in split_outputs(output) if part is not None]
-    return bool(torch.stack([torch.isfinite(part).all() for part in parts]).all())
+    return ~torch.stack([torch.isfinite(part).reshape(len(part), -1).all(dim=1) for part in parts]).all(dim=0)
+
+
+def _with_rows(output, redone, rows: torch.Tensor):
+    """A model's output (logits, or logits and presence logits) with the ``rows`` frames replaced by ``redone``'s."""
+    if isinstance(output, tuple | list):
+        return type(output)(_with_rows(part, again, rows) for part, again in zip(output, redone, strict=True))
+    merged = output.float().clone()
+    merged[rows] = redone.float()
+    return merged
 
 
 def mean_sigmoid(outputs: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Probabilities:
