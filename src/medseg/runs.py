@@ -125,6 +125,32 @@ class RunFile(BaseModel):
         write_json(path, self.model_dump(mode="json"))
 
 
+class PseudoRecord(BaseModel):
+    """What a run learnt from frames without labels (``train --unlabeled FRAMES --teacher RUN``), in ``run.json``.
+
+    Attributes:
+        teacher: The teacher run folder (absolute).
+        teacher_run_id: The teacher's identity when it labelled (its configuration, checkpoints and tuning digested).
+        frames: The folder of frames (absolute).
+        rule: The confidence rule's settings.
+        ids: The frames, by id.
+        digests: Each frame's content digest, in the order of ``ids`` (a changed frame is told on ``--resume``).
+        sources: By fold: which teacher model's masks it trained on (``-1``: the fold ensemble, else a teacher fold).
+        kept: By fold: how many pseudo-labelled frames it trained on.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher: str
+    teacher_run_id: str
+    frames: str
+    rule: dict[str, float]
+    ids: list[str]
+    digests: list[str]
+    sources: dict[int, int] = {}
+    kept: dict[int, Annotated[int, Field(ge=0)]] = {}
+
+
 class RunPlan(RunFile):
     """``run.json``: what a run trains.
 
@@ -143,6 +169,7 @@ class RunPlan(RunFile):
             pixel, so the structures exclude each other); empty otherwise. ``predict --masks-dir`` writes such files back.
         excluded: The labelled frames left out of training, validation and tuning (``train --exclude FILE``), each with
             its reason, as the file gave them: the run holds them, not the file. They are in no fold of the split.
+        pseudo: The frames without labels it also trained on, their teacher and rule (:class:`PseudoRecord`), if any.
     """
 
     data: str
@@ -156,6 +183,7 @@ class RunPlan(RunFile):
     class_labels: dict[str, str] = {}
     class_values: dict[str, Annotated[int, Field(ge=0, le=MAX_LABEL)]] = {}
     excluded: dict[str, str] = {}
+    pseudo: PseudoRecord | None = None
 
     @field_validator("classes")
     @classmethod

@@ -65,6 +65,19 @@ def train_command(
             "with --resume --fold K (a scheduler's array job, one GPU each) and tune RUN once all are done.",
         ),
     ] = False,
+    unlabeled: Annotated[
+        Path | None,
+        typer.Option(
+            "--unlabeled",
+            help="Folder of frames without labels (e.g. test/): the --teacher run's sure masks of them join every fold's "
+            "training frames, never a validation fold.",
+            metavar="FRAMES",
+        ),
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", help="Run whose fold models pseudo-label --unlabeled (same structures and input size).", metavar="RUN"),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -87,10 +100,16 @@ def train_command(
         "trainer.strategy": strategy,
     }
     values = {key: value for key, value in shortcuts.items() if value is not None}
-    if resume and (config_file or overrides or preset != "default" or values):
-        raise UsageError("--resume continues with RUN/config.yaml; drop --preset, --config, --set and the data and device options")
+    if resume and (config_file or overrides or preset != "default" or values or unlabeled or teacher):
+        raise UsageError(
+            "--resume continues with RUN/config.yaml (and its pseudo-labels); drop --preset, --config, --set, --unlabeled, "
+            "--teacher and the data and device options"
+        )
+    if (unlabeled is None) != (teacher is None):
+        raise UsageError("--unlabeled FRAMES and --teacher RUN go together: the teacher run pseudo-labels the frames")
     config = load_config(preset, config_file, overrides, values)
-    request = TrainRequest(data, out, config, folds, fold, plan_only)
+    pseudo, record = _pseudo_labels(out, config, unlabeled, teacher, resume, dry_run, say(quiet))
+    request = TrainRequest(data, out, config, folds, fold, plan_only, pseudo, record)
     if dry_run:
         if resume or plan_only:
             raise UsageError("--dry-run plans a new run and writes nothing; drop --resume and --plan-only")
@@ -185,3 +204,14 @@ def sweep_command(
     if result.best is None:
         raise MedsegError("no trial of the study completed; trials.csv and study.html give each one's reason")
     return 0
+
+
+def _pseudo_labels(out: Path, config, unlabeled: Path | None, teacher: Path | None, resume: bool, dry_run: bool, on_message):
+    """The teacher's pseudo-labels of ``--unlabeled`` (or, resuming, of the run's recorded frames), and their record."""
+    from medseg.infer.pseudo import PseudoRequest, pseudo_label, resumed_pseudo
+
+    if resume:
+        return resumed_pseudo(out, on_message)
+    if unlabeled is None or dry_run:
+        return None, None
+    return pseudo_label(PseudoRequest(teacher, unlabeled), config, on_message)

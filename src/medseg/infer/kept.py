@@ -298,3 +298,13 @@ def file_digest(path: Path) -> str:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def run_identity(run: Run) -> str:
+    """What tells one trained model from another (a served one, a teacher): a digest of the run's configuration, best
+    checkpoints and tuning."""
+    files = [run.config_file, *(fold.best for fold in run.folds)]
+    if run.postprocess_file.is_file():
+        files.append(run.postprocess_file)
+    digest = hashlib.sha256("\n".join(file_digest(path) for path in files).encode())
+    return digest.hexdigest()[:16]

@@ -105,7 +105,7 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     folder, sample_path = _locate(request)
     _check_outputs(request, run, folder, sample_path)  # after the inputs: a typo in them is told before an existing output is
     max_pixels = request.max_pixels or run.config.data.max_pixels
-    records = _frames(folder, max_pixels, on_message)
+    records = frame_records(folder, max_pixels, on_message)
     sample_pairs, header = submission.read_sample_pairs(sample_path) if sample_path and run.classes else (None, ("id", "class", "rle"))
     sample_ids = list(dict.fromkeys(i for i, _ in sample_pairs)) if sample_pairs else _sample_ids(sample_path, run)
     if sample_ids is not None:
@@ -290,7 +290,7 @@ def _locate(request: PredictRequest) -> tuple[Path, Path | None]:
     return folder, sample
 
 
-def _frames(folder: Path, max_pixels: int, on_message: Callable[[str], None]) -> list[Record]:
+def frame_records(folder: Path, max_pixels: int, on_message: Callable[[str], None]) -> list[Record]:
     """The frames to predict; a file that is no image is told and not predicted, a frame that cannot be named
     (its id twice, or an id that cannot become a file or CSV name) stops the command before anything is predicted."""
     records, problems = image_records(folder, max_pixels=max_pixels)

@@ -9,6 +9,7 @@ up to the split, writes nothing, and estimates the run's time from a few timed s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_sto
 from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
 from medseg.learn.launch import agree_with_rank_zero, launched_together, telling_ranks, wait_for_rank_zero
 from medseg.learn.models import check_model_config
+from medseg.learn.pseudo import ENSEMBLE, PseudoLabels
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
 
@@ -48,6 +50,10 @@ class TrainRequest:
             K of the run's plan (folds in parallel: one process a fold).
         plan_only: Write the run folder (plan, split, configuration) and train no fold: each is then trained by its own
             process, resuming with ``fold``.
+        pseudo: Frames without labels and a teacher's sure masks of them, added to every fold's training frames (never
+            to a validation fold), each fold with the masks of a teacher model that did not train on its validation
+            frames (:meth:`~medseg.learn.pseudo.PseudoLabels.source`); ``None``: the labelled frames alone.
+        pseudo_record: What ``run.json`` records of them (:class:`~medseg.runs.PseudoRecord` without the folds' part).
     """
 
     data: Path
@@ -56,6 +62,8 @@ class TrainRequest:
     folds: int | None = None
     fold: int | None = None
     plan_only: bool = False
+    pseudo: PseudoLabels | None = None
+    pseudo_record: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,26 @@ def train_run(
         with telling_ranks(launch):
             config, plan, samples, split = _prepare_run_folder(request, resume, force, on_message, on_warning)
     chosen = _folds_to_train(request, resume, plan, run)
-    results = _train_folds(run, config, plan, samples, split, chosen, show_progress, on_message, extra_callbacks, child)
+    extra = _pseudo_samples(request.pseudo, plan, run)
+    results = _train_folds(run, config, plan, samples, split, chosen, show_progress, on_message, extra_callbacks, child, extra)
     return TrainedRun(run, config, plan, results, samples)
+
+
+def _pseudo_samples(pseudo: PseudoLabels | None, plan: runs.RunPlan, run: Path) -> dict[int, dict[str, Sample]]:
+    """Each fold's pseudo-labelled training frames, as the plan recorded their source (none for a run without them).
+
+    Raises:
+        UsageError: If the run trained on pseudo-labels and none (or others) are given, or the reverse.
+    """
+    if plan.pseudo is None and pseudo is None:
+        return {}
+    if plan.pseudo is None:
+        raise UsageError(f"{run}: the run was not started with --unlabeled; it cannot learn from pseudo-labels when resumed")
+    if pseudo is None:
+        raise UsageError(f"{run}: the run trains on pseudo-labels of {plan.pseudo.frames}; resume it with `medseg train --resume`")
+    if pseudo.ids != plan.pseudo.ids or [frame_digest(frame) for frame in pseudo.frames] != plan.pseudo.digests:
+        raise UsageError(f"{run}: the frames of {plan.pseudo.frames} changed since the run started; start it again with --force")
+    return {fold: pseudo.samples(source) for fold, source in plan.pseudo.sources.items()}
 
 
 def _folds_to_train(request: TrainRequest, resume: bool, plan: runs.RunPlan, run: Path) -> list[int]:
@@ -154,6 +180,8 @@ def _prepare_run_folder(
     if resume:
         return _prepare_resumed(data, run)
     fresh = _prepare(data, request.config, request.folds, request.fold, on_message)
+    if request.pseudo is not None:
+        fresh = _with_pseudo(fresh, request.pseudo, request.pseudo_record or {}, on_message)
     tell_warning(cpu_warning(fresh.config, len(fresh.plan.folds)), on_warning, on_message)
     _tell_idle_gpus(fresh.config, on_message)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
@@ -216,6 +244,34 @@ class _Fresh:
     facts: list[FrameFacts]
     empty: dict[str, bool]
     split: splits.Split
+
+
+def _with_pseudo(fresh: _Fresh, pseudo: PseudoLabels, record: dict, on_message: Callable[[str], None]) -> _Fresh:
+    """The new run's plan with its pseudo-labels: which teacher model's masks each fold learns from, and how many.
+
+    Raises:
+        UsageError: If a frame without label is one of the labelled frames, or a fold has no teacher model that left
+            its validation frames out (:meth:`~medseg.learn.pseudo.PseudoLabels.source`).
+    """
+    labelled = {frame_digest(frame): sample_id for sample_id, (frame, _) in fresh.samples.items()}
+    twice = [
+        (sample_id, labelled[frame_digest(frame)])
+        for sample_id, frame in zip(pseudo.ids, pseudo.frames, strict=True)
+        if frame_digest(frame) in labelled
+    ]
+    if twice:
+        raise UsageError(
+            f"{len(twice)} frame(s) to pseudo-label are labelled frames of the data set (first: {twice[0][0]} is {twice[0][1]}); "
+            "leave the labelled frames out of --unlabeled"
+        )
+    frames = list(fresh.samples.values())
+    sources = {k: pseudo.source([fresh.samples[i] for i in fresh.split.train_val(k)[1]], frames, k) for k in fresh.plan.folds}
+    kept = {k: pseudo.kept(source) for k, source in sources.items()}
+    for k, source in sources.items():
+        who = "the teacher's fold ensemble" if source == ENSEMBLE else f"the teacher's fold {source} model (it left out this fold's frames)"
+        on_message(f"fold {k}: {kept[k]} pseudo-labelled frames from {who}, for training only")
+    plan = fresh.plan.model_copy(update={"pseudo": runs.PseudoRecord(**record, sources=sources, kept=kept)})
+    return dataclasses.replace(fresh, plan=plan)
 
 
 def _prepare(data: Path, config: Config, folds: int | None, fold: int | None, on_message: Callable[[str], None]) -> _Fresh:
@@ -426,6 +482,7 @@ def _train_folds(
     on_message: Callable[[str], None],
     extra_callbacks: list[Callback] | None,
     child: bool,
+    pseudo: dict[int, dict[str, Sample]],
 ) -> list[FoldResult]:
     """Train the ``chosen`` folds of the plan in turn, each under its training lock (on rank 0), skipping finished ones.
 
@@ -445,10 +502,13 @@ def _train_folds(
                 if decision != _TRAIN:
                     raise UsageError(decision)
                 train_ids, val_ids = split.train_val(fold_dir.fold)
-                on_message(f"fold {fold_dir.fold}: {len(train_ids)} training and {len(val_ids)} validation frames -> {fold_dir.path}")
+                extra = pseudo.get(fold_dir.fold, {})  # training frames only: never in val_ids
+                more = f" (+{len(extra)} pseudo-labelled)" if pseudo else ""
+                on_message(f"fold {fold_dir.fold}: {len(train_ids)}{more} training and {len(val_ids)} validation frames -> {fold_dir.path}")
                 tracker.begin_fold(fold_dir.fold, position)
                 callbacks = [tracker, *(extra_callbacks or [])]
-                result, weights = fit_fold(config, fold_dir, samples, train_ids, val_ids, show_progress, callbacks)
+                fold_samples = {**samples, **extra}
+                result, weights = fit_fold(config, fold_dir, fold_samples, [*train_ids, *extra], val_ids, show_progress, callbacks)
             if weights is not None and not child:
                 _record_weights(run, weights)
             results.append(result)

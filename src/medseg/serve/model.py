@@ -9,7 +9,6 @@ that the same frames give the same masks and RLE.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from medseg.data import io, rle
 from medseg.data.intensity import GRAY_MEAN, GRAY_STD
 from medseg.data.intensity import describe as describe_window
 from medseg.data.io import FrameBytes
-from medseg.infer.kept import file_digest
+from medseg.infer.kept import run_identity
 from medseg.infer.outputs import load_engine, mask_png
 from medseg.infer.predict import TorchEnsemble, check_tta, frame_predictions, postprocess_record, read_postprocess, untuned_note
 from medseg.report.figures import STRUCTURE_COLOURS
@@ -81,15 +80,6 @@ def check_servable(run: Run, options: ModelOptions, on_message: Callable[[str], 
         return
     for fold in run.folds:
         run.best_weights(fold)
-
-
-def run_identity(run: Run) -> str:
-    """What tells one served model from another: a digest of the run's configuration, best checkpoints and tuning."""
-    files = [run.config_file, *(fold.best for fold in run.folds)]
-    if run.postprocess_file.is_file():
-        files.append(run.postprocess_file)
-    digest = hashlib.sha256("\n".join(file_digest(path) for path in files).encode())
-    return digest.hexdigest()[:16]
 
 
 class ServedModel:
