@@ -21,7 +21,7 @@ ALIASES = {"io", "rle", "datasets", "splits"}  # the README's Python API names o
 APP = {"cli", "demo", "__main__"}  # the command line (also as python -m medseg) and the workflow that strings the stages together
 RANK = {"data": 0, "learn": 1, "infer": 2, "report": 3, "sweep": 4, "serve": 5, "app": 6}
 INFERENCE = [
-    *(f"medseg.infer.{name}" for name in ("predict", "heldout", "tune", "export", "outputs")),
+    *(f"medseg.infer.{name}" for name in ("predict", "heldout", "tune", "export", "outputs", "pseudo")),
     *(f"medseg.serve.{name}" for name in ("app", "model", "server", "batcher", "uploads")),
 ]
 

@@ -7,6 +7,7 @@ uns-mini test frames.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from medseg.config import load_config
 from medseg.infer.predict import PostProcess, Prediction
 from medseg.infer.pseudo import ConfidenceRule, PseudoRequest, pseudo_label
 from medseg.learn import train as train_module
-from medseg.learn.pseudo import ENSEMBLE, PREFIX
+from medseg.learn.pseudo import ENSEMBLE, PREFIX, read_examples
 from medseg.learn.train import TrainRequest, train_run
 from medseg.splits import load_split
 
@@ -118,6 +119,13 @@ def test_the_command_line_records_them_and_resume_labels_them_again(two_fold_run
     assert "sure enough to train on" in err and "pseudo-labelled frames from the teacher's fold 0 model" in err
     pseudo = json.loads((run / "run.json").read_text())["pseudo"]
     assert pseudo["frames"] == str(unlabeled.resolve()) and pseudo["rule"] == {"presence_margin": 0.6, "border": 0.1, "unsure_share": 0.2}
+    assert main(["report", str(run), "--quiet"]) == 0
+    page = (run / "report.html").read_text()
+    assert 'id="pseudo"' in page and str(two_fold_run) in page and "each fold learnt from a teacher model" in page
+    examples = len(read_examples(run / "pseudo_examples.npz"))
+    assert examples == min(8, pseudo["kept"]["0"]) and page.count(html.escape("the teacher's pseudo-label")) + page.count("sure to be empty") == examples
+    assert main(["predict", str(run), str(unlabeled), "--out", str(tmp_path / "s.csv"), "--allow-degenerate"]) == 0
+    assert "6 of these 6 frames were pseudo-labelled by" in " ".join(capsys.readouterr().err.split())
     assert main(["train", str(data), "--out", str(run), "--resume", "--no-report"]) == 0
     assert "pseudo-labelling 6 frames" in capsys.readouterr().err
     changed = tmp_path / "changed"

@@ -56,6 +56,7 @@ from medseg.files import MAX_TEXT_BYTES, OutputExistsError, atomic_write, first_
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
+PSEUDO_EXAMPLES_FILE = "pseudo_examples.npz"
 SPLIT_FILE = "split.json"
 VERSIONS_FILE = "versions.json"
 DATA_SUMMARY_FILE = "data_summary.json"
@@ -853,7 +854,7 @@ RUN_TREE: dict = {
         re.escape(name): None
         for name in (RUN_FILE, CONFIG_FILE, SPLIT_FILE, VERSIONS_FILE, DATA_SUMMARY_FILE, POSTPROCESS_FILE, FRAMES_FILE)
     },
-    **{re.escape(name): None for name in (ONNX_FILE, "model.json", REPORT_FILE)},
+    **{re.escape(name): None for name in (ONNX_FILE, "model.json", REPORT_FILE, PSEUDO_EXAMPLES_FILE)},
     r"fold_\d+": _FOLD_TREE,
     re.escape(EVALUATION_DIR): {r"[^/]+": {r"per_image\.csv": None, r"summary\.json": None, _TEMPORARY: None}},
     re.escape(KEPT_DIR): {rf"(?:{'|'.join(KEPT_GROUPS)})\.(?:{'|'.join(TTA_MODES)})\.npz": None, _TEMPORARY: None},

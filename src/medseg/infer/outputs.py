@@ -27,6 +27,7 @@ import numpy as np
 from medseg import progress
 from medseg.data import io, long_rle, rle
 from medseg.data.datasets import KAGGLE_SAMPLE_CSV, Record, image_records
+from medseg.data.samples import frame_digest
 from medseg.devices import device_for
 from medseg.errors import MedsegError, UsageError
 from medseg.files import Output, OutputExistsError, atomic_write, check_outputs, inside, printable
@@ -115,6 +116,8 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     if (note := untuned_note(run, posts)) is not None:
         on_message(note)
     frames = [io.read_image(record.image_path, run.config.data.intensity_window, max_pixels=max_pixels) for record in records]
+    if (note := transductive_note(run, frames)) is not None:
+        on_message(note)
     models = load_engine(run, request.engine, request.onnx, on_message)
     passes = TTA_PASSES.get(request.tta, 0)  # an unknown mode is told by predict_frames
     where = f"{request.engine} on {device_for(run.config).type}" if request.engine == "torch" else "onnx on cpu"
@@ -133,6 +136,21 @@ def predict_folder(request: PredictRequest, on_message: Callable[[str], None] = 
     written = _write_outputs(request, run, ids, masks, index_masks, probs, sample, on_message)
     used = postprocess_record(run, posts)
     return {"frames": len(ids), "empty": sum(not m.any() for m in masks), "written": written, "postprocess": used}
+
+
+def transductive_note(run: Run, frames: list[np.ndarray]) -> str | None:
+    """The line that says some frames to predict are frames the run trained on as pseudo-labels (the transductive
+    setting Kaggle solutions used), or ``None``."""
+    if run.plan.pseudo is None:
+        return None
+    seen = set(run.plan.pseudo.digests)
+    shared = sum(frame_digest(frame) in seen for frame in frames)
+    if not shared:
+        return None
+    return (
+        f"{shared} of these {len(frames)} frames were pseudo-labelled by {run.plan.pseudo.teacher} for this run's training "
+        "(the transductive setting): the run learnt from its teacher's masks of them"
+    )
 
 
 def paced(items: Iterable[Item], total: int, batch: int, describe: str, on_message: Callable[[str], None]) -> Iterator[Item]:

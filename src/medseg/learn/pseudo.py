@@ -15,16 +15,21 @@ in ``frames.json`` and its folds in ``split.json``), so the rule holds whatever 
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from medseg.data.samples import Sample, frame_digest
 from medseg.errors import UsageError
+from medseg.files import atomic_write
 
 ENSEMBLE = -1
 """The key of the fold ensemble's masks in :attr:`PseudoLabels.masks` (a teacher fold's key is its number)."""
+EXAMPLES = 8
+"""Pseudo-labelled frames a run keeps, with their masks, for its report's gallery (``RUN/pseudo_examples.npz``)."""
 PREFIX = "pseudo:"
 """What a pseudo-labelled frame's id starts with among the training ids (it never meets a labelled frame's)."""
 
@@ -83,3 +88,25 @@ class PseudoLabels:
     def kept(self, source: int) -> int:
         """How many frames one teacher model labelled with confidence."""
         return sum(mask is not None for mask in self.masks[source])
+
+
+def save_examples(path: Path, labels: PseudoLabels, source: int) -> None:
+    """Keep up to :data:`EXAMPLES` of one teacher model's pseudo-labelled frames with their masks, spread over the frames."""
+    kept = [index for index, mask in enumerate(labels.masks[source]) if mask is not None]
+    chosen = [kept[int(position)] for position in np.linspace(0, len(kept) - 1, min(EXAMPLES, len(kept))).round()]
+    arrays = {"ids": np.array([labels.ids[index] for index in chosen], dtype=str)}
+    for number, index in enumerate(chosen):
+        arrays[f"frame_{number}"] = labels.frames[index]
+        arrays[f"mask_{number}"] = labels.masks[source][index]
+    with atomic_write(path, "wb") as stream:
+        np.savez_compressed(stream, **arrays)
+
+
+def read_examples(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The examples a run kept: (id, frame, mask) each; none when the file is missing or damaged (a gallery is optional)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            ids = [str(sample_id) for sample_id in archive["ids"]]
+            return [(sample_id, archive[f"frame_{number}"], archive[f"mask_{number}"].astype(bool)) for number, sample_id in enumerate(ids)]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []

@@ -30,7 +30,7 @@ from medseg.learn.estimate import FoldFrames, TrainingPlan, cpu_warning, may_sto
 from medseg.learn.fit import check_trainer, fit_fold, is_ddp_child
 from medseg.learn.launch import agree_with_rank_zero, launched_together, telling_ranks, wait_for_rank_zero
 from medseg.learn.models import check_model_config
-from medseg.learn.pseudo import ENSEMBLE, PseudoLabels
+from medseg.learn.pseudo import ENSEMBLE, PseudoLabels, save_examples
 from medseg.learn.run_progress import RunProgress
 from medseg.runs import EncoderWeights, FoldResult
 
@@ -186,6 +186,8 @@ def _prepare_run_folder(
     _tell_idle_gpus(fresh.config, on_message)
     runs.replace_run_folder(run, force=force)  # only now, with the data loaded and split, is an earlier run replaced
     _write_run_files(run, fresh)
+    if request.pseudo is not None and fresh.plan.pseudo is not None:
+        save_examples(run / runs.PSEUDO_EXAMPLES_FILE, request.pseudo, fresh.plan.pseudo.sources[fresh.plan.folds[0]])
     _save_split(run, fresh.split, fresh.dataset, fresh.empty)
     return fresh.config, fresh.plan, fresh.samples, fresh.split
 

@@ -26,6 +26,7 @@ from medseg.infer.heldout import HeldOutFrame, held_out_frames
 from medseg.infer.predict import PostProcess, postprocess_of
 from medseg.learn import metrics
 from medseg.learn.metrics import DEFAULT_THRESHOLD
+from medseg.learn.pseudo import ENSEMBLE, read_examples
 from medseg.report.evaluate import score_frames
 from medseg.report.figures import (
     PREDICTION_COLOUR,
@@ -40,6 +41,7 @@ from medseg.report.figures import (
 )
 from medseg.runs import (
     POSTPROCESS_FILE,
+    PSEUDO_EXAMPLES_FILE,
     FoldResult,
     Run,
     StructuresTuning,
@@ -163,6 +165,7 @@ def build_report(request: ReportRequest, *, on_message: Callable[[str], None] = 
         *evaluation_figures(data.rows),
     ]
     gallery = gallery_figures(data)
+    figures += pseudo_figures(data.run)
     for figure in [*figures, *gallery]:
         with atomic_write(inside(data.run.figures_dir, safe_file_name(figure.name)), "wb") as stream:
             stream.write(figure.png)
@@ -255,6 +258,19 @@ def gallery_figures(data: ReportData) -> list[Figure]:
     return figures
 
 
+def pseudo_figures(run: Run) -> list[Figure]:
+    """The pseudo-labelled frames a run kept, each with its teacher's mask outlined (none for a run without them)."""
+    if run.plan.pseudo is None:
+        return []
+    figures = []
+    for rank, (sample_id, frame, mask) in enumerate(read_examples(run.path / PSEUDO_EXAMPLES_FILE)):
+        masks = mask[None] if mask.ndim == 2 else mask
+        figure = overlay(frame, np.zeros_like(masks), masks.astype(np.float32), masks)
+        caption = f"{sample_id}: the teacher's pseudo-label, {int(masks.sum())} px" if masks.any() else f"{sample_id}: sure to be empty"
+        figures.append(Figure(f"pseudo_{rank:02d}_{sample_id}.png", png(figure), caption))
+    return figures
+
+
 def _gallery_caption(row: dict) -> str:
     """What an overlay shows: the frame's score and areas (each structure's, for several)."""
     head = f"{row['id']} (fold {row['fold']}): score {float(row['dice']):.3f}"
@@ -275,6 +291,7 @@ def render(data: ReportData, figures: list[Figure], gallery: list[Figure]) -> st
         _section("headline", "How good is it", _headline_html(data)),
         _section("data", "Data", _data_html(data)),
         *([_section("excluded", "Left-out frames", _excluded_html(data.run))] if data.run.plan.excluded else []),
+        *([_section("pseudo", "Pseudo-labels", _pseudo_html(data.run, by_name))] if data.run.plan.pseudo else []),
         _section(
             "config",
             "Configuration",
@@ -395,6 +412,25 @@ def _data_html(data: ReportData) -> str:
         ("trained with", _software(data.versions)),
     ]
     return _table(rows, "The training data (as inspected when the run started) and the software that trained on it.")
+
+
+def _pseudo_html(run: Run, by_name: dict[str, Figure]) -> str:
+    """What the run learnt from frames without labels: the teacher, the rule, each fold's source and count, examples."""
+    record = run.plan.pseudo
+    sources = {fold: "the fold ensemble" if source == ENSEMBLE else f"fold {source}'s model" for fold, source in record.sources.items()}
+    rows = [
+        ("teacher", f"{record.teacher} (run id {record.teacher_run_id})"),
+        ("frames", f"{record.frames}: {len(record.ids)} frames"),
+        ("rule", ", ".join(f"{key} {value:g}" for key, value in record.rule.items())),
+        *((f"fold {fold}", f"{record.kept.get(fold, 0)} frames from the teacher's {sources[fold]}") for fold in sorted(record.sources)),
+    ]
+    caption = (
+        "Frames without labels the teacher was sure of, added to each fold's training frames (never validated, tuned or scored "
+        "on); each fold learnt from a teacher model that did not train on its validation frames."
+    )
+    examples = [figure for name, figure in by_name.items() if name.startswith("pseudo_")]
+    gallery = '<div class="gallery">' + "".join(_figure_html(figure) for figure in examples) + "</div>" if examples else ""
+    return _table(rows, caption) + gallery
 
 
 def _excluded_html(run: Run) -> str:
