@@ -123,11 +123,19 @@ def test_the_command_line_records_them_and_resume_labels_them_again(two_fold_run
     page = (run / "report.html").read_text()
     assert 'id="pseudo"' in page and str(two_fold_run) in page and "each fold learnt from a teacher model" in page
     examples = len(read_examples(run / "pseudo_examples.npz"))
-    assert examples == min(8, pseudo["kept"]["0"]) and page.count(html.escape("the teacher's pseudo-label")) + page.count("sure to be empty") == examples
+    assert (
+        examples == min(8, pseudo["kept"]["0"])
+        and page.count(html.escape("the teacher's pseudo-label")) + page.count("sure to be empty") == examples
+    )
     assert main(["predict", str(run), str(unlabeled), "--out", str(tmp_path / "s.csv"), "--allow-degenerate"]) == 0
     assert "6 of these 6 frames were pseudo-labelled by" in " ".join(capsys.readouterr().err.split())
     assert main(["train", str(data), "--out", str(run), "--resume", "--no-report"]) == 0
     assert "pseudo-labelling 6 frames" in capsys.readouterr().err
+    next_round = ["train", str(data), "--out", str(tmp_path / "round3"), "--preset", "cpu", "--folds", "2", "--quiet", "--no-report"]
+    assert (
+        main([*next_round, "--unlabeled", str(unlabeled), "--teacher", str(run), *set_args(*TINY_OVERRIDES, "trainer.max_epochs=1")]) == 0
+    )
+    assert json.loads((tmp_path / "round3" / "run.json").read_text())["pseudo"]["sources"] == {"0": 0, "1": 1}
     changed = tmp_path / "changed"
     shutil.copytree(unlabeled, changed)
     pseudo["frames"] = str(changed)
