@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.samples import Sample, frame_digest
+from medseg.data.samples import Sample
 from medseg.errors import UsageError
 from medseg.files import atomic_write
 
@@ -55,20 +55,19 @@ class PseudoLabels:
     teacher_frames: frozenset[str]
     teacher_validation: Mapping[int, frozenset[str]]
 
-    def source(self, validation: Sequence[Sample], labelled: Sequence[Sample], fold: int) -> int:
+    def source(self, held_out: set[str], labelled: set[str], fold: int) -> int:
         """The teacher model whose masks the student's ``fold`` may learn from (:data:`ENSEMBLE` or a teacher fold).
 
         Args:
-            validation: The fold's validation frames (with their masks).
-            labelled: Every labelled frame of the student.
+            held_out: The digests (:func:`~medseg.data.samples.frame_digest`) of the fold's validation frames.
+            labelled: The digests of every labelled frame of the student.
             fold: The student's fold, for the message.
 
         Raises:
             UsageError: If every teacher model trained on one of the fold's validation frames.
         """
-        if not self.teacher_frames & {frame_digest(frame) for frame, _ in labelled}:
+        if not self.teacher_frames & labelled:
             return ENSEMBLE
-        held_out = {frame_digest(frame) for frame, _ in validation}
         for teacher_fold, left_out in sorted(self.teacher_validation.items()):
             if not held_out & (self.teacher_frames - left_out):
                 return teacher_fold

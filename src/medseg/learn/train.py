@@ -255,19 +255,17 @@ def _with_pseudo(fresh: _Fresh, pseudo: PseudoLabels, record: dict, on_message: 
         UsageError: If a frame without label is one of the labelled frames, or a fold has no teacher model that left
             its validation frames out (:meth:`~medseg.learn.pseudo.PseudoLabels.source`).
     """
-    labelled = {frame_digest(frame): sample_id for sample_id, (frame, _) in fresh.samples.items()}
-    twice = [
-        (sample_id, labelled[frame_digest(frame)])
-        for sample_id, frame in zip(pseudo.ids, pseudo.frames, strict=True)
-        if frame_digest(frame) in labelled
-    ]
+    digests = {sample_id: frame_digest(frame) for sample_id, (frame, _) in fresh.samples.items()}  # each frame digested once
+    labelled = {digest: sample_id for sample_id, digest in digests.items()}
+    unlabeled = [(sample_id, frame_digest(frame)) for sample_id, frame in zip(pseudo.ids, pseudo.frames, strict=True)]
+    twice = [(sample_id, labelled[digest]) for sample_id, digest in unlabeled if digest in labelled]
     if twice:
         raise UsageError(
             f"{len(twice)} frame(s) to pseudo-label are labelled frames of the data set (first: {twice[0][0]} is {twice[0][1]}); "
             "leave the labelled frames out of --unlabeled"
         )
-    frames = list(fresh.samples.values())
-    sources = {k: pseudo.source([fresh.samples[i] for i in fresh.split.train_val(k)[1]], frames, k) for k in fresh.plan.folds}
+    every = set(labelled)
+    sources = {k: pseudo.source({digests[i] for i in fresh.split.train_val(k)[1]}, every, k) for k in fresh.plan.folds}
     kept = {k: pseudo.kept(source) for k, source in sources.items()}
     for k, source in sources.items():
         who = "the teacher's fold ensemble" if source == ENSEMBLE else f"the teacher's fold {source} model (it left out this fold's frames)"
