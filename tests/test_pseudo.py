@@ -150,10 +150,11 @@ def test_the_command_line_records_them_and_resume_labels_them_again(two_fold_run
     ("make", "code", "says"),
     [
         (lambda root, teacher, data: root, 2, "no images to predict"),
+        (lambda root, teacher, data: root / "missing", 2, "missing: no such folder of frames"),
         (lambda root, teacher, data: (root / "x.tif").write_bytes(b"II*\x00broken") and root, 1, "x.tif: TIFF has no readable frame"),
         (lambda root, teacher, data: shutil.copyfile(data / "train" / "1_1.tif", root / "copy.tif") and root, 2, "are labelled frames"),
     ],
-    ids=["empty folder", "unreadable frame", "a labelled frame"],
+    ids=["empty folder", "missing folder", "unreadable frame", "a labelled frame"],
 )
 def test_bad_frames_are_one_line(two_fold_run, tmp_path, capsys, make, code, says):
     data = two_fold_run.parent / "data"

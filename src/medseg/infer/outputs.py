@@ -311,6 +311,8 @@ def _locate(request: PredictRequest) -> tuple[Path, Path | None]:
 def frame_records(folder: Path, max_pixels: int, on_message: Callable[[str], None]) -> list[Record]:
     """The frames to predict; a file that is no image is told and not predicted, a frame that cannot be named
     (its id twice, or an id that cannot become a file or CSV name) stops the command before anything is predicted."""
+    if not Path(folder).is_dir():
+        raise UsageError(f"{folder}: no such folder of frames; give the folder that holds them")
     records, problems = image_records(folder, max_pixels=max_pixels)
     refused = [p for p in problems if p.kind in ("duplicate_id", "unsafe_name")]
     if refused:
